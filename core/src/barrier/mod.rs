@@ -1,0 +1,1 @@
+//! Barrier (being written).

@@ -1,0 +1,18 @@
+//! vha-core: everything a vha node and its proxy share.
+//!
+//! - [`config`]: Vault's HCL server configuration, parsed and validated once.
+//! - [`storage`]: the untrusted storage and HA-lock traits (modelled on Vault's
+//!   `physical.Backend` / `HABackend`), fencing tokens, and the built-in backends.
+//! - [`barrier`]: the AES-256-GCM keyring, the Shamir seal and the encrypted view of storage.
+//! - [`advert`]: the active node's advertisement, as written under `core/leader/<uuid>`.
+
+pub mod advert;
+pub mod barrier;
+pub mod config;
+pub mod error;
+pub mod storage;
+
+pub use error::{BarrierError, StorageError};
+
+/// The version every vha binary reports (`sys/health`, `sys/seal-status`, banner).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,235 @@
+//! Storage and HA-lock traits, fencing tokens, and the built-in backends.
+//!
+//! Modelled on Vault's `physical.Backend` (untrusted key/value store that only the barrier
+//! calls), `HABackend` (a lock inside the store) and `FencingHABackend` (writes of the active
+//! carry a token the store checks). Backends: [`inmem`] (with HA, for tests), [`file`]
+//! (durable, no HA). lockd and etcd clients plug in through the same traits.
+//! [`conformance`] is the suite every backend runs.
+
+pub mod conformance;
+pub mod file;
+pub mod inmem;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+pub use crate::error::StorageError;
+
+/// Longest key a backend must accept. Vault's own paths stay far below; the bound keeps a
+/// hostile client from making the store index huge keys.
+pub const MAX_KEY_LEN: usize = 1024;
+/// Largest value a backend must accept: 32 MiB (Vault's default `max_request_size`) plus
+/// room for the barrier's envelope.
+pub const MAX_VALUE_LEN: usize = 32 * 1024 * 1024 + 4096;
+
+/// A fencing token: which lock it was granted for, and the grant number. Grant numbers for one
+/// lock strictly increase, also across store restarts. A store rejects a write whose token is
+/// lower than the highest it has seen for the same lock.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Fence {
+    pub lock: String,
+    pub token: u64,
+}
+
+/// A stored entry, as the backend returns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub key: String,
+    pub value: Vec<u8>,
+    /// The fencing token the entry was written with, where the backend records it.
+    pub fence_token: Option<u64>,
+}
+
+/// A change seen by a watch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WatchEvent {
+    /// The key was created or overwritten.
+    Put(String),
+    /// The key was deleted (or its lease expired).
+    Delete(String),
+    /// Events may have been missed (reconnect, overflow): re-read what you care about.
+    Resync,
+}
+
+/// The receiving end of a watch. Closed when the backend shuts down.
+pub type WatchStream = tokio::sync::mpsc::Receiver<WatchEvent>;
+
+/// Who holds a lock.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Holder {
+    /// The value the holder acquired with (Vault: a fresh UUID per attempt).
+    pub value: String,
+    /// The holder's fencing token.
+    pub token: u64,
+}
+
+/// Checks a key against the limits every backend enforces, so all reject the same input.
+pub fn validate_key(key: &str) -> Result<(), StorageError> {
+    if key.is_empty() {
+        return Err(StorageError::Invalid("empty key".into()));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(StorageError::Invalid(format!(
+            "key of {} bytes exceeds the {MAX_KEY_LEN}-byte limit",
+            key.len()
+        )));
+    }
+    if key.starts_with('/') || key.split('/').any(|seg| seg == ".." || seg == ".") {
+        return Err(StorageError::Invalid(format!("key {key:?} is not a clean relative path")));
+    }
+    if key.chars().any(|c| c.is_control()) {
+        return Err(StorageError::Invalid(format!("key {key:?} contains control characters")));
+    }
+    Ok(())
+}
+
+/// Checks a value against [`MAX_VALUE_LEN`].
+pub fn validate_value(value: &[u8]) -> Result<(), StorageError> {
+    if value.len() > MAX_VALUE_LEN {
+        return Err(StorageError::Invalid(format!(
+            "value of {} bytes exceeds the {MAX_VALUE_LEN}-byte limit",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Vault's list semantics: the immediate children of `prefix`, sub-folders with a trailing
+/// `/`, sorted, without duplicates. Shared by backends that store flat keys.
+pub fn list_children<'a>(prefix: &str, keys: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = keys
+        .filter_map(|k| k.strip_prefix(prefix))
+        .filter(|rest| !rest.is_empty())
+        .map(|rest| match rest.find('/') {
+            Some(i) => rest[..=i].to_string(),
+            None => rest.to_string(),
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// An untrusted key/value store. Only the barrier calls it; everything it holds except the
+/// seal configuration is ciphertext.
+///
+/// # Correctness
+/// - `put` and `delete` are durable when they return `Ok` (for durable backends).
+/// - A write carrying a [`Fence`] is rejected with [`StorageError::Fenced`] when the store has
+///   seen a higher token for the same lock; it is then not applied at all.
+/// - `list` returns immediate children only (Vault semantics, see [`list_children`]).
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Short name for banners and `sys/seal-status` (`file`, `inmem`, `lockd`, `etcd`).
+    fn kind(&self) -> &'static str;
+    async fn get(&self, key: &str) -> Result<Option<Entry>, StorageError>;
+    async fn put(&self, key: &str, value: Vec<u8>, fence: Option<&Fence>) -> Result<(), StorageError>;
+    async fn delete(&self, key: &str, fence: Option<&Fence>) -> Result<(), StorageError>;
+    async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
+    /// Watches every key starting with `prefix`. Events arrive in write order; after a gap the
+    /// stream yields [`WatchEvent::Resync`]. Backends without watches return `Unsupported`.
+    async fn watch(&self, prefix: &str) -> Result<WatchStream, StorageError> {
+        let _ = prefix;
+        Err(StorageError::Unsupported { backend: self.kind(), what: "watch" })
+    }
+}
+
+/// A store that can hold the HA lock (Vault's `HABackend`).
+///
+/// # Correctness
+/// - At most one [`LockGuard`] per key is live at any instant in the store's view.
+/// - Each grant's token is strictly greater than every earlier grant for that key.
+/// - A holder learns of loss through [`LockGuard::lost`] *before* the store could grant the
+///   lock to someone else (holder-side deadline), so it can stop acting in time.
+#[async_trait]
+pub trait HaBackend: Send + Sync + 'static {
+    fn kind(&self) -> &'static str;
+    /// Blocks until the lock on `key` is held with `value` (`Some`), or `cancel` fires (`None`).
+    async fn acquire(
+        &self,
+        key: &str,
+        value: &str,
+        cancel: CancellationToken,
+    ) -> Result<Option<LockGuard>, StorageError>;
+    /// The current holder of `key`, if any.
+    async fn holder(&self, key: &str) -> Result<Option<Holder>, StorageError>;
+    /// Watches the lock key: `Put` when a holder is granted, `Delete` when released or expired.
+    async fn watch_lock(&self, key: &str) -> Result<WatchStream, StorageError>;
+}
+
+/// Releases a held lock; implemented by each HA backend.
+#[async_trait]
+pub trait LockRelease: Send + Sync + 'static {
+    async fn release(&self) -> Result<(), StorageError>;
+}
+
+/// A held lock. Carries the fencing token every write of the holder must present.
+/// [`LockGuard::lost`] fires when the holder must stop acting. Dropping the guard without
+/// [`LockGuard::release`] releases it in the background (best effort).
+pub struct LockGuard {
+    fence: Fence,
+    value: String,
+    lost: CancellationToken,
+    release: Option<Arc<dyn LockRelease>>,
+}
+
+impl std::fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockGuard").field("fence", &self.fence).field("value", &self.value).finish()
+    }
+}
+
+impl LockGuard {
+    pub fn new(fence: Fence, value: String, lost: CancellationToken, release: Arc<dyn LockRelease>) -> Self {
+        LockGuard { fence, value, lost, release: Some(release) }
+    }
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+    pub fn value(&self) -> &str {
+        &self.value
+    }
+    /// Fires when the lock is (or may be) lost: stop acting as holder at once.
+    pub fn lost(&self) -> CancellationToken {
+        self.lost.clone()
+    }
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+    /// Releases the lock now and waits for the store to confirm.
+    pub async fn release(mut self) -> Result<(), StorageError> {
+        self.lost.cancel();
+        match self.release.take() {
+            Some(r) => r.release().await,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.lost.cancel();
+        if let Some(r) = self.release.take() {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    if let Err(e) = r.release().await {
+                        tracing::warn!(error = %e, "releasing dropped lock failed");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The storage a node runs on: the data backend and, when HA is available, the HA backend
+/// (the same store or a separate `ha_storage`).
+#[derive(Clone)]
+pub struct Stores {
+    pub data: Arc<dyn Backend>,
+    pub ha: Option<Arc<dyn HaBackend>>,
+    /// True when `ha_storage` was configured separately (split data/HA mode).
+    pub split: bool,
+}
