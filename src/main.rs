@@ -1,1 +1,57 @@
-fn main() {}
+//! `vha`: the one multi-call binary. Each subcommand lives in its crate; this file only
+//! dispatches. Go-style single-dash flags (`-config=FILE`, `-format=json`) are accepted as
+//! Vault's CLI spells them.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let args = normalize_flags(args);
+    let Some(cmd) = args.get(1).cloned() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    let rest: Vec<String> = args[2..].to_vec();
+    match cmd.as_str() {
+        "server" => vha_node::cli::server(rest),
+        "lockd" => vha_lockd::cli::main(rest),
+        "version" | "--version" | "-v" => {
+            println!("vha v{}", vha_core::VERSION);
+            ExitCode::SUCCESS
+        }
+        "help" | "--help" | "-h" => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        other => {
+            eprintln!("vha: unknown command {other:?}\n\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+const USAGE: &str = "usage: vha <command> [args]
+
+commands:
+  server --config FILE   run a node (Vault-compatible API, HA lock, barrier)
+  lockd [--config FILE]  run the embedded HA store (see `vha lockd --help`)
+  version                print the version";
+
+/// Turns Go-style `-flag` / `-flag=value` (two or more letters after one dash) into
+/// `--flag` forms clap understands. Negative numbers and single-letter flags are left alone.
+fn normalize_flags(args: Vec<String>) -> Vec<String> {
+    args.into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let is_go_flag = i > 0
+                && a.starts_with('-')
+                && !a.starts_with("--")
+                && a[1..].chars().take_while(|c| c.is_ascii_alphabetic() || *c == '-' || *c == '_').count() >= 2;
+            if is_go_flag {
+                format!("-{a}")
+            } else {
+                a
+            }
+        })
+        .collect()
+}

@@ -1,1 +1,228 @@
-//! Barrier (being written).
+//! The security barrier: the encrypted view of the untrusted storage backend, and the seal.
+//!
+//! Layout in storage (Vault's names where it has them):
+//! - `core/seal-config`: plaintext JSON (type, shares, threshold). Written LAST during init,
+//!   so its presence means "initialized" and a crash mid-init leaves nothing half-done.
+//! - `core/keyring`: the keyring, encrypted under the root key (the Shamir-combined unseal
+//!   key), path as associated data.
+//! - everything else: barrier envelopes under the keyring's active term.
+//!
+//! Sealed, the barrier holds no key material; every data operation returns
+//! [`BarrierError::Sealed`]. Unsealing decrypts the keyring; sealing drops (and zeroizes) it.
+
+pub mod keyring;
+pub mod shamir;
+
+use std::sync::{Arc, RwLock};
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+pub use keyring::{Keyring, KEY_LEN};
+
+use crate::error::BarrierError;
+use crate::storage::{Backend, Fence};
+
+/// Where the seal configuration lives (plaintext, like Vault's).
+pub const SEAL_CONFIG_PATH: &str = "core/seal-config";
+/// Where the encrypted keyring lives.
+pub const KEYRING_PATH: &str = "core/keyring";
+/// The root key's term in its one-key keyring; data terms start at 1.
+const ROOT_TERM: u32 = 0;
+
+/// The seal configuration (Vault's `SealConfig`, Shamir only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealConfig {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub secret_shares: u8,
+    pub secret_threshold: u8,
+}
+
+/// What `initialize` hands back: the unseal key parts (shown to the operator once).
+pub struct InitOutput {
+    pub key_shares: Vec<Zeroizing<Vec<u8>>>,
+}
+
+/// The barrier over one backend.
+pub struct Barrier {
+    backend: Arc<dyn Backend>,
+    keyring: RwLock<Option<Arc<Keyring>>>,
+}
+
+impl Barrier {
+    pub fn new(backend: Arc<dyn Backend>) -> Barrier {
+        Barrier { backend, keyring: RwLock::new(None) }
+    }
+
+    /// The untrusted backend underneath (for its `kind`, and for the HA layer's raw reads).
+    pub fn backend(&self) -> &Arc<dyn Backend> {
+        &self.backend
+    }
+
+    pub fn is_sealed(&self) -> bool {
+        self.keyring.read().unwrap_or_else(|e| e.into_inner()).is_none()
+    }
+
+    /// The current keyring, while unsealed (shared with the local proxy).
+    pub fn keyring(&self) -> Option<Arc<Keyring>> {
+        self.keyring.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn require_keyring(&self) -> Result<Arc<Keyring>, BarrierError> {
+        self.keyring().ok_or(BarrierError::Sealed)
+    }
+
+    /// The seal configuration, or `None` when not initialized.
+    pub async fn seal_config(&self) -> Result<Option<SealConfig>, BarrierError> {
+        match self.backend.get(SEAL_CONFIG_PATH).await? {
+            None => Ok(None),
+            Some(e) => serde_json::from_slice(&e.value)
+                .map(Some)
+                .map_err(|_| BarrierError::Malformed { path: SEAL_CONFIG_PATH.into() }),
+        }
+    }
+
+    pub async fn initialized(&self) -> Result<bool, BarrierError> {
+        Ok(self.seal_config().await?.is_some())
+    }
+
+    /// Phase one of init: a fresh root key and keyring; the keyring is written encrypted and
+    /// installed (unsealed) so the caller can write its first entries (the root token). The
+    /// barrier only counts as initialized after [`Barrier::commit_init`].
+    pub async fn initialize(&self, shares: u64, threshold: u64) -> Result<(InitOutput, SealConfig), BarrierError> {
+        if self.initialized().await? {
+            return Err(BarrierError::AlreadyInitialized);
+        }
+        let (n, k) = shamir::validate(shares, threshold)?;
+        let root = keyring::random_key();
+        let keyring = Keyring::generate();
+        let sealed_ring = Keyring::from_key(ROOT_TERM, &root).encrypt(KEYRING_PATH, &keyring.to_bytes());
+        self.backend.put(KEYRING_PATH, sealed_ring, None).await?;
+        let key_shares = shamir::split(root.as_ref(), n, k)?;
+        *self.keyring.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keyring));
+        Ok((InitOutput { key_shares }, SealConfig { kind: "shamir".into(), secret_shares: n, secret_threshold: k }))
+    }
+
+    /// Phase two of init: marks the barrier initialized and seals it (Vault leaves a freshly
+    /// initialized server sealed).
+    pub async fn commit_init(&self, config: &SealConfig) -> Result<(), BarrierError> {
+        let bytes = serde_json::to_vec(config).map_err(|e| BarrierError::InvalidParameters(e.to_string()))?;
+        self.backend.put(SEAL_CONFIG_PATH, bytes, None).await?;
+        self.seal();
+        Ok(())
+    }
+
+    /// Unseals with the combined root key. A wrong key leaves the barrier sealed.
+    pub async fn unseal(&self, root_key: &[u8]) -> Result<(), BarrierError> {
+        let root: &[u8; KEY_LEN] =
+            root_key.try_into().map_err(|_| BarrierError::InvalidKey(format!("key must be {KEY_LEN} bytes")))?;
+        let entry = self.backend.get(KEYRING_PATH).await?.ok_or(BarrierError::NotInitialized)?;
+        let plain = Zeroizing::new(
+            Keyring::from_key(ROOT_TERM, root)
+                .decrypt(KEYRING_PATH, &entry.value)
+                .map_err(|_| BarrierError::InvalidKey("unseal failed, invalid key".into()))?,
+        );
+        let keyring = Keyring::from_bytes(&plain)?;
+        *self.keyring.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keyring));
+        Ok(())
+    }
+
+    /// Drops the keyring from memory (zeroized when the last reference goes).
+    pub fn seal(&self) {
+        *self.keyring.write().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    pub async fn get(&self, path: &str) -> Result<Option<Vec<u8>>, BarrierError> {
+        let ring = self.require_keyring()?;
+        match self.backend.get(path).await? {
+            None => Ok(None),
+            Some(e) => ring.decrypt(path, &e.value).map(Some),
+        }
+    }
+
+    pub async fn put(&self, path: &str, value: &[u8], fence: Option<&Fence>) -> Result<(), BarrierError> {
+        let ring = self.require_keyring()?;
+        let ct = ring.encrypt(path, value);
+        Ok(self.backend.put(path, ct, fence).await?)
+    }
+
+    pub async fn delete(&self, path: &str, fence: Option<&Fence>) -> Result<(), BarrierError> {
+        self.require_keyring()?;
+        Ok(self.backend.delete(path, fence).await?)
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, BarrierError> {
+        self.require_keyring()?;
+        Ok(self.backend.list(prefix).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::inmem::InmemBackend;
+
+    async fn init_unsealed(b: &Barrier, shares: u64, threshold: u64) -> Vec<Zeroizing<Vec<u8>>> {
+        let (out, cfg) = b.initialize(shares, threshold).await.unwrap();
+        b.commit_init(&cfg).await.unwrap();
+        assert!(b.is_sealed(), "init leaves the barrier sealed");
+        let root = shamir::combine(&out.key_shares[..threshold as usize], threshold as u8).unwrap();
+        b.unseal(&root).await.unwrap();
+        out.key_shares
+    }
+
+    /// Data written through the barrier is ciphertext in the backend and reads back after a
+    /// seal/unseal cycle.
+    #[tokio::test]
+    async fn roundtrip_through_seal_cycle() {
+        let backend = Arc::new(InmemBackend::new());
+        let b = Barrier::new(backend.clone());
+        let shares = init_unsealed(&b, 3, 2).await;
+        b.put("secret/x", b"plaintext-value", None).await.unwrap();
+        let raw = backend.get("secret/x").await.unwrap().unwrap().value;
+        assert!(!raw.windows(9).any(|w| w == b"plaintext"), "backend must only see ciphertext");
+        b.seal();
+        assert!(matches!(b.get("secret/x").await, Err(BarrierError::Sealed)));
+        assert!(matches!(b.put("secret/y", b"v", None).await, Err(BarrierError::Sealed)));
+        let root = shamir::combine(&shares[1..3], 2).unwrap();
+        b.unseal(&root).await.unwrap();
+        assert_eq!(b.get("secret/x").await.unwrap().unwrap(), b"plaintext-value");
+    }
+
+    /// A wrong unseal key leaves the barrier sealed; a second init is refused.
+    #[tokio::test]
+    async fn wrong_key_and_double_init() {
+        let b = Barrier::new(Arc::new(InmemBackend::new()));
+        init_unsealed(&b, 1, 1).await;
+        b.seal();
+        assert!(b.unseal(&[0u8; 32]).await.is_err());
+        assert!(b.is_sealed());
+        assert!(matches!(b.initialize(1, 1).await, Err(BarrierError::AlreadyInitialized)));
+    }
+
+    /// A crash between init phases leaves the store uninitialized, and init can run again.
+    #[tokio::test]
+    async fn interrupted_init_is_not_initialized() {
+        let backend = Arc::new(InmemBackend::new());
+        let b = Barrier::new(backend.clone());
+        let _ = b.initialize(1, 1).await.unwrap();
+        let b2 = Barrier::new(backend);
+        assert!(!b2.initialized().await.unwrap());
+        let (_, cfg) = b2.initialize(1, 1).await.unwrap();
+        b2.commit_init(&cfg).await.unwrap();
+        assert!(b2.initialized().await.unwrap());
+    }
+
+    /// An entry copied to another path inside the backend does not decrypt there.
+    #[tokio::test]
+    async fn moved_entry_refused() {
+        let backend = Arc::new(InmemBackend::new());
+        let b = Barrier::new(backend.clone());
+        init_unsealed(&b, 1, 1).await;
+        b.put("core/leader/a", b"advert", None).await.unwrap();
+        let raw = backend.get("core/leader/a").await.unwrap().unwrap().value;
+        backend.put("core/leader/b", raw, None).await.unwrap();
+        assert!(matches!(b.get("core/leader/b").await, Err(BarrierError::Integrity { .. })));
+    }
+}

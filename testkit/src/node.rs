@@ -1,0 +1,3 @@
+//! TestNode / TestCluster (being written).
+pub struct TestNode;
+pub struct TestCluster;
