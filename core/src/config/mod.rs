@@ -9,6 +9,8 @@
 //! tests never touch the process environment.
 
 mod parse;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};

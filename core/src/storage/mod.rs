@@ -7,6 +7,7 @@
 //! [`conformance`] is the suite every backend runs.
 
 pub mod conformance;
+pub mod factory;
 pub mod file;
 pub mod inmem;
 

@@ -1,0 +1,87 @@
+//! Opens the backends a configuration names (`storage` and optional `ha_storage`) and
+//! decides, as Vault does, whether HA is available: the data store's own HA when it has it
+//! and `ha_enabled` is not off, or the separate `ha_storage`, which must be HA-capable.
+
+use std::sync::Arc;
+
+use crate::config::{Config, ConfigError, Stanza};
+
+use super::file::FileBackend;
+use super::inmem::InmemBackend;
+use super::{Backend, HaBackend, Stores};
+
+/// One opened backend: its data side, and its HA side when it can do HA and HA is enabled.
+struct Opened {
+    data: Arc<dyn Backend>,
+    ha: Option<Arc<dyn HaBackend>>,
+    /// The backend can do HA (whether or not `ha_enabled` switched it off).
+    ha_capable: bool,
+}
+
+fn open_one(st: &Stanza) -> Result<Opened, ConfigError> {
+    match st.kind.as_str() {
+        "file" => {
+            st.check_known(&["path"])?;
+            let path = st.require("path")?;
+            let b = FileBackend::open(path).map_err(|e| st.error("path", e.to_string()))?;
+            Ok(Opened { data: Arc::new(b), ha: None, ha_capable: false })
+        }
+        "inmem" => {
+            st.check_known(&["ha_enabled"])?;
+            let b = InmemBackend::new();
+            let ha_enabled = st.get_bool("ha_enabled", true)?;
+            let ha: Option<Arc<dyn HaBackend>> = if ha_enabled { Some(Arc::new(b.clone())) } else { None };
+            Ok(Opened { data: Arc::new(b), ha, ha_capable: true })
+        }
+        other => Err(ConfigError::Invalid {
+            file: st.file.clone(),
+            line: st.line,
+            key: st.block.to_string(),
+            msg: format!("unknown storage type {other:?} (supported: file, inmem)"),
+        }),
+    }
+}
+
+/// What was opened, plus the banner's storage lines.
+pub struct OpenedStores {
+    pub stores: Stores,
+    /// `Storage:` line value, e.g. `file`, `lockd (HA available)`, `etcd (HA disabled)`.
+    pub storage_line: String,
+    /// `HA Storage:` line value in split mode.
+    pub ha_storage_line: Option<String>,
+}
+
+/// Opens the configured stores.
+pub fn open_stores(cfg: &Config) -> Result<OpenedStores, ConfigError> {
+    let data = open_one(&cfg.storage)?;
+    match &cfg.ha_storage {
+        None => {
+            let storage_line = match (&data.ha, data.ha_capable) {
+                (Some(_), _) => format!("{} (HA available)", cfg.storage.kind),
+                (None, true) => format!("{} (HA disabled)", cfg.storage.kind),
+                (None, false) => cfg.storage.kind.clone(),
+            };
+            Ok(OpenedStores {
+                stores: Stores { data: data.data, ha: data.ha, split: false },
+                storage_line,
+                ha_storage_line: None,
+            })
+        }
+        Some(hs) => {
+            let ha = open_one(hs)?;
+            let Some(ha_backend) = ha.ha else {
+                let why = if ha.ha_capable {
+                    "ha_storage must have HA enabled (ha_enabled = \"true\")".to_string()
+                } else {
+                    format!("the {:?} backend cannot be used as ha_storage: it does not support HA", hs.kind)
+                };
+                return Err(ConfigError::Invalid { file: hs.file.clone(), line: hs.line, key: "ha_storage".into(), msg: why });
+            };
+            Ok(OpenedStores {
+                stores: Stores { data: data.data, ha: Some(ha_backend), split: true },
+                storage_line: cfg.storage.kind.clone(),
+                ha_storage_line: Some(hs.kind.clone()),
+            })
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The `sys/` endpoints that work while sealed: `init`, `unseal`, `seal-status`, `seal`,
+//! `health`, `leader`. Status codes, parameters and JSON fields follow Vault (checked against
+//! OpenBao 2.7.2; design.md section 3).
+
+use base64::Engine;
+use http::{Method, StatusCode};
+use serde::Deserialize;
+use serde_json::json;
+use zeroize::Zeroizing;
+
+use super::{ApiRequest, ApiResponse};
+use crate::error::ApiError;
+use crate::node::Node;
+
+/// Handles the path if it is one of the local `sys/` endpoints; `Ok(None)` otherwise.
+pub async fn handle_local(node: &Node, req: &ApiRequest) -> Result<Option<ApiResponse>, ApiError> {
+    let m = &req.method;
+    let resp = match req.path.trim_end_matches('/') {
+        "sys/init" => match *m {
+            Method::GET => init_status(node).await?,
+            Method::PUT | Method::POST => init(node, req).await?,
+            _ => return Err(ApiError::MethodNotAllowed),
+        },
+        "sys/unseal" => match *m {
+            Method::PUT | Method::POST => unseal(node, req).await?,
+            _ => return Err(ApiError::MethodNotAllowed),
+        },
+        "sys/seal-status" => match *m {
+            Method::GET => ApiResponse::ok(seal_status(node).await?),
+            _ => return Err(ApiError::MethodNotAllowed),
+        },
+        "sys/seal" => match *m {
+            Method::PUT | Method::POST => seal(node, req).await?,
+            _ => return Err(ApiError::MethodNotAllowed),
+        },
+        "sys/health" => match *m {
+            Method::GET | Method::HEAD => health(node, req).await?,
+            _ => return Err(ApiError::MethodNotAllowed),
+        },
+        "sys/leader" => match *m {
+            Method::GET => leader(node)?,
+            _ => return Err(ApiError::MethodNotAllowed),
+        },
+        _ => return Ok(None),
+    };
+    Ok(Some(resp))
+}
+
+async fn init_status(node: &Node) -> Result<ApiResponse, ApiError> {
+    Ok(ApiResponse::ok(json!({ "initialized": node.barrier().initialized().await? })))
+}
+
+#[derive(Deserialize)]
+struct InitRequest {
+    #[serde(default)]
+    secret_shares: u64,
+    #[serde(default)]
+    secret_threshold: u64,
+    /// PGP encryption of shares is not supported; a non-empty list is refused rather than
+    /// silently handing out plaintext keys.
+    #[serde(default)]
+    pgp_keys: Option<Vec<String>>,
+    #[serde(default)]
+    root_token_pgp_key: Option<String>,
+}
+
+async fn init(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
+    let body: InitRequest = req.json()?;
+    if body.pgp_keys.as_ref().is_some_and(|k| !k.is_empty()) || body.root_token_pgp_key.as_ref().is_some_and(|k| !k.is_empty()) {
+        return Err(ApiError::BadRequest("PGP-encrypted keys are not supported by vha".into()));
+    }
+    let (shares, root_token) = node.initialize(body.secret_shares, body.secret_threshold).await?;
+    let keys: Vec<String> = shares.iter().map(|s| hex::encode(s.as_slice())).collect();
+    let keys_b64: Vec<String> =
+        shares.iter().map(|s| base64::engine::general_purpose::STANDARD.encode(s.as_slice())).collect();
+    tracing::info!(shares = body.secret_shares, threshold = body.secret_threshold, "vault initialized");
+    Ok(ApiResponse::ok(json!({
+        "keys": keys,
+        "keys_base64": keys_b64,
+        "root_token": root_token.as_str(),
+    })))
+}
+
+#[derive(Deserialize)]
+struct UnsealRequest {
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    reset: bool,
+    #[serde(default)]
+    #[allow(dead_code)]
+    migrate: bool,
+}
+
+/// Decodes an unseal key part: hex first (Vault's `keys`), then base64 (`keys_base64`).
+fn decode_key(s: &str) -> Option<Zeroizing<Vec<u8>>> {
+    let s = s.trim();
+    if let Ok(b) = hex::decode(s) {
+        return Some(Zeroizing::new(b));
+    }
+    base64::engine::general_purpose::STANDARD.decode(s).ok().map(Zeroizing::new)
+}
+
+async fn unseal(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
+    let body: UnsealRequest = req.json()?;
+    if !node.barrier().initialized().await? {
+        return Err(ApiError::BadRequest("Vault is not initialized".into()));
+    }
+    if body.reset {
+        node.reset_unseal();
+        return Ok(ApiResponse::ok(seal_status(node).await?));
+    }
+    let key = body.key.map(Zeroizing::new).ok_or_else(|| {
+        ApiError::BadRequest("'key' must be specified in request body as JSON, or 'reset' set to true".into())
+    })?;
+    let part = decode_key(&key).ok_or_else(|| ApiError::BadRequest("'key' must be a valid hex or base64 string".into()))?;
+    node.submit_unseal_key(part).await?;
+    Ok(ApiResponse::ok(seal_status(node).await?))
+}
+
+/// `sys/seal-status` body (also the answer to every `sys/unseal`).
+pub async fn seal_status(node: &Node) -> Result<serde_json::Value, ApiError> {
+    let cfg = node.barrier().seal_config().await?;
+    let sealed = node.barrier().is_sealed();
+    let p = node.progress();
+    let mut v = json!({
+        "type": "shamir",
+        "initialized": cfg.is_some(),
+        "sealed": sealed,
+        "t": cfg.as_ref().map(|c| c.secret_threshold).unwrap_or(0),
+        "n": cfg.as_ref().map(|c| c.secret_shares).unwrap_or(0),
+        "progress": p.progress,
+        "nonce": p.nonce,
+        "version": vha_core::VERSION,
+        "build_date": "",
+        "migration": false,
+        "recovery_seal": false,
+        "storage_type": node.storage_type(),
+    });
+    if let (false, Some(info)) = (sealed, node.cluster_info()) {
+        v["cluster_name"] = json!(info.name);
+        v["cluster_id"] = json!(info.id);
+    }
+    Ok(v)
+}
+
+async fn seal(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
+    if node.barrier().is_sealed() {
+        return Err(ApiError::Sealed);
+    }
+    let entry = node.tokens().authenticate(node.barrier(), req.token()).await?;
+    // sys/seal needs sudo on the path; only root has it until ACL policies arrive.
+    if !entry.is_root() {
+        return Err(ApiError::PermissionDenied);
+    }
+    node.seal();
+    Ok(ApiResponse::no_content())
+}
+
+/// Parses a `sys/health` status-code override: a valid HTTP status (100-599).
+fn code_param(req: &ApiRequest, name: &str, default: u16) -> Result<u16, ApiError> {
+    match req.query(name) {
+        None | Some("") => Ok(default),
+        Some(v) => match v.parse::<u16>() {
+            Ok(c) if (100..600).contains(&c) => Ok(c),
+            _ => Err(ApiError::BadRequest(String::new())),
+        },
+    }
+}
+
+fn bool_param(req: &ApiRequest, name: &str) -> Result<bool, ApiError> {
+    match req.query(name) {
+        None | Some("") => Ok(false),
+        Some(v) => vha_core::config::parse_bool(v).ok_or_else(|| ApiError::BadRequest(String::new())),
+    }
+}
+
+/// `sys/health`: 501 uninitialized > 503 sealed > 474 standby without the active (HA) >
+/// 429 standby (unless `standbyok`) > 200 active. HEAD answers the same code, no body.
+async fn health(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
+    let health_err = |e: ApiError| match e {
+        // Vault answers a bad parameter with 400 and an empty error list.
+        ApiError::BadRequest(m) if m.is_empty() => {
+            ApiResponse::json(StatusCode::BAD_REQUEST, json!({ "errors": Vec::<String>::new() }))
+        }
+        other => ApiResponse::error(&other),
+    };
+    let params = (|| {
+        Ok::<_, ApiError>((
+            bool_param(req, "standbyok")?,
+            bool_param(req, "perfstandbyok")?,
+            code_param(req, "activecode", 200)?,
+            code_param(req, "standbycode", 429)?,
+            code_param(req, "sealedcode", 503)?,
+            code_param(req, "uninitcode", 501)?,
+            code_param(req, "haunhealthycode", 474)?,
+            code_param(req, "performancestandbycode", 473)?,
+            code_param(req, "drsecondarycode", 472)?,
+        ))
+    })();
+    // Performance-standby and DR codes are validated (a bad one is 400, as Vault) but never
+    // chosen: vha has no performance standbys or DR secondaries.
+    let (standby_ok, _perf_ok, active, standby_code, sealed_code, uninit, _ha_unhealthy, _perf, _dr) = match params {
+        Ok(p) => p,
+        Err(e) => return Ok(health_err(e)),
+    };
+    let initialized = node.barrier().initialized().await?;
+    let sealed = node.barrier().is_sealed();
+    // Standby states arrive with HA; until then an unsealed node is active.
+    let standby = false;
+    let code = if !initialized {
+        uninit
+    } else if sealed {
+        sealed_code
+    } else if standby && !standby_ok {
+        standby_code
+    } else {
+        active
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let mut body = json!({
+        "initialized": initialized,
+        "sealed": sealed,
+        "standby": sealed || standby,
+        "performance_standby": false,
+        "replication_performance_mode": if sealed { "unknown" } else { "disabled" },
+        "replication_dr_mode": if sealed { "unknown" } else { "disabled" },
+        "server_time_utc": now,
+        "version": vha_core::VERSION,
+    });
+    if let (false, Some(info)) = (sealed, node.cluster_info()) {
+        body["cluster_name"] = json!(info.name);
+        body["cluster_id"] = json!(info.id);
+    }
+    let status = StatusCode::from_u16(code).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if req.method == Method::HEAD {
+        return Ok(ApiResponse { status, headers: Default::default(), body: None });
+    }
+    Ok(ApiResponse::json(status, body))
+}
+
+/// `sys/leader`: sealed -> 503; otherwise who leads (empty until HA is enabled and held).
+fn leader(node: &Node) -> Result<ApiResponse, ApiError> {
+    if node.barrier().is_sealed() {
+        return Err(ApiError::Sealed);
+    }
+    Ok(ApiResponse::ok(json!({
+        "ha_enabled": false,
+        "is_self": false,
+        "active_time": "0001-01-01T00:00:00Z",
+        "leader_address": "",
+        "leader_cluster_address": "",
+        "performance_standby": false,
+        "performance_standby_last_remote_wal": 0,
+    })))
+}

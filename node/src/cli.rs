@@ -1,0 +1,144 @@
+//! `vha server --config FILE`: loads the configuration, opens storage, prints Vault's
+//! startup banner, serves the API, and shuts down gracefully on SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use vha_core::config::{self, Config, ProcessEnv};
+use vha_core::storage::factory::{open_stores, OpenedStores};
+
+use crate::http::{self, Limits};
+use crate::node::Node;
+
+#[derive(Parser, Debug)]
+#[command(name = "vha server", about = "Run a vha node")]
+struct ServerArgs {
+    /// Path to the HCL configuration file.
+    #[arg(long, short = 'c')]
+    config: std::path::PathBuf,
+    /// Overrides `log_level` from the file.
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+/// Entry point of `vha server`.
+pub fn server(args: Vec<String>) -> ExitCode {
+    let args = match ServerArgs::try_parse_from(std::iter::once("vha server".to_string()).chain(args)) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let cfg = match config::load(&args.config, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("Error loading configuration: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let level = args.log_level.clone().unwrap_or_else(|| cfg.log_level.as_str().to_string());
+    init_tracing(&level);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error starting runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    rt.block_on(run(cfg, &level))
+}
+
+/// Sets up logging to stderr at `level` (Vault's names), unless `RUST_LOG` says otherwise.
+pub fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(config::LogLevel::parse(level).map(|l| l.as_str()).unwrap_or("info")));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// The banner lines, Vault's layout: right-aligned labels.
+pub fn banner(cfg: &Config, opened: &OpenedStores, level: &str) -> String {
+    let mut lines: Vec<(String, String)> = vec![
+        ("Api Address".into(), cfg.api_addr.to_string().trim_end_matches('/').to_string()),
+        ("Cluster Address".into(), cfg.cluster_addr.to_string().trim_end_matches('/').to_string()),
+    ];
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        lines.push((
+            format!("Listener {}", i + 1),
+            format!(
+                "tcp (addr: \"{}\", cluster address: \"{}\", max_request_duration: \"{}\", max_request_size: \"{}\", tls: \"{}\")",
+                l.address,
+                l.cluster_address,
+                l.max_request_duration.map(|d| humantime::format_duration(d).to_string()).unwrap_or_else(|| "unlimited".into()),
+                l.max_request_size.map(|s| s.to_string()).unwrap_or_else(|| "unlimited".into()),
+                if l.tls_disable { "disabled" } else { "enabled" },
+            ),
+        ));
+    }
+    lines.push(("Log Level".into(), level.to_string()));
+    lines.push(("Storage".into(), opened.storage_line.clone()));
+    if let Some(ha) = &opened.ha_storage_line {
+        lines.push(("HA Storage".into(), ha.clone()));
+    }
+    lines.push(("Version".into(), format!("vha v{}", vha_core::VERSION)));
+    let mut out = String::from("==> vha server configuration:\n\n");
+    for (k, v) in lines {
+        out.push_str(&format!("{k:>24}: {v}\n"));
+    }
+    out
+}
+
+async fn run(cfg: Config, level: &str) -> ExitCode {
+    let opened = match open_stores(&cfg) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("Error initializing storage: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    println!("{}", banner(&cfg, &opened, level));
+    let listener_cfg = cfg.listener().clone();
+    if !listener_cfg.tls_disable {
+        eprintln!(
+            "Error initializing listener: {}: TLS on the node's own listener is served by `vha proxy`; set tls_disable = true for `vha server` alone",
+            cfg.path.display()
+        );
+        return ExitCode::from(1);
+    }
+    let listener = match tokio::net::TcpListener::bind(listener_cfg.address).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("Error initializing listener of type tcp: listen tcp {}: {e}", listener_cfg.address);
+            return ExitCode::from(1);
+        }
+    };
+    let node = Node::new(cfg, opened.stores);
+    let shutdown = CancellationToken::new();
+    let limits = Limits {
+        max_request_size: listener_cfg.max_request_size,
+        max_request_duration: listener_cfg.max_request_duration,
+    };
+    println!("==> vha server started! Log data will stream in below:\n");
+    let server = tokio::spawn(http::serve(node.clone(), listener, limits, shutdown.clone()));
+    wait_for_signal().await;
+    tracing::info!("shutdown triggered, draining in-flight requests");
+    node.shutdown.cancel();
+    shutdown.cancel();
+    let _ = server.await;
+    node.seal();
+    tracing::info!("vha server stopped");
+    ExitCode::SUCCESS
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

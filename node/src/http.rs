@@ -1,0 +1,163 @@
+//! The node's HTTP front: a hyper server (HTTP/1.1 and h2) that bounds every request (body
+//! size checked before and while reading, total duration), turns it into an
+//! [`ApiRequest`](crate::api::ApiRequest), and writes Vault's JSON responses. Graceful
+//! shutdown: stop accepting, let in-flight requests finish (bounded), then return.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiRequest, ApiResponse};
+use crate::error::ApiError;
+use crate::node::Node;
+
+/// How long shutdown waits for in-flight requests before closing connections anyway. Long
+/// enough for any normal request, short enough for a rolling restart to stay quick.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Per-listener request limits (from the `listener` block).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_request_size: Option<u64>,
+    pub max_request_duration: Option<Duration>,
+}
+
+/// Serves the API on `listener` until `shutdown` fires, then drains.
+pub async fn serve(node: Arc<Node>, listener: TcpListener, limits: Limits, shutdown: CancellationToken) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and similar: log and keep accepting.
+                    tracing::warn!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let node = node.clone();
+        let svc = hyper::service::service_fn(move |req| {
+            let node = node.clone();
+            async move { Ok::<_, Infallible>(handle_http(&node, req, Some(peer), limits).await) }
+        });
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, %peer, "connection ended with error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await.is_err() {
+        tracing::warn!("in-flight requests did not finish within {DRAIN_TIMEOUT:?}; closing");
+    }
+}
+
+/// One HTTP request -> one HTTP response.
+pub async fn handle_http(
+    node: &Node,
+    req: Request<Incoming>,
+    peer: Option<SocketAddr>,
+    limits: Limits,
+) -> Response<Full<Bytes>> {
+    let start = Instant::now();
+    let method = req.method().clone();
+    let raw_path = req.uri().path().to_string();
+    let fut = async {
+        let api_req = read_request(req, peer, limits).await?;
+        Ok::<_, ApiError>(api::handle(node, api_req).await)
+    };
+    let resp = match limits.max_request_duration {
+        Some(d) => match tokio::time::timeout(d, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(ApiError::Unavailable("context deadline exceeded".into())),
+        },
+        None => fut.await,
+    };
+    let resp = resp.unwrap_or_else(|e| ApiResponse::error(&e));
+    tracing::info!(
+        target: "vha::http",
+        %method, path = %raw_path, status = resp.status.as_u16(),
+        elapsed_ms = start.elapsed().as_secs_f64() * 1000.0,
+        "request"
+    );
+    to_http(resp, method == http::Method::HEAD)
+}
+
+/// Bounds and reads the request into an [`ApiRequest`].
+async fn read_request(req: Request<Incoming>, peer: Option<SocketAddr>, limits: Limits) -> Result<ApiRequest, ApiError> {
+    let (parts, body) = req.into_parts();
+    let path = parts
+        .uri
+        .path()
+        .strip_prefix("/v1/")
+        .ok_or_else(|| ApiError::NotFound(String::new()))?;
+    let path = percent_encoding::percent_decode_str(path)
+        .decode_utf8()
+        .map_err(|_| ApiError::BadRequest("path is not valid UTF-8".into()))?
+        .into_owned();
+    let query = parts
+        .uri
+        .query()
+        .map(|q| url::form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default();
+    if let Some(max) = limits.max_request_size {
+        // Refuse an announced oversized body before reading a byte of it.
+        let announced = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > max) {
+            return Err(ApiError::PayloadTooLarge);
+        }
+    }
+    let body = match limits.max_request_size {
+        Some(max) => Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX)).collect().await.map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                ApiError::PayloadTooLarge
+            } else {
+                ApiError::BadRequest(format!("failed to read request body: {e}"))
+            }
+        })?,
+        None => body.collect().await.map_err(|e| ApiError::BadRequest(format!("failed to read request body: {e}")))?,
+    }
+    .to_bytes();
+    Ok(ApiRequest { method: parts.method, path, query, headers: parts.headers, body, client_addr: peer })
+}
+
+fn to_http(resp: ApiResponse, head: bool) -> Response<Full<Bytes>> {
+    let body = match (&resp.body, head) {
+        (Some(v), false) => Bytes::from(serde_json::to_vec(v).unwrap_or_default()),
+        _ => Bytes::new(),
+    };
+    let mut out = Response::new(Full::new(body));
+    *out.status_mut() = resp.status;
+    *out.headers_mut() = resp.headers;
+    let h = out.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if resp.body.is_some() {
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    out
+}
+
+/// A plain error response, for callers outside the API (e.g. connection-level limits).
+pub fn error_response(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "errors": [msg] });
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}

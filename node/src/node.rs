@@ -1,0 +1,179 @@
+//! The node's shared state: configuration, stores, barrier, unseal progress, cluster
+//! identity and tokens. One [`Node`] per process, behind an `Arc`, shared by every request.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
+
+use vha_core::barrier::{shamir, Barrier};
+use vha_core::config::Config;
+use vha_core::storage::Stores;
+
+use crate::error::ApiError;
+use crate::token::TokenStore;
+
+/// Where the cluster's name and id live (through the barrier).
+const CLUSTER_INFO_PATH: &str = "core/cluster/local/info";
+
+/// The cluster identity, created at init.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub id: String,
+}
+
+/// Unseal key parts collected so far (Vault's unseal progress).
+#[derive(Default)]
+struct UnsealProgress {
+    parts: Vec<Zeroizing<Vec<u8>>>,
+    nonce: String,
+}
+
+/// What `sys/seal-status` reports about progress.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    pub progress: usize,
+    pub nonce: String,
+}
+
+/// A running node.
+pub struct Node {
+    config: Config,
+    stores: Stores,
+    barrier: Barrier,
+    unseal: Mutex<UnsealProgress>,
+    cluster: RwLock<Option<ClusterInfo>>,
+    tokens: TokenStore,
+    /// Fires when the process is shutting down.
+    pub shutdown: CancellationToken,
+}
+
+impl Node {
+    pub fn new(config: Config, stores: Stores) -> Arc<Node> {
+        let barrier = Barrier::new(stores.data.clone());
+        Arc::new(Node {
+            config,
+            stores,
+            barrier,
+            unseal: Mutex::new(UnsealProgress::default()),
+            cluster: RwLock::new(None),
+            tokens: TokenStore::new(),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+    pub fn stores(&self) -> &Stores {
+        &self.stores
+    }
+    pub fn barrier(&self) -> &Barrier {
+        &self.barrier
+    }
+    pub fn tokens(&self) -> &TokenStore {
+        &self.tokens
+    }
+    pub fn storage_type(&self) -> &'static str {
+        self.stores.data.kind()
+    }
+    pub fn ha_enabled(&self) -> bool {
+        self.stores.ha.is_some()
+    }
+    pub fn cluster_info(&self) -> Option<ClusterInfo> {
+        self.cluster.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Current unseal progress.
+    pub fn progress(&self) -> Progress {
+        let u = self.unseal.lock().unwrap_or_else(|e| e.into_inner());
+        Progress { progress: u.parts.len(), nonce: u.nonce.clone() }
+    }
+
+    /// `sys/init`: creates the barrier, the root token and the cluster identity, then leaves
+    /// the node sealed. Returns the key shares and the root token.
+    pub async fn initialize(
+        &self,
+        shares: u64,
+        threshold: u64,
+    ) -> Result<(Vec<Zeroizing<Vec<u8>>>, Zeroizing<String>), ApiError> {
+        let (out, seal_config) = self.barrier.initialize(shares, threshold).await?;
+        let result = async {
+            let name = self
+                .config
+                .cluster_name
+                .clone()
+                .unwrap_or_else(|| format!("vha-cluster-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+            let info = ClusterInfo { name, id: uuid::Uuid::new_v4().to_string() };
+            let bytes = serde_json::to_vec(&info).map_err(|e| ApiError::Internal(e.to_string()))?;
+            self.barrier.put(CLUSTER_INFO_PATH, &bytes, None).await?;
+            let root = self.tokens.create_root(&self.barrier).await?;
+            self.barrier.commit_init(&seal_config).await?;
+            Ok::<_, ApiError>(root)
+        }
+        .await;
+        if result.is_err() {
+            // Never leave key material in memory after a failed init; the store is still
+            // "not initialized" (seal-config is written last), so init can be retried.
+            self.barrier.seal();
+        }
+        Ok((out.key_shares, result?))
+    }
+
+    /// `sys/unseal` with one key part. Duplicates are ignored (Vault); at the threshold the
+    /// key is combined and tried; any failure resets progress.
+    pub async fn submit_unseal_key(&self, part: Zeroizing<Vec<u8>>) -> Result<(), ApiError> {
+        let config = self.barrier.seal_config().await?.ok_or_else(|| ApiError::BadRequest("Vault is not initialized".into()))?;
+        if !self.barrier.is_sealed() {
+            return Ok(());
+        }
+        let parts = {
+            let mut u = self.unseal.lock().unwrap_or_else(|e| e.into_inner());
+            if u.parts.iter().any(|p| bool::from(p.as_slice().ct_eq(part.as_slice()))) {
+                return Ok(());
+            }
+            if u.parts.is_empty() {
+                u.nonce = uuid::Uuid::new_v4().to_string();
+            }
+            u.parts.push(part);
+            if u.parts.len() < config.secret_threshold as usize {
+                return Ok(());
+            }
+            let parts = std::mem::take(&mut u.parts);
+            u.nonce.clear();
+            parts
+        };
+        let root = shamir::combine(&parts, config.secret_threshold)
+            .map_err(|e| ApiError::BadRequest(format!("unable to recover the root key: {e}")))?;
+        self.barrier.unseal(&root).await.map_err(|_| {
+            ApiError::BadRequest("unable to retrieve stored keys: invalid key: failed to decrypt keys from storage: cipher: message authentication failed".into())
+        })?;
+        match self.barrier.get(CLUSTER_INFO_PATH).await? {
+            Some(bytes) => {
+                let info: ClusterInfo = serde_json::from_slice(&bytes).map_err(|e| ApiError::Internal(e.to_string()))?;
+                *self.cluster.write().unwrap_or_else(|e| e.into_inner()) = Some(info);
+            }
+            None => tracing::warn!("cluster info missing from storage"),
+        }
+        tracing::info!("vault is unsealed");
+        Ok(())
+    }
+
+    /// Clears unseal progress (`reset: true`).
+    pub fn reset_unseal(&self) {
+        let mut u = self.unseal.lock().unwrap_or_else(|e| e.into_inner());
+        u.parts.clear();
+        u.nonce.clear();
+    }
+
+    /// Seals: drops the keyring, unseal progress, cluster identity and cached tokens.
+    pub fn seal(&self) {
+        self.barrier.seal();
+        self.reset_unseal();
+        *self.cluster.write().unwrap_or_else(|e| e.into_inner()) = None;
+        tracing::info!("vault is sealed");
+    }
+}
