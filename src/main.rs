@@ -46,7 +46,11 @@ fn normalize_flags(args: Vec<String>) -> Vec<String> {
             let is_go_flag = i > 0
                 && a.starts_with('-')
                 && !a.starts_with("--")
-                && a[1..].chars().take_while(|c| c.is_ascii_alphabetic() || *c == '-' || *c == '_').count() >= 2;
+                && a[1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphabetic() || *c == '-' || *c == '_')
+                    .count()
+                    >= 2;
             if is_go_flag {
                 format!("-{a}")
             } else {

@@ -38,7 +38,10 @@ pub enum StorageError {
 impl StorageError {
     /// Helper for I/O errors that names the path involved.
     pub fn io(path: impl std::fmt::Display, source: std::io::Error) -> Self {
-        StorageError::Io { path: path.to_string(), source }
+        StorageError::Io {
+            path: path.to_string(),
+            source,
+        }
     }
 }
 

@@ -39,7 +39,10 @@ pub fn server(args: Vec<String>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let level = args.log_level.clone().unwrap_or_else(|| cfg.log_level.as_str().to_string());
+    let level = args
+        .log_level
+        .clone()
+        .unwrap_or_else(|| cfg.log_level.as_str().to_string());
     init_tracing(&level);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -53,16 +56,29 @@ pub fn server(args: Vec<String>) -> ExitCode {
 
 /// Sets up logging to stderr at `level` (Vault's names), unless `RUST_LOG` says otherwise.
 pub fn init_tracing(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(config::LogLevel::parse(level).map(|l| l.as_str()).unwrap_or("info")));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(config::LogLevel::parse(level).map(|l| l.as_str()).unwrap_or("info"))
+    });
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// The banner lines, Vault's layout: right-aligned labels.
 pub fn banner(cfg: &Config, opened: &OpenedStores, level: &str) -> String {
     let mut lines: Vec<(String, String)> = vec![
-        ("Api Address".into(), cfg.api_addr.to_string().trim_end_matches('/').to_string()),
-        ("Cluster Address".into(), cfg.cluster_addr.to_string().trim_end_matches('/').to_string()),
+        (
+            "Api Address".into(),
+            cfg.api_addr.to_string().trim_end_matches('/').to_string(),
+        ),
+        (
+            "Cluster Address".into(),
+            cfg.cluster_addr.to_string().trim_end_matches('/').to_string(),
+        ),
     ];
     for (i, l) in cfg.listeners.iter().enumerate() {
         lines.push((
@@ -71,7 +87,7 @@ pub fn banner(cfg: &Config, opened: &OpenedStores, level: &str) -> String {
                 "tcp (addr: \"{}\", cluster address: \"{}\", max_request_duration: \"{}\", max_request_size: \"{}\", tls: \"{}\")",
                 l.address,
                 l.cluster_address,
-                l.max_request_duration.map(|d| humantime::format_duration(d).to_string()).unwrap_or_else(|| "unlimited".into()),
+                l.max_request_duration.map(|d| humantime::format_duration(d).to_string().replace(' ', "")).unwrap_or_else(|| "unlimited".into()),
                 l.max_request_size.map(|s| s.to_string()).unwrap_or_else(|| "unlimited".into()),
                 if l.tls_disable { "disabled" } else { "enabled" },
             ),
@@ -110,7 +126,10 @@ async fn run(cfg: Config, level: &str) -> ExitCode {
     let listener = match tokio::net::TcpListener::bind(listener_cfg.address).await {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("Error initializing listener of type tcp: listen tcp {}: {e}", listener_cfg.address);
+            eprintln!(
+                "Error initializing listener of type tcp: listen tcp {}: {e}",
+                listener_cfg.address
+            );
             return ExitCode::from(1);
         }
     };

@@ -54,7 +54,9 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, limits: Limits, shutd
             async move { Ok::<_, Infallible>(handle_http(&node, req, Some(peer), limits).await) }
         });
         let builder = auto::Builder::new(TokioExecutor::new());
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -100,7 +102,11 @@ pub async fn handle_http(
 }
 
 /// Bounds and reads the request into an [`ApiRequest`].
-async fn read_request(req: Request<Incoming>, peer: Option<SocketAddr>, limits: Limits) -> Result<ApiRequest, ApiError> {
+async fn read_request(
+    req: Request<Incoming>,
+    peer: Option<SocketAddr>,
+    limits: Limits,
+) -> Result<ApiRequest, ApiError> {
     let (parts, body) = req.into_parts();
     let path = parts
         .uri
@@ -118,23 +124,40 @@ async fn read_request(req: Request<Incoming>, peer: Option<SocketAddr>, limits: 
         .unwrap_or_default();
     if let Some(max) = limits.max_request_size {
         // Refuse an announced oversized body before reading a byte of it.
-        let announced = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        let announced = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
         if announced.is_some_and(|n| n > max) {
             return Err(ApiError::PayloadTooLarge);
         }
     }
     let body = match limits.max_request_size {
-        Some(max) => Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX)).collect().await.map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                ApiError::PayloadTooLarge
-            } else {
-                ApiError::BadRequest(format!("failed to read request body: {e}"))
-            }
-        })?,
-        None => body.collect().await.map_err(|e| ApiError::BadRequest(format!("failed to read request body: {e}")))?,
+        Some(max) => Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                    ApiError::PayloadTooLarge
+                } else {
+                    ApiError::BadRequest(format!("failed to read request body: {e}"))
+                }
+            })?,
+        None => body
+            .collect()
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("failed to read request body: {e}")))?,
     }
     .to_bytes();
-    Ok(ApiRequest { method: parts.method, path, query, headers: parts.headers, body, client_addr: peer })
+    Ok(ApiRequest {
+        method: parts.method,
+        path,
+        query,
+        headers: parts.headers,
+        body,
+        client_addr: peer,
+    })
 }
 
 fn to_http(resp: ApiResponse, head: bool) -> Response<Full<Bytes>> {
@@ -158,6 +181,7 @@ pub fn error_response(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({ "errors": [msg] });
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
 }

@@ -89,7 +89,10 @@ impl TestNodeBuilder {
         let port = free_port();
         let cluster_port = free_port();
         let storage = match &self.storage {
-            Storage::File => format!("storage \"file\" {{\n  path = \"{}\"\n}}", dir.path().join("data").display()),
+            Storage::File => format!(
+                "storage \"file\" {{\n  path = \"{}\"\n}}",
+                dir.path().join("data").display()
+            ),
             Storage::Inmem => "storage \"inmem\" {}".to_string(),
             Storage::Raw(s) => s.clone(),
         };
@@ -161,7 +164,10 @@ impl TestNode {
 
     fn command(&self) -> Command {
         let mut cmd = Command::new(vha_binary());
-        cmd.arg("server").arg("--config").arg(&self.config_path).args(&self.builder.args);
+        cmd.arg("server")
+            .arg("--config")
+            .arg(&self.config_path)
+            .args(&self.builder.args);
         cmd.env("NO_COLOR", "1");
         for (k, v) in &self.builder.env {
             cmd.env(k, v);
@@ -186,7 +192,10 @@ impl TestNode {
             }
             let running = self.proc.as_mut().map(|p| p.is_running()).unwrap_or(false);
             if !running || tokio::time::Instant::now() >= deadline {
-                panic!("vha server did not become ready (running: {running}); output:\n{}", self.output());
+                panic!(
+                    "vha server did not become ready (running: {running}); output:\n{}",
+                    self.output()
+                );
             }
             tokio::time::sleep(crate::wait::POLL_INTERVAL).await;
         }
@@ -220,7 +229,13 @@ impl TestNode {
     }
 
     /// Any request; returns status and JSON body (`Value::Null` for an empty body).
-    pub async fn request(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let (st, _, v) = self.request_full(method, path, token, body, &[]).await;
         (st, v)
     }
@@ -250,14 +265,24 @@ impl TestNode {
         let status = resp.status();
         let hdrs = resp.headers().clone();
         let bytes = resp.bytes().await.expect("body");
-        let v = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into())) };
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
         (status, hdrs, v)
     }
 
     /// Raw request with a byte body (for malformed input tests).
     pub async fn request_raw(&self, method: &str, path: &str, body: Vec<u8>) -> (StatusCode, Value) {
         let m = Method::from_bytes(method.as_bytes()).expect("method");
-        let resp = self.http.request(m, format!("{}/v1/{}", self.addr, path)).body(body).send().await.expect("send");
+        let resp = self
+            .http
+            .request(m, format!("{}/v1/{}", self.addr, path))
+            .body(body)
+            .send()
+            .await
+            .expect("send");
         let status = resp.status();
         let bytes = resp.bytes().await.unwrap_or_default();
         (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
@@ -266,17 +291,34 @@ impl TestNode {
     /// `PUT sys/init`.
     pub async fn init(&self, shares: u64, threshold: u64) -> InitKeys {
         let (st, v) = self
-            .request("PUT", "sys/init", None, Some(serde_json::json!({"secret_shares": shares, "secret_threshold": threshold})))
+            .request(
+                "PUT",
+                "sys/init",
+                None,
+                Some(serde_json::json!({"secret_shares": shares, "secret_threshold": threshold})),
+            )
             .await;
         assert_eq!(st, StatusCode::OK, "init failed: {v}");
-        let strs = |k: &str| v[k].as_array().expect(k).iter().map(|s| s.as_str().unwrap().to_string()).collect::<Vec<_>>();
-        InitKeys { keys: strs("keys"), keys_base64: strs("keys_base64"), root_token: v["root_token"].as_str().unwrap().to_string() }
+        let strs = |k: &str| {
+            v[k].as_array()
+                .expect(k)
+                .iter()
+                .map(|s| s.as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        InitKeys {
+            keys: strs("keys"),
+            keys_base64: strs("keys_base64"),
+            root_token: v["root_token"].as_str().unwrap().to_string(),
+        }
     }
 
     /// Submits unseal keys until unsealed; panics if it stays sealed.
     pub async fn unseal(&self, keys: &[String]) {
         for k in keys {
-            let (st, v) = self.request("PUT", "sys/unseal", None, Some(serde_json::json!({ "key": k }))).await;
+            let (st, v) = self
+                .request("PUT", "sys/unseal", None, Some(serde_json::json!({ "key": k })))
+                .await;
             assert_eq!(st, StatusCode::OK, "unseal failed: {v}");
             if v["sealed"] == Value::Bool(false) {
                 return;

@@ -22,14 +22,21 @@ pub fn vha_binary() -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
     let profile_dir = exe.parent().and_then(Path::parent).expect("target dir");
     let p = profile_dir.join("vha");
-    assert!(p.exists(), "vha binary not found at {} (run `cargo build` first or set VHA_BIN)", p.display());
+    assert!(
+        p.exists(),
+        "vha binary not found at {} (run `cargo build` first or set VHA_BIN)",
+        p.display()
+    );
     p
 }
 
 /// An ephemeral port on 127.0.0.1 that was free a moment ago. The small race with other
 /// processes is accepted; every port here is bound by a process we start right after.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A running child process with its output captured to `log`.
@@ -46,7 +53,11 @@ impl ChildProc {
         let err = out.try_clone().expect("clone log handle");
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {name}: {e}"));
-        ChildProc { name: name.to_string(), child: Some(child), log: log.to_path_buf() }
+        ChildProc {
+            name: name.to_string(),
+            child: Some(child),
+            log: log.to_path_buf(),
+        }
     }
 
     pub fn pid(&self) -> u32 {

@@ -43,12 +43,18 @@ pub struct Keyring {
 impl std::fmt::Debug for Keyring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print key material.
-        f.debug_struct("Keyring").field("terms", &self.keys.keys().collect::<Vec<_>>()).field("active", &self.active).finish()
+        f.debug_struct("Keyring")
+            .field("terms", &self.keys.keys().collect::<Vec<_>>())
+            .field("active", &self.active)
+            .finish()
     }
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Fresh random bytes for a key.
@@ -67,7 +73,13 @@ impl Keyring {
     /// A keyring holding exactly `key` at `term` (used for the root key, term 0).
     pub fn from_key(term: u32, key: &[u8; KEY_LEN]) -> Keyring {
         let mut keys = BTreeMap::new();
-        keys.insert(term, TermKey { key: *key, installed: now_secs() });
+        keys.insert(
+            term,
+            TermKey {
+                key: *key,
+                installed: now_secs(),
+            },
+        );
         Keyring { keys, active: term }
     }
 
@@ -78,7 +90,13 @@ impl Keyring {
     /// Adds a new random key as the active term; returns it.
     pub fn rotate(&mut self) -> u32 {
         let term = self.active + 1;
-        self.keys.insert(term, TermKey { key: *random_key(), installed: now_secs() });
+        self.keys.insert(
+            term,
+            TermKey {
+                key: *random_key(),
+                installed: now_secs(),
+            },
+        );
         self.active = term;
         term
     }
@@ -90,7 +108,13 @@ impl Keyring {
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let ct = cipher
-            .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: path.as_bytes() })
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: path.as_bytes(),
+                },
+            )
             .expect("AES-GCM encryption cannot fail for in-memory buffers");
         let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
         out.push(ENVELOPE_V1);
@@ -106,12 +130,18 @@ impl Keyring {
             return Err(BarrierError::Malformed { path: path.to_string() });
         }
         let term = u32::from_be_bytes([envelope[1], envelope[2], envelope[3], envelope[4]]);
-        let tk = self.keys.get(&term).ok_or(BarrierError::UnknownTerm { path: path.to_string(), term })?;
+        let tk = self.keys.get(&term).ok_or(BarrierError::UnknownTerm {
+            path: path.to_string(),
+            term,
+        })?;
         let cipher = Aes256Gcm::new_from_slice(&tk.key).expect("32-byte key");
         cipher
             .decrypt(
                 Nonce::from_slice(&envelope[5..HEADER_LEN]),
-                Payload { msg: &envelope[HEADER_LEN..], aad: path.as_bytes() },
+                Payload {
+                    msg: &envelope[HEADER_LEN..],
+                    aad: path.as_bytes(),
+                },
             )
             .map_err(|_| BarrierError::Integrity { path: path.to_string() })
     }
@@ -123,7 +153,8 @@ impl Keyring {
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Keyring, BarrierError> {
-        let k: Keyring = serde_json::from_slice(bytes).map_err(|e| BarrierError::InvalidKey(format!("keyring: {e}")))?;
+        let k: Keyring =
+            serde_json::from_slice(bytes).map_err(|e| BarrierError::InvalidKey(format!("keyring: {e}")))?;
         if !k.keys.contains_key(&k.active) {
             return Err(BarrierError::InvalidKey("keyring: active term has no key".into()));
         }
@@ -142,8 +173,14 @@ mod b64key {
     }
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
         let s = Zeroizing::new(String::deserialize(d)?);
-        let v = Zeroizing::new(base64::engine::general_purpose::STANDARD.decode(s.as_bytes()).map_err(serde::de::Error::custom)?);
-        v.as_slice().try_into().map_err(|_| serde::de::Error::custom("key must be 32 bytes"))
+        let v = Zeroizing::new(
+            base64::engine::general_purpose::STANDARD
+                .decode(s.as_bytes())
+                .map_err(serde::de::Error::custom)?,
+        );
+        v.as_slice()
+            .try_into()
+            .map_err(|_| serde::de::Error::custom("key must be 32 bytes"))
     }
 }
 
@@ -177,7 +214,10 @@ mod tests {
     fn moved_ciphertext_refused() {
         let k = Keyring::generate();
         let ct = k.encrypt("core/leader/a", b"x");
-        assert!(matches!(k.decrypt("core/leader/b", &ct), Err(BarrierError::Integrity { .. })));
+        assert!(matches!(
+            k.decrypt("core/leader/b", &ct),
+            Err(BarrierError::Integrity { .. })
+        ));
     }
 
     /// A ciphertext under an unknown term, or under another keyring's key, is refused.
@@ -187,7 +227,10 @@ mod tests {
         let ct = k.encrypt("p", b"x");
         let mut forged = ct.clone();
         forged[1..5].copy_from_slice(&9u32.to_be_bytes());
-        assert!(matches!(k.decrypt("p", &forged), Err(BarrierError::UnknownTerm { term: 9, .. })));
+        assert!(matches!(
+            k.decrypt("p", &forged),
+            Err(BarrierError::UnknownTerm { term: 9, .. })
+        ));
         let other = Keyring::generate();
         assert!(matches!(other.decrypt("p", &ct), Err(BarrierError::Integrity { .. })));
         // Rotation: old entries stay readable, new ones use the new term.

@@ -52,7 +52,10 @@ pub struct Barrier {
 
 impl Barrier {
     pub fn new(backend: Arc<dyn Backend>) -> Barrier {
-        Barrier { backend, keyring: RwLock::new(None) }
+        Barrier {
+            backend,
+            keyring: RwLock::new(None),
+        }
     }
 
     /// The untrusted backend underneath (for its `kind`, and for the HA layer's raw reads).
@@ -79,7 +82,9 @@ impl Barrier {
             None => Ok(None),
             Some(e) => serde_json::from_slice(&e.value)
                 .map(Some)
-                .map_err(|_| BarrierError::Malformed { path: SEAL_CONFIG_PATH.into() }),
+                .map_err(|_| BarrierError::Malformed {
+                    path: SEAL_CONFIG_PATH.into(),
+                }),
         }
     }
 
@@ -101,7 +106,14 @@ impl Barrier {
         self.backend.put(KEYRING_PATH, sealed_ring, None).await?;
         let key_shares = shamir::split(root.as_ref(), n, k)?;
         *self.keyring.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keyring));
-        Ok((InitOutput { key_shares }, SealConfig { kind: "shamir".into(), secret_shares: n, secret_threshold: k }))
+        Ok((
+            InitOutput { key_shares },
+            SealConfig {
+                kind: "shamir".into(),
+                secret_shares: n,
+                secret_threshold: k,
+            },
+        ))
     }
 
     /// Phase two of init: marks the barrier initialized and seals it (Vault leaves a freshly
@@ -115,9 +127,14 @@ impl Barrier {
 
     /// Unseals with the combined root key. A wrong key leaves the barrier sealed.
     pub async fn unseal(&self, root_key: &[u8]) -> Result<(), BarrierError> {
-        let root: &[u8; KEY_LEN] =
-            root_key.try_into().map_err(|_| BarrierError::InvalidKey(format!("key must be {KEY_LEN} bytes")))?;
-        let entry = self.backend.get(KEYRING_PATH).await?.ok_or(BarrierError::NotInitialized)?;
+        let root: &[u8; KEY_LEN] = root_key
+            .try_into()
+            .map_err(|_| BarrierError::InvalidKey(format!("key must be {KEY_LEN} bytes")))?;
+        let entry = self
+            .backend
+            .get(KEYRING_PATH)
+            .await?
+            .ok_or(BarrierError::NotInitialized)?;
         let plain = Zeroizing::new(
             Keyring::from_key(ROOT_TERM, root)
                 .decrypt(KEYRING_PATH, &entry.value)
@@ -181,7 +198,10 @@ mod tests {
         let shares = init_unsealed(&b, 3, 2).await;
         b.put("secret/x", b"plaintext-value", None).await.unwrap();
         let raw = backend.get("secret/x").await.unwrap().unwrap().value;
-        assert!(!raw.windows(9).any(|w| w == b"plaintext"), "backend must only see ciphertext");
+        assert!(
+            !raw.windows(9).any(|w| w == b"plaintext"),
+            "backend must only see ciphertext"
+        );
         b.seal();
         assert!(matches!(b.get("secret/x").await, Err(BarrierError::Sealed)));
         assert!(matches!(b.put("secret/y", b"v", None).await, Err(BarrierError::Sealed)));
@@ -198,7 +218,10 @@ mod tests {
         b.seal();
         assert!(b.unseal(&[0u8; 32]).await.is_err());
         assert!(b.is_sealed());
-        assert!(matches!(b.initialize(1, 1).await, Err(BarrierError::AlreadyInitialized)));
+        assert!(matches!(
+            b.initialize(1, 1).await,
+            Err(BarrierError::AlreadyInitialized)
+        ));
     }
 
     /// A crash between init phases leaves the store uninitialized, and init can run again.
@@ -223,6 +246,9 @@ mod tests {
         b.put("core/leader/a", b"advert", None).await.unwrap();
         let raw = backend.get("core/leader/a").await.unwrap().unwrap().value;
         backend.put("core/leader/b", raw, None).await.unwrap();
-        assert!(matches!(b.get("core/leader/b").await, Err(BarrierError::Integrity { .. })));
+        assert!(matches!(
+            b.get("core/leader/b").await,
+            Err(BarrierError::Integrity { .. })
+        ));
     }
 }

@@ -39,11 +39,24 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     #[error("{}{}: syntax error: {msg}", file.display(), fmt_line(*line))]
-    Syntax { file: PathBuf, line: Option<usize>, msg: String },
+    Syntax {
+        file: PathBuf,
+        line: Option<usize>,
+        msg: String,
+    },
     #[error("{}{}: {key}: unknown configuration key", file.display(), fmt_line(*line))]
-    UnknownKey { file: PathBuf, line: Option<usize>, key: String },
+    UnknownKey {
+        file: PathBuf,
+        line: Option<usize>,
+        key: String,
+    },
     #[error("{}{}: {key}: {msg}", file.display(), fmt_line(*line))]
-    Invalid { file: PathBuf, line: Option<usize>, key: String, msg: String },
+    Invalid {
+        file: PathBuf,
+        line: Option<usize>,
+        key: String,
+        msg: String,
+    },
     #[error("{}: {key}: required but not set", file.display())]
     Missing { file: PathBuf, key: String },
 }
@@ -225,11 +238,19 @@ impl IpNet {
         };
         match (self.addr, ip) {
             (IpAddr::V4(n), IpAddr::V4(i)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
                 u32::from(n) & mask == u32::from(i) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(i)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
                 u128::from(n) & mask == u128::from(i) & mask
             }
             _ => false,

@@ -20,9 +20,17 @@ pub async fn exercise_backend(b: &dyn Backend) {
     let ns = format!("conformance-{}/", uuid::Uuid::new_v4());
     let k = |s: &str| format!("{ns}{s}");
 
-    assert!(b.get(&k("foo")).await.expect("get missing").is_none(), "missing key must read as None");
-    assert!(b.list(&ns).await.expect("list empty").is_empty(), "empty prefix must list nothing");
-    b.delete(&k("foo"), None).await.expect("deleting a missing key is not an error");
+    assert!(
+        b.get(&k("foo")).await.expect("get missing").is_none(),
+        "missing key must read as None"
+    );
+    assert!(
+        b.list(&ns).await.expect("list empty").is_empty(),
+        "empty prefix must list nothing"
+    );
+    b.delete(&k("foo"), None)
+        .await
+        .expect("deleting a missing key is not an error");
 
     b.put(&k("foo"), b"bar".to_vec(), None).await.expect("put");
     let e = b.get(&k("foo")).await.expect("get").expect("written key must exist");
@@ -30,12 +38,20 @@ pub async fn exercise_backend(b: &dyn Backend) {
     assert_eq!(e.key, k("foo"), "entry must carry its key");
 
     b.put(&k("foo"), b"baz".to_vec(), None).await.expect("overwrite");
-    assert_eq!(b.get(&k("foo")).await.unwrap().unwrap().value, b"baz", "overwrite must replace");
+    assert_eq!(
+        b.get(&k("foo")).await.unwrap().unwrap().value,
+        b"baz",
+        "overwrite must replace"
+    );
 
     // Binary-safe values, including empty ones.
     let bin: Vec<u8> = (0..=255u8).collect();
     b.put(&k("bin"), bin.clone(), None).await.expect("put binary");
-    assert_eq!(b.get(&k("bin")).await.unwrap().unwrap().value, bin, "binary value must round-trip");
+    assert_eq!(
+        b.get(&k("bin")).await.unwrap().unwrap().value,
+        bin,
+        "binary value must round-trip"
+    );
     b.put(&k("empty"), Vec::new(), None).await.expect("put empty");
     assert_eq!(b.get(&k("empty")).await.unwrap().unwrap().value, Vec::<u8>::new());
 
@@ -50,33 +66,64 @@ pub async fn exercise_backend(b: &dyn Backend) {
 
     b.delete(&k("foo"), None).await.expect("delete");
     assert!(b.get(&k("foo")).await.unwrap().is_none(), "deleted key must be gone");
-    assert_eq!(b.list(&ns).await.unwrap(), vec!["bin", "empty", "foo/", "zip"], "folder survives file delete");
+    assert_eq!(
+        b.list(&ns).await.unwrap(),
+        vec!["bin", "empty", "foo/", "zip"],
+        "folder survives file delete"
+    );
 
     // Fencing: a lower token than the highest seen for the same lock is rejected and not applied.
     let lock = format!("{ns}lock");
-    let f5 = Fence { lock: lock.clone(), token: 5 };
-    let f4 = Fence { lock: lock.clone(), token: 4 };
-    let f6 = Fence { lock: lock.clone(), token: 6 };
-    b.put(&k("fenced"), b"v5".to_vec(), Some(&f5)).await.expect("fenced put with fresh token");
+    let f5 = Fence {
+        lock: lock.clone(),
+        token: 5,
+    };
+    let f4 = Fence {
+        lock: lock.clone(),
+        token: 4,
+    };
+    let f6 = Fence {
+        lock: lock.clone(),
+        token: 6,
+    };
+    b.put(&k("fenced"), b"v5".to_vec(), Some(&f5))
+        .await
+        .expect("fenced put with fresh token");
     match b.put(&k("fenced"), b"v4".to_vec(), Some(&f4)).await {
         Err(StorageError::Fenced { token: 4, .. }) => {}
         other => panic!("stale token write must be Fenced, got {other:?}"),
     }
-    assert_eq!(b.get(&k("fenced")).await.unwrap().unwrap().value, b"v5", "a fenced write must not apply");
+    assert_eq!(
+        b.get(&k("fenced")).await.unwrap().unwrap().value,
+        b"v5",
+        "a fenced write must not apply"
+    );
     match b.delete(&k("fenced"), Some(&f4)).await {
         Err(StorageError::Fenced { .. }) => {}
         other => panic!("stale token delete must be Fenced, got {other:?}"),
     }
-    assert!(b.get(&k("fenced")).await.unwrap().is_some(), "a fenced delete must not apply");
-    b.put(&k("fenced"), b"v6".to_vec(), Some(&f6)).await.expect("higher token accepted");
-    b.put(&k("fenced"), b"v6b".to_vec(), Some(&f6)).await.expect("equal token accepted");
+    assert!(
+        b.get(&k("fenced")).await.unwrap().is_some(),
+        "a fenced delete must not apply"
+    );
+    b.put(&k("fenced"), b"v6".to_vec(), Some(&f6))
+        .await
+        .expect("higher token accepted");
+    b.put(&k("fenced"), b"v6b".to_vec(), Some(&f6))
+        .await
+        .expect("equal token accepted");
     let e = b.get(&k("fenced")).await.unwrap().unwrap();
     if let Some(t) = e.fence_token {
         assert_eq!(t, 6, "recorded token must be the writer's");
     }
     // Another lock's tokens are independent.
-    let other = Fence { lock: format!("{ns}other-lock"), token: 1 };
-    b.put(&k("other"), b"x".to_vec(), Some(&other)).await.expect("tokens are per lock");
+    let other = Fence {
+        lock: format!("{ns}other-lock"),
+        token: 1,
+    };
+    b.put(&k("other"), b"x".to_vec(), Some(&other))
+        .await
+        .expect("tokens are per lock");
 
     // Limits: bad keys are rejected, not stored.
     for bad in ["", "/abs", "a/../b", "a/./b"] {
@@ -86,7 +133,10 @@ pub async fn exercise_backend(b: &dyn Backend) {
         );
     }
     let long = "k".repeat(super::MAX_KEY_LEN + 1);
-    assert!(matches!(b.put(&long, b"x".to_vec(), None).await, Err(StorageError::Invalid(_))), "over-long key");
+    assert!(
+        matches!(b.put(&long, b"x".to_vec(), None).await, Err(StorageError::Invalid(_))),
+        "over-long key"
+    );
 
     // Watches, where supported.
     match b.watch(&k("w/")).await {
@@ -103,7 +153,11 @@ pub async fn exercise_backend(b: &dyn Backend) {
                     Err(_) => panic!("watch event not delivered within {WATCH_DEADLINE:?}; got {seen:?}"),
                 }
             }
-            assert_eq!(seen, vec![WatchEvent::Put(k("w/a")), WatchEvent::Delete(k("w/a"))], "watch events in order");
+            assert_eq!(
+                seen,
+                vec![WatchEvent::Put(k("w/a")), WatchEvent::Delete(k("w/a"))],
+                "watch events in order"
+            );
         }
         Err(StorageError::Unsupported { .. }) => {}
         Err(e) => panic!("watch failed: {e}"),
@@ -121,7 +175,10 @@ pub async fn exercise_backend(b: &dyn Backend) {
 pub async fn exercise_ha_backend(b1: &dyn HaBackend, b2: &dyn HaBackend) {
     let key = format!("conformance-lock-{}", uuid::Uuid::new_v4());
 
-    assert!(b1.holder(&key).await.expect("holder").is_none(), "fresh lock has no holder");
+    assert!(
+        b1.holder(&key).await.expect("holder").is_none(),
+        "fresh lock has no holder"
+    );
 
     let mut watch = b2.watch_lock(&key).await.expect("watch_lock");
 
@@ -131,7 +188,11 @@ pub async fn exercise_ha_backend(b1: &dyn HaBackend, b2: &dyn HaBackend) {
         .expect("acquire")
         .expect("uncontended acquire must succeed");
     assert!(!g1.is_lost(), "fresh guard must not be lost");
-    let h = b2.holder(&key).await.expect("holder").expect("held lock must have a holder");
+    let h = b2
+        .holder(&key)
+        .await
+        .expect("holder")
+        .expect("held lock must have a holder");
     assert_eq!(h.value, "node-1", "holder value visible to other clients");
     assert_eq!(h.token, g1.fence().token, "holder token equals the grant's");
     expect_event(&mut watch, |e| matches!(e, WatchEvent::Put(_)), "grant must be watched").await;
@@ -143,7 +204,10 @@ pub async fn exercise_ha_backend(b1: &dyn HaBackend, b2: &dyn HaBackend) {
         tokio::time::sleep(Duration::from_millis(200)).await;
         c2.cancel();
     });
-    let r = b2.acquire(&key, "node-2", cancel).await.expect("cancelled acquire is not an error");
+    let r = b2
+        .acquire(&key, "node-2", cancel)
+        .await
+        .expect("cancelled acquire is not an error");
     assert!(r.is_none(), "acquire must not succeed while another holds the lock");
     canceller.await.unwrap();
 
@@ -158,25 +222,38 @@ pub async fn exercise_ha_backend(b1: &dyn HaBackend, b2: &dyn HaBackend) {
     });
     assert!(lost1.is_cancelled(), "released guard must report lost");
     let g2 = g2.expect("acquire after release").expect("must get lock after release");
-    assert!(g2.fence().token > t1, "tokens must strictly increase: {} then {}", t1, g2.fence().token);
+    assert!(
+        g2.fence().token > t1,
+        "tokens must strictly increase: {} then {}",
+        t1,
+        g2.fence().token
+    );
     assert_eq!(b1.holder(&key).await.unwrap().unwrap().value, "node-2");
-    expect_event(&mut watch, |e| matches!(e, WatchEvent::Delete(_)), "release must be watched").await;
+    expect_event(
+        &mut watch,
+        |e| matches!(e, WatchEvent::Delete(_)),
+        "release must be watched",
+    )
+    .await;
 
     let t2 = g2.fence().token;
     g2.release().await.expect("release 2");
     assert!(b1.holder(&key).await.unwrap().is_none(), "released lock has no holder");
 
     // Re-acquire: tokens keep increasing.
-    let g3 = b1.acquire(&key, "node-3", CancellationToken::new()).await.unwrap().unwrap();
-    assert!(g3.fence().token > t2, "token after re-acquire must exceed earlier grants");
+    let g3 = b1
+        .acquire(&key, "node-3", CancellationToken::new())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        g3.fence().token > t2,
+        "token after re-acquire must exceed earlier grants"
+    );
     g3.release().await.unwrap();
 }
 
-async fn expect_event(
-    rx: &mut super::WatchStream,
-    pred: impl Fn(&WatchEvent) -> bool,
-    why: &str,
-) {
+async fn expect_event(rx: &mut super::WatchStream, pred: impl Fn(&WatchEvent) -> bool, why: &str) {
     let deadline = tokio::time::Instant::now() + WATCH_DEADLINE;
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {

@@ -24,14 +24,22 @@ fn open_one(st: &Stanza) -> Result<Opened, ConfigError> {
             st.check_known(&["path"])?;
             let path = st.require("path")?;
             let b = FileBackend::open(path).map_err(|e| st.error("path", e.to_string()))?;
-            Ok(Opened { data: Arc::new(b), ha: None, ha_capable: false })
+            Ok(Opened {
+                data: Arc::new(b),
+                ha: None,
+                ha_capable: false,
+            })
         }
         "inmem" => {
             st.check_known(&["ha_enabled"])?;
             let b = InmemBackend::new();
             let ha_enabled = st.get_bool("ha_enabled", true)?;
             let ha: Option<Arc<dyn HaBackend>> = if ha_enabled { Some(Arc::new(b.clone())) } else { None };
-            Ok(Opened { data: Arc::new(b), ha, ha_capable: true })
+            Ok(Opened {
+                data: Arc::new(b),
+                ha,
+                ha_capable: true,
+            })
         }
         other => Err(ConfigError::Invalid {
             file: st.file.clone(),
@@ -62,7 +70,11 @@ pub fn open_stores(cfg: &Config) -> Result<OpenedStores, ConfigError> {
                 (None, false) => cfg.storage.kind.clone(),
             };
             Ok(OpenedStores {
-                stores: Stores { data: data.data, ha: data.ha, split: false },
+                stores: Stores {
+                    data: data.data,
+                    ha: data.ha,
+                    split: false,
+                },
                 storage_line,
                 ha_storage_line: None,
             })
@@ -73,12 +85,24 @@ pub fn open_stores(cfg: &Config) -> Result<OpenedStores, ConfigError> {
                 let why = if ha.ha_capable {
                     "ha_storage must have HA enabled (ha_enabled = \"true\")".to_string()
                 } else {
-                    format!("the {:?} backend cannot be used as ha_storage: it does not support HA", hs.kind)
+                    format!(
+                        "the {:?} backend cannot be used as ha_storage: it does not support HA",
+                        hs.kind
+                    )
                 };
-                return Err(ConfigError::Invalid { file: hs.file.clone(), line: hs.line, key: "ha_storage".into(), msg: why });
+                return Err(ConfigError::Invalid {
+                    file: hs.file.clone(),
+                    line: hs.line,
+                    key: "ha_storage".into(),
+                    msg: why,
+                });
             };
             Ok(OpenedStores {
-                stores: Stores { data: data.data, ha: Some(ha_backend), split: true },
+                stores: Stores {
+                    data: data.data,
+                    ha: Some(ha_backend),
+                    split: true,
+                },
                 storage_line: cfg.storage.kind.clone(),
                 ha_storage_line: Some(hs.kind.clone()),
             })

@@ -41,7 +41,10 @@ impl FileBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
             Err(e) => return Err(StorageError::io(fences_path.display(), e)),
         };
-        Ok(FileBackend { root, fences: Arc::new(Mutex::new(fences)) })
+        Ok(FileBackend {
+            root,
+            fences: Arc::new(Mutex::new(fences)),
+        })
     }
 
     fn file_for(&self, key: &str) -> PathBuf {
@@ -62,7 +65,11 @@ impl FileBackend {
         let Some(f) = fence else { return Ok(()) };
         let highest = fences.get(&f.lock).copied().unwrap_or(0);
         if f.token < highest {
-            return Err(StorageError::Fenced { lock: f.lock.clone(), token: f.token, highest });
+            return Err(StorageError::Fenced {
+                lock: f.lock.clone(),
+                token: f.token,
+                highest,
+            });
         }
         if f.token > highest {
             fences.insert(f.lock.clone(), f.token);
@@ -75,7 +82,11 @@ impl FileBackend {
 
 fn create_private_dir(p: &Path) -> Result<(), StorageError> {
     use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(p).map_err(|e| StorageError::io(p.display(), e))
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(p)
+        .map_err(|e| StorageError::io(p.display(), e))
 }
 
 /// Writes `bytes` to `target` atomically and durably: temp file, fsync, rename, fsync dir.
@@ -85,7 +96,11 @@ fn atomic_write(target: &Path, bytes: &[u8]) -> Result<(), StorageError> {
     create_private_dir(dir)?;
     let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
     let res = (|| {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, target)?;
@@ -136,7 +151,11 @@ impl Backend for FileBackend {
         tokio::task::spawn_blocking(move || match fs::read(&path) {
             Ok(bytes) => {
                 let (value, fence_token) = decode(&path, bytes)?;
-                Ok(Some(Entry { key, value, fence_token }))
+                Ok(Some(Entry {
+                    key,
+                    value,
+                    fence_token,
+                }))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             // A folder component that is a file means the key cannot exist.
@@ -168,7 +187,12 @@ impl Backend for FileBackend {
         tokio::task::spawn_blocking(move || {
             match fs::remove_file(&path) {
                 Ok(()) => {}
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
                     return Ok(())
                 }
                 Err(e) => return Err(StorageError::io(path.display(), e)),
@@ -200,12 +224,21 @@ impl Backend for FileBackend {
         if !dir.is_empty() {
             validate_key(dir)?;
         }
-        let path = if dir.is_empty() { self.root.clone() } else { self.root.join(dir) };
+        let path = if dir.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(dir)
+        };
         let start = start.to_string();
         tokio::task::spawn_blocking(move || {
             let rd = match fs::read_dir(&path) {
                 Ok(rd) => rd,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+                    ) =>
+                {
                     return Ok(Vec::new())
                 }
                 Err(e) => return Err(StorageError::io(path.display(), e)),
@@ -252,7 +285,10 @@ mod tests {
     #[tokio::test]
     async fn durable_across_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let f = Fence { lock: "core/lock".into(), token: 9 };
+        let f = Fence {
+            lock: "core/lock".into(),
+            token: 9,
+        };
         {
             let b = FileBackend::open(dir.path()).unwrap();
             b.put("a/b", b"v".to_vec(), Some(&f)).await.unwrap();
@@ -261,8 +297,14 @@ mod tests {
         let e = b.get("a/b").await.unwrap().unwrap();
         assert_eq!(e.value, b"v");
         assert_eq!(e.fence_token, Some(9));
-        let stale = Fence { lock: "core/lock".into(), token: 8 };
-        assert!(matches!(b.put("a/b", b"w".to_vec(), Some(&stale)).await, Err(StorageError::Fenced { .. })));
+        let stale = Fence {
+            lock: "core/lock".into(),
+            token: 8,
+        };
+        assert!(matches!(
+            b.put("a/b", b"w".to_vec(), Some(&stale)).await,
+            Err(StorageError::Fenced { .. })
+        ));
     }
 
     /// A key and a folder with the same name coexist (Vault's `_` file prefix).

@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    list_children, validate_key, validate_value, Backend, Entry, Fence, HaBackend, Holder, LockGuard,
-    LockRelease, StorageError, WatchEvent, WatchStream,
+    list_children, validate_key, validate_value, Backend, Entry, Fence, HaBackend, Holder, LockGuard, LockRelease,
+    StorageError, WatchEvent, WatchStream,
 };
 
 /// Capacity of a watcher's queue; a watcher that falls further behind gets `Resync`.
@@ -33,7 +33,11 @@ impl State {
         if let Some(f) = fence {
             let highest = self.highest.entry(f.lock.clone()).or_insert(0);
             if f.token < *highest {
-                return Err(StorageError::Fenced { lock: f.lock.clone(), token: f.token, highest: *highest });
+                return Err(StorageError::Fenced {
+                    lock: f.lock.clone(),
+                    token: f.token,
+                    highest: *highest,
+                });
             }
             *highest = f.token;
         }
@@ -91,7 +95,11 @@ impl Backend for InmemBackend {
     async fn get(&self, key: &str) -> Result<Option<Entry>, StorageError> {
         validate_key(key)?;
         let st = self.lock_state();
-        Ok(st.data.get(key).map(|(v, t)| Entry { key: key.to_string(), value: v.clone(), fence_token: *t }))
+        Ok(st.data.get(key).map(|(v, t)| Entry {
+            key: key.to_string(),
+            value: v.clone(),
+            fence_token: *t,
+        }))
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, fence: Option<&Fence>) -> Result<(), StorageError> {
@@ -116,7 +124,10 @@ impl Backend for InmemBackend {
 
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
         let st = self.lock_state();
-        Ok(list_children(prefix, st.data.range(prefix.to_string()..).map(|(k, _)| k.as_str())))
+        Ok(list_children(
+            prefix,
+            st.data.range(prefix.to_string()..).map(|(k, _)| k.as_str()),
+        ))
     }
 
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StorageError> {
@@ -171,13 +182,22 @@ impl HaBackend for InmemBackend {
                     let token = st.highest.get(key).copied().unwrap_or(0) + 1;
                     st.highest.insert(key.to_string(), token);
                     let lost = CancellationToken::new();
-                    let holder = Holder { value: value.to_string(), token };
+                    let holder = Holder {
+                        value: value.to_string(),
+                        token,
+                    };
                     st.locks.insert(key.to_string(), (holder, lost.clone()));
                     st.notify(WatchEvent::Put(key.to_string()));
-                    let release =
-                        Arc::new(InmemRelease { backend: self.clone(), key: key.to_string(), token });
+                    let release = Arc::new(InmemRelease {
+                        backend: self.clone(),
+                        key: key.to_string(),
+                        token,
+                    });
                     return Ok(Some(LockGuard::new(
-                        Fence { lock: key.to_string(), token },
+                        Fence {
+                            lock: key.to_string(),
+                            token,
+                        },
                         value.to_string(),
                         lost,
                         release,

@@ -47,7 +47,9 @@ pub async fn handle_local(node: &Node, req: &ApiRequest) -> Result<Option<ApiRes
 }
 
 async fn init_status(node: &Node) -> Result<ApiResponse, ApiError> {
-    Ok(ApiResponse::ok(json!({ "initialized": node.barrier().initialized().await? })))
+    Ok(ApiResponse::ok(
+        json!({ "initialized": node.barrier().initialized().await? }),
+    ))
 }
 
 #[derive(Deserialize)]
@@ -66,14 +68,24 @@ struct InitRequest {
 
 async fn init(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     let body: InitRequest = req.json()?;
-    if body.pgp_keys.as_ref().is_some_and(|k| !k.is_empty()) || body.root_token_pgp_key.as_ref().is_some_and(|k| !k.is_empty()) {
-        return Err(ApiError::BadRequest("PGP-encrypted keys are not supported by vha".into()));
+    if body.pgp_keys.as_ref().is_some_and(|k| !k.is_empty())
+        || body.root_token_pgp_key.as_ref().is_some_and(|k| !k.is_empty())
+    {
+        return Err(ApiError::BadRequest(
+            "PGP-encrypted keys are not supported by vha".into(),
+        ));
     }
     let (shares, root_token) = node.initialize(body.secret_shares, body.secret_threshold).await?;
     let keys: Vec<String> = shares.iter().map(|s| hex::encode(s.as_slice())).collect();
-    let keys_b64: Vec<String> =
-        shares.iter().map(|s| base64::engine::general_purpose::STANDARD.encode(s.as_slice())).collect();
-    tracing::info!(shares = body.secret_shares, threshold = body.secret_threshold, "vault initialized");
+    let keys_b64: Vec<String> = shares
+        .iter()
+        .map(|s| base64::engine::general_purpose::STANDARD.encode(s.as_slice()))
+        .collect();
+    tracing::info!(
+        shares = body.secret_shares,
+        threshold = body.secret_threshold,
+        "vault initialized"
+    );
     Ok(ApiResponse::ok(json!({
         "keys": keys,
         "keys_base64": keys_b64,
@@ -98,7 +110,10 @@ fn decode_key(s: &str) -> Option<Zeroizing<Vec<u8>>> {
     if let Ok(b) = hex::decode(s) {
         return Some(Zeroizing::new(b));
     }
-    base64::engine::general_purpose::STANDARD.decode(s).ok().map(Zeroizing::new)
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .ok()
+        .map(Zeroizing::new)
 }
 
 async fn unseal(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
@@ -113,7 +128,8 @@ async fn unseal(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> 
     let key = body.key.map(Zeroizing::new).ok_or_else(|| {
         ApiError::BadRequest("'key' must be specified in request body as JSON, or 'reset' set to true".into())
     })?;
-    let part = decode_key(&key).ok_or_else(|| ApiError::BadRequest("'key' must be a valid hex or base64 string".into()))?;
+    let part =
+        decode_key(&key).ok_or_else(|| ApiError::BadRequest("'key' must be a valid hex or base64 string".into()))?;
     node.submit_unseal_key(part).await?;
     Ok(ApiResponse::ok(seal_status(node).await?))
 }
@@ -217,7 +233,10 @@ async fn health(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> 
     } else {
         active
     };
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let mut body = json!({
         "initialized": initialized,
         "sealed": sealed,
@@ -234,7 +253,11 @@ async fn health(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> 
     }
     let status = StatusCode::from_u16(code).map_err(|e| ApiError::Internal(e.to_string()))?;
     if req.method == Method::HEAD {
-        return Ok(ApiResponse { status, headers: Default::default(), body: None });
+        return Ok(ApiResponse {
+            status,
+            headers: Default::default(),
+            body: None,
+        });
     }
     Ok(ApiResponse::json(status, body))
 }

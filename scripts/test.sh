@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# vha's one test command (the README's): installs what is missing, then runs every check
+# and every test: formatting, clippy with warnings denied, and the whole workspace's unit,
+# property, doc and integration tests (real processes on 127.0.0.1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/install-deps.sh
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --workspace --no-fail-fast
