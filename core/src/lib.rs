@@ -8,6 +8,7 @@
 
 pub mod advert;
 pub mod barrier;
+pub mod cluster_tls;
 pub mod config;
 pub mod error;
 pub mod storage;

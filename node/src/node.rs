@@ -90,7 +90,10 @@ impl Node {
     /// Current unseal progress.
     pub fn progress(&self) -> Progress {
         let u = self.unseal.lock().unwrap_or_else(|e| e.into_inner());
-        Progress { progress: u.parts.len(), nonce: u.nonce.clone() }
+        Progress {
+            progress: u.parts.len(),
+            nonce: u.nonce.clone(),
+        }
     }
 
     /// `sys/init`: creates the barrier, the root token and the cluster identity, then leaves
@@ -107,7 +110,10 @@ impl Node {
                 .cluster_name
                 .clone()
                 .unwrap_or_else(|| format!("vha-cluster-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
-            let info = ClusterInfo { name, id: uuid::Uuid::new_v4().to_string() };
+            let info = ClusterInfo {
+                name,
+                id: uuid::Uuid::new_v4().to_string(),
+            };
             let bytes = serde_json::to_vec(&info).map_err(|e| ApiError::Internal(e.to_string()))?;
             self.barrier.put(CLUSTER_INFO_PATH, &bytes, None).await?;
             let root = self.tokens.create_root(&self.barrier).await?;
@@ -126,7 +132,11 @@ impl Node {
     /// `sys/unseal` with one key part. Duplicates are ignored (Vault); at the threshold the
     /// key is combined and tried; any failure resets progress.
     pub async fn submit_unseal_key(&self, part: Zeroizing<Vec<u8>>) -> Result<(), ApiError> {
-        let config = self.barrier.seal_config().await?.ok_or_else(|| ApiError::BadRequest("Vault is not initialized".into()))?;
+        let config = self
+            .barrier
+            .seal_config()
+            .await?
+            .ok_or_else(|| ApiError::BadRequest("Vault is not initialized".into()))?;
         if !self.barrier.is_sealed() {
             return Ok(());
         }
@@ -153,7 +163,8 @@ impl Node {
         })?;
         match self.barrier.get(CLUSTER_INFO_PATH).await? {
             Some(bytes) => {
-                let info: ClusterInfo = serde_json::from_slice(&bytes).map_err(|e| ApiError::Internal(e.to_string()))?;
+                let info: ClusterInfo =
+                    serde_json::from_slice(&bytes).map_err(|e| ApiError::Internal(e.to_string()))?;
                 *self.cluster.write().unwrap_or_else(|e| e.into_inner()) = Some(info);
             }
             None => tracing::warn!("cluster info missing from storage"),

@@ -55,7 +55,11 @@ impl ApiRequest {
 
     /// The JSON body; an empty body reads as `{}` (Vault accepts that for optional bodies).
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        let body: &[u8] = if self.body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &self.body };
+        let body: &[u8] = if self.body.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &self.body
+        };
         serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("failed to parse JSON input: {e}")))
     }
 
@@ -77,13 +81,21 @@ pub struct ApiResponse {
 
 impl ApiResponse {
     pub fn json(status: StatusCode, body: serde_json::Value) -> Self {
-        ApiResponse { status, headers: HeaderMap::new(), body: Some(body) }
+        ApiResponse {
+            status,
+            headers: HeaderMap::new(),
+            body: Some(body),
+        }
     }
     pub fn ok(body: serde_json::Value) -> Self {
         Self::json(StatusCode::OK, body)
     }
     pub fn no_content() -> Self {
-        ApiResponse { status: StatusCode::NO_CONTENT, headers: HeaderMap::new(), body: None }
+        ApiResponse {
+            status: StatusCode::NO_CONTENT,
+            headers: HeaderMap::new(),
+            body: None,
+        }
     }
     pub fn error(e: &ApiError) -> Self {
         Self::json(e.status(), e.body())
@@ -105,5 +117,8 @@ async fn route(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     if node.barrier().is_sealed() {
         return Err(ApiError::Sealed);
     }
-    Err(ApiError::NotFound(format!("no handler for route {:?}. route entry not found.", req.path)))
+    Err(ApiError::NotFound(format!(
+        "no handler for route {:?}. route entry not found.",
+        req.path
+    )))
 }
