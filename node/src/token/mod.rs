@@ -166,7 +166,11 @@ pub struct TokenStore {
 }
 
 fn random_string(n: usize) -> String {
-    rand::thread_rng().sample_iter(&Alphanumeric).take(n).map(char::from).collect()
+    rand::thread_rng()
+        .sample_iter(&Alphanumeric)
+        .take(n)
+        .map(char::from)
+        .collect()
 }
 
 /// Vault's display names: `token` or `token-<name>`, lowercased, non-alphanumerics -> `-`.
@@ -174,7 +178,13 @@ fn display_name(requested: &str) -> String {
     let clean: String = requested
         .trim()
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .take(64)
         .collect();
     if clean.is_empty() {
@@ -227,8 +237,14 @@ impl TokenStore {
     /// survive the parent's revocation cleanup (though still invalid by ancestry).
     async fn insert(&self, view: &View<'_>, e: &TokenEntry) -> Result<(), ApiError> {
         let acc_hash = self.hash(view, &e.accessor).await?;
-        view.put_json(&format!("{ACCESSOR_PREFIX}{acc_hash}"), &AccessorEntry { accessor: e.accessor.clone(), hash: e.hash.clone() })
-            .await?;
+        view.put_json(
+            &format!("{ACCESSOR_PREFIX}{acc_hash}"),
+            &AccessorEntry {
+                accessor: e.accessor.clone(),
+                hash: e.hash.clone(),
+            },
+        )
+        .await?;
         if let Some(p) = &e.parent {
             view.put(&format!("{PARENT_PREFIX}{p}/{}", e.hash), b"{}").await?;
         }
@@ -272,12 +288,18 @@ impl TokenStore {
             return Err(ApiError::BadRequest("number of uses cannot be negative".into()));
         }
         let mut policies: Vec<String> = match &p.policies {
-            Some(list) => list.iter().map(|s| s.trim().to_lowercase()).filter(|s| !s.is_empty()).collect(),
+            Some(list) => list
+                .iter()
+                .map(|s| s.trim().to_lowercase())
+                .filter(|s| !s.is_empty())
+                .collect(),
             None => parent.policies.clone(),
         };
         if !parent.is_root() {
             if policies.iter().any(|x| x == "root") {
-                return Err(ApiError::BadRequest("root tokens may not be created from a non-root token".into()));
+                return Err(ApiError::BadRequest(
+                    "root tokens may not be created from a non-root token".into(),
+                ));
             }
             if policies.iter().any(|x| x != "default" && !parent.policies.contains(x)) {
                 return Err(ApiError::BadRequest("child policies must be subset of parent".into()));
@@ -296,7 +318,9 @@ impl TokenStore {
         }
         let depth = if p.orphan { 0 } else { parent.depth + 1 };
         if depth > MAX_DEPTH {
-            return Err(ApiError::BadRequest(format!("token tree deeper than {MAX_DEPTH} levels")));
+            return Err(ApiError::BadRequest(format!(
+                "token tree deeper than {MAX_DEPTH} levels"
+            )));
         }
         // TTL: requested, else none for root-policy tokens, else the system default; capped
         // by explicit_max_ttl and the system max (Vault warns when it caps).
@@ -308,13 +332,21 @@ impl TokenStore {
         if ttl == 0 && is_root && p.explicit_max_ttl > 0 {
             ttl = p.explicit_max_ttl;
         }
-        let max = if p.explicit_max_ttl > 0 { p.explicit_max_ttl.min(MAX_TTL_SECS) } else { MAX_TTL_SECS };
+        let max = if p.explicit_max_ttl > 0 {
+            p.explicit_max_ttl.min(MAX_TTL_SECS)
+        } else {
+            MAX_TTL_SECS
+        };
         if ttl > max && !(is_root && p.ttl == 0) {
             if p.ttl > 0 {
                 warnings.push(format!(
                     "TTL of {:?} exceeded the effective max_ttl of {:?}; TTL value is capped accordingly",
-                    crate::time::format_duration(p.ttl).replace("m0s", "m").replace("h0m", "h"),
-                    crate::time::format_duration(max).replace("m0s", "m").replace("h0m", "h"),
+                    crate::time::format_duration(p.ttl)
+                        .replace("m0s", "m")
+                        .replace("h0m", "h"),
+                    crate::time::format_duration(max)
+                        .replace("m0s", "m")
+                        .replace("h0m", "h"),
                 ));
             }
             ttl = max;
@@ -346,7 +378,9 @@ impl TokenStore {
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Ok(None);
         }
-        let Some(entry) = view.get_json::<TokenEntry>(&format!("{ID_PREFIX}{hash}")).await? else { return Ok(None) };
+        let Some(entry) = view.get_json::<TokenEntry>(&format!("{ID_PREFIX}{hash}")).await? else {
+            return Ok(None);
+        };
         if bool::from(entry.hash.as_bytes().ct_eq(hash.as_bytes())) {
             Ok(Some(entry))
         } else {
@@ -357,7 +391,9 @@ impl TokenStore {
     /// A valid entry by hash: unexpired, uses left, and every ancestor valid. An expired
     /// token found here is revoked (with its subtree).
     async fn valid_by_hash(&self, view: &View<'_>, hash: &str) -> Result<Option<TokenEntry>, ApiError> {
-        let Some(entry) = self.get_by_hash(view, hash).await? else { return Ok(None) };
+        let Some(entry) = self.get_by_hash(view, hash).await? else {
+            return Ok(None);
+        };
         let now = now_secs();
         if entry.expire_time.is_some_and(|t| now >= t) {
             self.revoke_tree(view, &entry.hash).await?;
@@ -401,7 +437,10 @@ impl TokenStore {
             return Ok(None);
         }
         let acc_hash = self.hash(view, accessor).await?;
-        let Some(a) = view.get_json::<AccessorEntry>(&format!("{ACCESSOR_PREFIX}{acc_hash}")).await? else {
+        let Some(a) = view
+            .get_json::<AccessorEntry>(&format!("{ACCESSOR_PREFIX}{acc_hash}"))
+            .await?
+        else {
             return Ok(None);
         };
         if !bool::from(a.accessor.as_bytes().ct_eq(accessor.as_bytes())) {
@@ -410,17 +449,33 @@ impl TokenStore {
         self.valid_by_hash(view, &a.hash).await
     }
 
-    /// The entry for a request's token, with one use counted, or 403. A token whose last
-    /// use this is comes back with `num_uses == -1`: the caller revokes it after the request.
+    /// The entry for a request's token (no use counted), or 403.
+    pub async fn resolve(&self, view: &View<'_>, token: Option<&str>) -> Result<TokenEntry, ApiError> {
+        let Some(t) = token else {
+            return Err(ApiError::PermissionDenied);
+        };
+        self.lookup(view, t).await?.ok_or(ApiError::PermissionDenied)
+    }
+
+    /// The entry for a request's token, with one use counted, or 403 ([`Self::resolve`] then
+    /// [`Self::consume_use`]).
     pub async fn authenticate(&self, view: &View<'_>, token: Option<&str>) -> Result<TokenEntry, ApiError> {
-        let Some(t) = token else { return Err(ApiError::PermissionDenied) };
-        let Some(entry) = self.lookup(view, t).await? else { return Err(ApiError::PermissionDenied) };
+        let entry = self.resolve(view, token).await?;
+        self.consume_use(view, entry).await
+    }
+
+    /// Counts one use of a limited-use token (Vault counts only requests its ACL allowed).
+    /// A token whose last use this is comes back with `num_uses == -1`: the caller revokes
+    /// it after the request. Unlimited tokens pass through untouched.
+    pub async fn consume_use(&self, view: &View<'_>, entry: TokenEntry) -> Result<TokenEntry, ApiError> {
         if entry.num_uses == 0 {
             return Ok(entry);
         }
         let _guard = self.uses.lock().await;
         // Re-read under the lock: another request may have used it meanwhile.
-        let Some(mut entry) = self.get_by_hash(view, &entry.hash).await? else { return Err(ApiError::PermissionDenied) };
+        let Some(mut entry) = self.get_by_hash(view, &entry.hash).await? else {
+            return Err(ApiError::PermissionDenied);
+        };
         if entry.num_uses < 0 {
             return Err(ApiError::PermissionDenied);
         }
@@ -493,9 +548,51 @@ impl TokenStore {
         self.delete_one(view, hash).await
     }
 
+    /// Vault's `auth/token/tidy`: revokes expired tokens (and the subtrees of expired or
+    /// missing parents) and drops index entries that point at missing tokens. Returns how
+    /// many tokens were revoked. Safe to run at any time: it only removes what is invalid.
+    pub async fn tidy(&self, view: &View<'_>) -> Result<usize, ApiError> {
+        let mut revoked = 0;
+        for h in view.list(ID_PREFIX).await? {
+            if h.ends_with('/') {
+                continue;
+            }
+            if self.get_by_hash(view, &h).await?.is_some() && self.valid_by_hash(view, &h).await?.is_none() {
+                revoked += 1;
+            }
+        }
+        for k in view.list(ACCESSOR_PREFIX).await? {
+            let key = format!("{ACCESSOR_PREFIX}{k}");
+            if let Some(a) = view.get_json::<AccessorEntry>(&key).await? {
+                if self.get_by_hash(view, &a.hash).await?.is_none() {
+                    view.delete(&key).await?;
+                }
+            }
+        }
+        for parent in view.list(PARENT_PREFIX).await? {
+            let Some(p) = parent.strip_suffix('/') else { continue };
+            let parent_gone = self.get_by_hash(view, p).await?.is_none();
+            for child in view.list(&format!("{PARENT_PREFIX}{parent}")).await? {
+                if parent_gone || self.get_by_hash(view, &child).await?.is_none() {
+                    if parent_gone {
+                        // Children of a vanished parent are invalid by ancestry: finish the job.
+                        self.revoke_tree(view, &child).await?;
+                    }
+                    view.delete(&format!("{PARENT_PREFIX}{parent}{child}")).await?;
+                }
+            }
+        }
+        Ok(revoked)
+    }
+
     /// Renews a token: a new TTL of `increment` (or its creation TTL) from now, capped by
     /// `explicit_max_ttl` and the system max, both counted from creation.
-    pub async fn renew(&self, view: &View<'_>, mut e: TokenEntry, increment: u64) -> Result<(TokenEntry, Vec<String>), ApiError> {
+    pub async fn renew(
+        &self,
+        view: &View<'_>,
+        mut e: TokenEntry,
+        increment: u64,
+    ) -> Result<(TokenEntry, Vec<String>), ApiError> {
         if !e.renewable || e.expire_time.is_none() {
             return Err(ApiError::BadRequest("lease is not renewable".into()));
         }

@@ -1,0 +1,419 @@
+//! The authenticated request pipeline, for everything except the local `sys/` endpoints:
+//!
+//! ```text
+//! classify path -> operation (create/update by existence) -> token -> ACL -> audit request
+//!   -> dispatch (sys/policy, sys/mounts, sys/audit, sys/capabilities, auth/token, mounts)
+//!   -> revoke a token whose last use this was -> audit response -> Vault's envelope
+//! ```
+//!
+//! Handlers return a [`LogicalResponse`]; this module wraps it into Vault's response envelope
+//! (`request_id, lease_id, renewable, lease_duration, data, wrap_info, warnings, auth,
+//! mount_type`). Nothing is dispatched unless the request was audited first.
+
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+
+use super::{ApiRequest, ApiResponse};
+use crate::error::ApiError;
+use crate::mounts::kv::{self, KvRequest};
+use crate::mounts::MountEntry;
+use crate::node::Node;
+use crate::policy::{Acl, Operation};
+use crate::token::TokenEntry;
+
+/// What a handler answers, before the envelope.
+#[derive(Clone, Debug)]
+pub struct LogicalResponse {
+    pub status: StatusCode,
+    pub data: Option<Value>,
+    pub auth: Option<Value>,
+    pub warnings: Vec<String>,
+    pub lease_duration: u64,
+    /// An error body (`{"errors": [...]}`) instead of the envelope.
+    pub error: bool,
+    pub errors: Vec<String>,
+    /// No body at all (204, or a bare 404).
+    pub empty: bool,
+    /// Also copy `data`'s fields to the top level (Vault does this for the old `sys/`
+    /// endpoints: mounts, policy, capabilities, audit).
+    pub merge_top: bool,
+}
+
+impl LogicalResponse {
+    pub fn data(v: Value) -> Self {
+        LogicalResponse {
+            status: StatusCode::OK,
+            data: Some(v),
+            auth: None,
+            warnings: Vec::new(),
+            lease_duration: 0,
+            error: false,
+            errors: Vec::new(),
+            empty: false,
+            merge_top: false,
+        }
+    }
+    pub fn no_content() -> Self {
+        LogicalResponse {
+            status: StatusCode::NO_CONTENT,
+            empty: true,
+            data: None,
+            ..Self::data(Value::Null)
+        }
+    }
+    pub fn empty_status(status: StatusCode) -> Self {
+        LogicalResponse {
+            status,
+            ..Self::no_content()
+        }
+    }
+    pub fn error_status(status: StatusCode, errors: Vec<String>) -> Self {
+        LogicalResponse {
+            status,
+            error: true,
+            errors,
+            data: None,
+            ..Self::data(Value::Null)
+        }
+    }
+    /// An envelope with no data and only warnings (200).
+    pub fn warnings(w: Vec<String>) -> Self {
+        LogicalResponse {
+            data: None,
+            warnings: w,
+            ..Self::data(Value::Null)
+        }
+    }
+    pub fn merged(mut self) -> Self {
+        self.merge_top = true;
+        self
+    }
+
+    /// The body clients see (`None` = empty).
+    pub fn body(&self, request_id: &str, mount_type: &str) -> Option<Value> {
+        if self.empty {
+            return None;
+        }
+        if self.error {
+            return Some(json!({ "errors": self.errors }));
+        }
+        let mut v = json!({
+            "request_id": request_id,
+            "lease_id": "",
+            "renewable": false,
+            "lease_duration": self.lease_duration,
+            "data": self.data,
+            "wrap_info": null,
+            "warnings": if self.warnings.is_empty() { Value::Null } else { json!(self.warnings) },
+            "auth": self.auth,
+            "mount_type": mount_type,
+        });
+        if self.merge_top {
+            if let (Some(Value::Object(d)), Some(top)) = (&self.data, v.as_object_mut()) {
+                for (k, x) in d {
+                    top.entry(k.clone()).or_insert_with(|| x.clone());
+                }
+            }
+        }
+        Some(v)
+    }
+}
+
+/// Where a request goes.
+enum Target {
+    SysPolicyList,
+    SysPolicy(String),
+    SysAclList,
+    SysAcl(String),
+    SysCapabilities(CapsKind),
+    SysMounts,
+    SysAuthList,
+    SysMount(String),
+    SysMountTune(String),
+    SysAuditList,
+    SysAudit(String),
+    SysAuditHash(String),
+    SysUiMounts(String),
+    SysUnknown,
+    AuthToken(String),
+    Mount(Box<MountEntry>, String),
+    NoRoute,
+}
+
+#[derive(Clone, Copy)]
+pub enum CapsKind {
+    SelfToken,
+    Token,
+    Accessor,
+}
+
+impl Target {
+    fn mount_type(&self) -> &'static str {
+        match self {
+            Target::AuthToken(_) => "token",
+            Target::Mount(..) => "kv",
+            _ => "system",
+        }
+    }
+}
+
+async fn classify(node: &Node, path: &str) -> Result<Target, ApiError> {
+    let p = path.trim_start_matches('/');
+    let t = p.trim_end_matches('/');
+    if let Some(rest) = t.strip_prefix("sys/") {
+        return Ok(match rest {
+            "policy" => Target::SysPolicyList,
+            "policies/acl" => Target::SysAclList,
+            "capabilities-self" => Target::SysCapabilities(CapsKind::SelfToken),
+            "capabilities" => Target::SysCapabilities(CapsKind::Token),
+            "capabilities-accessor" => Target::SysCapabilities(CapsKind::Accessor),
+            "mounts" => Target::SysMounts,
+            "auth" => Target::SysAuthList,
+            "audit" => Target::SysAuditList,
+            _ => {
+                if let Some(n) = rest.strip_prefix("policy/") {
+                    Target::SysPolicy(n.to_string())
+                } else if let Some(n) = rest.strip_prefix("policies/acl/") {
+                    Target::SysAcl(n.to_string())
+                } else if let Some(m) = rest.strip_prefix("mounts/") {
+                    match m.strip_suffix("/tune") {
+                        Some(m) => Target::SysMountTune(m.to_string()),
+                        None => Target::SysMount(m.to_string()),
+                    }
+                } else if let Some(a) = rest.strip_prefix("audit-hash/") {
+                    Target::SysAuditHash(a.to_string())
+                } else if let Some(a) = rest.strip_prefix("audit/") {
+                    Target::SysAudit(a.to_string())
+                } else if let Some(m) = rest.strip_prefix("internal/ui/mounts/") {
+                    Target::SysUiMounts(m.to_string())
+                } else {
+                    Target::SysUnknown
+                }
+            }
+        });
+    }
+    if t == "sys" {
+        return Ok(Target::SysUnknown);
+    }
+    if let Some(rest) = p.strip_prefix("auth/token/") {
+        return Ok(Target::AuthToken(rest.to_string()));
+    }
+    match node.mounts().route(&node.view(), p).await? {
+        Some((m, rel)) => {
+            let rel = rel.to_string();
+            Ok(Target::Mount(Box::new(m), rel))
+        }
+        None => Ok(Target::NoRoute),
+    }
+}
+
+/// The request's operation from its method (writes refined by existence later).
+fn base_operation(req: &ApiRequest) -> Result<Operation, ApiError> {
+    if req.is_list() {
+        return Ok(Operation::List);
+    }
+    Ok(match req.method {
+        Method::GET | Method::HEAD => Operation::Read,
+        Method::POST | Method::PUT => Operation::Update,
+        Method::DELETE => Operation::Delete,
+        Method::PATCH => Operation::Patch,
+        _ => return Err(ApiError::MethodNotAllowed),
+    })
+}
+
+/// Paths that need `sudo` besides the operation's capability (Vault's root paths).
+fn needs_sudo(path: &str) -> bool {
+    let p = path.trim_end_matches('/');
+    p == "sys/audit"
+        || p.starts_with("sys/audit/")
+        || p == "sys/seal"
+        || p == "sys/step-down"
+        || p == "sys/rotate"
+        || p.starts_with("sys/raw")
+        || p.starts_with("auth/token/accessors")
+        || p.starts_with("auth/token/revoke-orphan/")
+}
+
+/// Everything a handler may need about the request.
+pub struct Ctx<'a> {
+    pub node: &'a Node,
+    pub req: &'a ApiRequest,
+    pub request_id: String,
+    /// The caller's token entry (after counting this use).
+    pub auth: TokenEntry,
+    /// The token as presented (never stored, never logged).
+    pub token: String,
+    pub acl: Acl,
+    pub op: Operation,
+}
+
+/// Authenticates `req` and checks `op` on `path` (with sudo when `sudo`), for endpoints
+/// outside this pipeline (e.g. `sys/seal`, `sys/step-down`). The request is audited (a
+/// request line; a response line too when refused) before the caller acts, so an audit
+/// failure stops it.
+pub async fn authorize(
+    node: &Node,
+    req: &ApiRequest,
+    path: &str,
+    op: Operation,
+    sudo: bool,
+) -> Result<TokenEntry, ApiError> {
+    let view = node.view();
+    let info = crate::audit::RequestInfo::new(&uuid::Uuid::new_v4().to_string(), req, path, "system");
+    let entry = match node.tokens().resolve(&view, req.token()).await {
+        Ok(e) => e,
+        Err(e) => {
+            node.audit().log_request(&info, None, op, &view).await?;
+            node.audit()
+                .log_response(&info, None, op, Some(&e), None, &view)
+                .await?;
+            return Err(e);
+        }
+    };
+    let acl = node.policies().acl(&view, &entry.policies).await?;
+    node.audit().log_request(&info, Some(&entry), op, &view).await?;
+    if !acl.allows(path, op, sudo) {
+        let e = ApiError::AclDenied;
+        node.audit()
+            .log_response(&info, Some(&entry), op, Some(&e), None, &view)
+            .await?;
+        return Err(e);
+    }
+    let entry = node.tokens().consume_use(&view, entry).await?;
+    if entry.num_uses < 0 {
+        node.tokens().revoke_tree(&view, &entry.hash).await?;
+    }
+    Ok(entry)
+}
+
+/// The pipeline (see the module docs).
+pub async fn serve(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let path = req.path.trim_start_matches('/').to_string();
+    let view = node.view();
+    let mut op = base_operation(req)?;
+    // Response wrapping is not implemented: refuse rather than hand out an unwrapped secret
+    // to a client that asked for a wrapping token.
+    if req.headers.get("x-vault-wrap-ttl").is_some_and(|v| !v.is_empty()) {
+        return Err(ApiError::BadRequest("response wrapping is not supported by vha".into()));
+    }
+    let target = classify(node, &path).await?;
+    let mount_type = target.mount_type();
+
+    // Authentication: a missing or invalid token is Vault's plain "permission denied".
+    let audit_req = crate::audit::RequestInfo::new(&request_id, req, &path, mount_type);
+    let token = req.token().map(str::to_string);
+    let auth = match node.tokens().resolve(&view, token.as_deref()).await {
+        Ok(a) => a,
+        Err(e) => {
+            node.audit().log_request(&audit_req, None, op, &view).await?;
+            node.audit()
+                .log_response(&audit_req, None, op, Some(&e), None, &view)
+                .await?;
+            return Err(e);
+        }
+    };
+    let token = token.unwrap_or_default();
+
+    if let (Target::Mount(m, rel), Operation::Update) = (&target, op) {
+        if !kv::exists(&view.sub(&m.data_prefix()), m, rel).await? {
+            op = Operation::Create;
+        }
+    }
+    let acl = node.policies().acl(&view, &auth.policies).await?;
+    let allowed = match &target {
+        // Answers only about mounts the token can use (checked in the handler).
+        Target::SysUiMounts(_) => true,
+        _ => {
+            // Parameter constraints apply to writes, against the JSON body's top level.
+            let params = match op {
+                Operation::Create | Operation::Update | Operation::Patch => match audit_req.data.as_ref() {
+                    Some(serde_json::Value::Object(m)) => Some(m.clone()),
+                    _ => Some(serde_json::Map::new()),
+                },
+                _ => None,
+            };
+            acl.allows_request(&path, op, needs_sudo(&path), params.as_ref())
+        }
+    };
+    // No unaudited access: a failed audit write stops the request before any change.
+    node.audit().log_request(&audit_req, Some(&auth), op, &view).await?;
+    let (auth, result) = if !allowed {
+        (auth, Err(ApiError::AclDenied))
+    } else {
+        // Only allowed requests count against `num_uses` (Vault).
+        let auth = node.tokens().consume_use(&view, auth).await?;
+        let ctx = Ctx {
+            node,
+            req,
+            request_id: request_id.clone(),
+            auth: auth.clone(),
+            token,
+            acl,
+            op,
+        };
+        let result = dispatch(&ctx, target).await;
+        (auth, result)
+    };
+
+    // The last allowed use of a limited-use token: revoke it now (Vault's behaviour).
+    if auth.num_uses < 0 {
+        node.tokens().revoke_tree(&view, &auth.hash).await?;
+    }
+    match result {
+        Ok(resp) => {
+            let body = resp.body(&request_id, mount_type);
+            node.audit()
+                .log_response(&audit_req, Some(&auth), op, None, body.as_ref(), &view)
+                .await?;
+            Ok(ApiResponse {
+                status: resp.status,
+                headers: Default::default(),
+                body,
+                raw: None,
+            })
+        }
+        Err(e) => {
+            node.audit()
+                .log_response(&audit_req, Some(&auth), op, Some(&e), None, &view)
+                .await?;
+            Err(e)
+        }
+    }
+}
+
+async fn dispatch(ctx: &Ctx<'_>, target: Target) -> Result<LogicalResponse, ApiError> {
+    use super::{auth_token, sys_audit, sys_mounts, sys_policy};
+    match target {
+        Target::SysPolicyList => sys_policy::list(ctx, true).await,
+        Target::SysAclList => sys_policy::list(ctx, false).await,
+        Target::SysPolicy(n) => sys_policy::one(ctx, &n, true).await,
+        Target::SysAcl(n) => sys_policy::one(ctx, &n, false).await,
+        Target::SysCapabilities(k) => sys_policy::capabilities(ctx, k).await,
+        Target::SysMounts => sys_mounts::list(ctx).await,
+        Target::SysAuthList => sys_mounts::auth_list(ctx).await,
+        Target::SysMount(p) => sys_mounts::one(ctx, &p).await,
+        Target::SysMountTune(p) => sys_mounts::tune(ctx, &p).await,
+        Target::SysUiMounts(p) => sys_mounts::ui_mount(ctx, &p).await,
+        Target::SysAuditList => sys_audit::list(ctx).await,
+        Target::SysAudit(p) => sys_audit::one(ctx, &p).await,
+        Target::SysAuditHash(p) => sys_audit::hash(ctx, &p).await,
+        Target::SysUnknown => Err(ApiError::UnsupportedPath),
+        Target::AuthToken(sub) => auth_token::handle(ctx, &sub).await,
+        Target::Mount(m, rel) => {
+            let view = ctx.node.view().sub(&m.data_prefix());
+            let r = KvRequest {
+                view,
+                mount: &m,
+                rel: &rel,
+                req: ctx.req,
+                op: ctx.op,
+            };
+            kv::handle(r, ctx.node.kv_lock()).await
+        }
+        Target::NoRoute => Err(ApiError::NotFound(format!(
+            "no handler for route {:?}. route entry not found.",
+            ctx.req.path.trim_start_matches('/')
+        ))),
+    }
+}

@@ -1,0 +1,90 @@
+//! [`View`]: the barrier as the secret-handling code sees it, optionally narrowed to a key
+//! prefix (a mount's `logical/<uuid>/`, like Vault's `BarrierView`), carrying the fencing
+//! token every write of an active node must present. Every token, policy, mount-table and KV
+//! write goes through here, so the fence is threaded through exactly one place.
+
+use vha_core::barrier::Barrier;
+use vha_core::storage::Fence;
+
+use crate::error::ApiError;
+
+/// A prefix-scoped, fenced handle on the barrier. Cheap to create per request.
+#[derive(Clone)]
+pub struct View<'a> {
+    barrier: &'a Barrier,
+    fence: Option<Fence>,
+    prefix: String,
+}
+
+impl<'a> View<'a> {
+    pub fn new(barrier: &'a Barrier, fence: Option<Fence>) -> Self {
+        View {
+            barrier,
+            fence,
+            prefix: String::new(),
+        }
+    }
+
+    /// A view of the keys under `prefix` (which should end in `/`).
+    pub fn sub(&self, prefix: &str) -> View<'a> {
+        View {
+            barrier: self.barrier,
+            fence: self.fence.clone(),
+            prefix: format!("{}{prefix}", self.prefix),
+        }
+    }
+
+    fn key(&self, k: &str) -> String {
+        format!("{}{k}", self.prefix)
+    }
+
+    pub async fn get(&self, k: &str) -> Result<Option<Vec<u8>>, ApiError> {
+        Ok(self.barrier.get(&self.key(k)).await?)
+    }
+
+    /// Reads and deserializes a JSON entry; a corrupt entry is a 500, never a panic.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, k: &str) -> Result<Option<T>, ApiError> {
+        match self.get(k).await? {
+            None => Ok(None),
+            Some(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| ApiError::Internal(format!("corrupt entry at {:?}: {e}", self.key(k)))),
+        }
+    }
+
+    pub async fn put(&self, k: &str, v: &[u8]) -> Result<(), ApiError> {
+        Ok(self.barrier.put(&self.key(k), v, self.fence.as_ref()).await?)
+    }
+
+    pub async fn put_json<T: serde::Serialize>(&self, k: &str, v: &T) -> Result<(), ApiError> {
+        let bytes = serde_json::to_vec(v).map_err(|e| ApiError::Internal(e.to_string()))?;
+        self.put(k, &bytes).await
+    }
+
+    pub async fn delete(&self, k: &str) -> Result<(), ApiError> {
+        Ok(self.barrier.delete(&self.key(k), self.fence.as_ref()).await?)
+    }
+
+    /// Immediate children of `prefix` (folders end in `/`).
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, ApiError> {
+        Ok(self.barrier.list(&self.key(prefix)).await?)
+    }
+
+    /// Deletes every key under `prefix`, depth first. Used when a mount is disabled (the
+    /// mount is removed from the table first, so a crash mid-way leaves only unreachable
+    /// garbage).
+    pub async fn delete_tree(&self, prefix: &str) -> Result<(), ApiError> {
+        let mut stack = vec![prefix.to_string()];
+        while let Some(p) = stack.pop() {
+            for child in self.list(&p).await? {
+                let full = format!("{p}{child}");
+                if child.ends_with('/') {
+                    stack.push(full);
+                } else {
+                    self.delete(&full).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
