@@ -15,6 +15,11 @@ fn main() -> ExitCode {
     match cmd.as_str() {
         "server" => vha_node::cli::server(rest),
         "lockd" => vha_lockd::cli::main(rest),
+        "dev" => vha_node::dev::main(rest),
+        "proxy" => vha_proxy::cli::main(rest),
+        "bench" => vha_bench::cli::main(rest),
+        "status" => vha_node::cmd::status(rest),
+        "operator" => vha_node::cmd::operator(rest),
         "version" | "--version" | "-v" => {
             println!("vha v{}", vha_core::VERSION);
             ExitCode::SUCCESS
@@ -35,6 +40,11 @@ const USAGE: &str = "usage: vha <command> [args]
 commands:
   server --config FILE   run a node (Vault-compatible API, HA lock, barrier)
   lockd [--config FILE]  run the embedded HA store (see `vha lockd --help`)
+  proxy --config FILE    run the proxy of a pair (same HCL file as its node)
+  bench [scenarios]      load-test forwarding throughput side by side (see `vha bench --help`)
+  dev [--nodes N]        run a local HA cluster: lockd + N nodes (see `vha dev --help`)
+  status [-address=URL]  seal and HA status of a server (like `vault status`)
+  operator <init|unseal|seal|step-down|members>  operate a cluster (-format=json)
   version                print the version";
 
 /// Turns Go-style `-flag` / `-flag=value` (two or more letters after one dash) into

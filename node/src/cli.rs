@@ -12,6 +12,9 @@ use vha_core::storage::factory::{open_stores, OpenedStores};
 use crate::http::{self, Limits};
 use crate::node::Node;
 
+/// Bound on releasing the lock at shutdown (one store round trip; generous for a slow store).
+const HA_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Parser, Debug)]
 #[command(name = "vha server", about = "Run a vha node")]
 struct ServerArgs {
@@ -93,6 +96,12 @@ pub fn banner(cfg: &Config, opened: &OpenedStores, level: &str) -> String {
             ),
         ));
     }
+    if let Some(p) = &cfg.proxy {
+        lines.push(("Proxy Socket".into(), p.node_socket.display().to_string()));
+        if let Some(a) = p.node_address {
+            lines.push(("Node Address".into(), a.to_string()));
+        }
+    }
     lines.push(("Log Level".into(), level.to_string()));
     lines.push(("Storage".into(), opened.storage_line.clone()));
     if let Some(ha) = &opened.ha_storage_line {
@@ -116,36 +125,68 @@ async fn run(cfg: Config, level: &str) -> ExitCode {
     };
     println!("{}", banner(&cfg, &opened, level));
     let listener_cfg = cfg.listener().clone();
-    if !listener_cfg.tls_disable {
-        eprintln!(
-            "Error initializing listener: {}: TLS on the node's own listener is served by `vha proxy`; set tls_disable = true for `vha server` alone",
-            cfg.path.display()
-        );
-        return ExitCode::from(1);
-    }
-    let listener = match tokio::net::TcpListener::bind(listener_cfg.address).await {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!(
-                "Error initializing listener of type tcp: listen tcp {}: {e}",
-                listener_cfg.address
-            );
-            return ExitCode::from(1);
-        }
-    };
-    let node = Node::new(cfg, opened.stores);
-    let shutdown = CancellationToken::new();
     let limits = Limits {
         max_request_size: listener_cfg.max_request_size,
         max_request_duration: listener_cfg.max_request_duration,
     };
+    // With a `proxy` block the pair's proxy owns the client-facing listener; the node serves
+    // its proxy on the private socket (and optionally on a loopback `node_address`).
+    // Without one, the node serves the listener itself (plain HTTP: TLS is the proxy's job).
+    let tcp_addr = match &cfg.proxy {
+        Some(p) => p.node_address,
+        None => {
+            if !listener_cfg.tls_disable {
+                eprintln!(
+                    "Error initializing listener: {}: TLS is served by `vha proxy`; add a `proxy {{}}` block and run \
+                     `vha proxy` with this file, or set tls_disable = true",
+                    cfg.path.display()
+                );
+                return ExitCode::from(1);
+            }
+            Some(listener_cfg.address)
+        }
+    };
+    let tcp = match tcp_addr {
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("Error initializing listener of type tcp: listen tcp {addr}: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+    let proxy_socket = cfg.proxy.as_ref().map(|p| p.node_socket.clone());
+    let node = Node::new(cfg, opened.stores);
+    let shutdown = CancellationToken::new();
+    let mut servers = Vec::new();
+    if let Some(path) = proxy_socket {
+        let (n, s) = (node.clone(), shutdown.clone());
+        let socket_name = path.display().to_string();
+        servers.push(tokio::spawn(async move {
+            if let Err(e) = crate::local::serve_unix(n, path, limits, s).await {
+                tracing::error!(error = %e, socket = %socket_name, "local proxy socket failed");
+            }
+        }));
+    }
+    if let Some(l) = tcp {
+        servers.push(tokio::spawn(http::serve(node.clone(), l, limits, shutdown.clone())));
+    }
     println!("==> vha server started! Log data will stream in below:\n");
-    let server = tokio::spawn(http::serve(node.clone(), listener, limits, shutdown.clone()));
+    let ha_task = tokio::spawn(crate::ha::run(node.clone()));
     wait_for_signal().await;
+    // Rolling restarts cost no errors: first stop accepting and drain in-flight requests
+    // (still as active), then end the term (advertisement deleted, lock released) so a
+    // standby takes over at once, then exit.
     tracing::info!("shutdown triggered, draining in-flight requests");
-    node.shutdown.cancel();
     shutdown.cancel();
-    let _ = server.await;
+    for s in servers {
+        let _ = s.await;
+    }
+    node.shutdown.cancel();
+    if tokio::time::timeout(HA_SHUTDOWN_TIMEOUT, ha_task).await.is_err() {
+        tracing::warn!("HA shutdown did not finish within {HA_SHUTDOWN_TIMEOUT:?}");
+    }
     node.seal();
     tracing::info!("vha server stopped");
     ExitCode::SUCCESS

@@ -17,13 +17,33 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, ApiRequest, ApiResponse};
+use crate::api::{self, ApiRequest, ApiResponse, Origin, CLIENT_ADDR_HEADER};
 use crate::error::ApiError;
 use crate::node::Node;
 
 /// How long shutdown waits for in-flight requests before closing connections anyway. Long
 /// enough for any normal request, short enough for a rolling restart to stay quick.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A client must send its whole request head within this, or the connection is closed
+/// (slowloris-style dribbling cannot pin connections).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most header fields accepted in one request (hyper's default, explicit here); more is 431.
+pub const MAX_HEADERS: usize = 100;
+/// Largest HTTP/2 header list accepted (bytes).
+pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+
+/// The connection builder every node listener uses: HTTP/1.1 and h2 with the header limits
+/// and the header-read deadline above.
+pub fn conn_builder() -> auto::Builder<TokioExecutor> {
+    let mut b = auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_headers(MAX_HEADERS);
+    b.http2().timer(hyper_util::rt::TokioTimer::new()).max_header_list_size(MAX_HEADER_LIST_SIZE);
+    b
+}
 
 /// Per-listener request limits (from the `listener` block).
 #[derive(Clone, Copy, Debug)]
@@ -51,9 +71,9 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, limits: Limits, shutd
         let node = node.clone();
         let svc = hyper::service::service_fn(move |req| {
             let node = node.clone();
-            async move { Ok::<_, Infallible>(handle_http(&node, req, Some(peer), limits).await) }
+            async move { Ok::<_, Infallible>(handle_http(&node, req, Some(peer), limits, Origin::Public).await) }
         });
-        let builder = auto::Builder::new(TokioExecutor::new());
+        let builder = conn_builder();
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(stream), svc)
             .into_owned();
@@ -76,12 +96,13 @@ pub async fn handle_http(
     req: Request<Incoming>,
     peer: Option<SocketAddr>,
     limits: Limits,
+    origin: Origin,
 ) -> Response<Full<Bytes>> {
     let start = Instant::now();
     let method = req.method().clone();
     let raw_path = req.uri().path().to_string();
     let fut = async {
-        let api_req = read_request(req, peer, limits).await?;
+        let api_req = read_request(req, peer, limits, origin).await?;
         Ok::<_, ApiError>(api::handle(node, api_req).await)
     };
     let resp = match limits.max_request_duration {
@@ -106,8 +127,20 @@ async fn read_request(
     req: Request<Incoming>,
     peer: Option<SocketAddr>,
     limits: Limits,
+    origin: Origin,
 ) -> Result<ApiRequest, ApiError> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // The client address: from the internal header only on trusted hops, else the peer.
+    // The header is removed either way so nothing downstream sees a client-supplied copy.
+    let forwarded_client = parts
+        .headers
+        .remove(CLIENT_ADDR_HEADER)
+        .and_then(|v| v.to_str().ok().and_then(|s| s.parse::<SocketAddr>().ok()));
+    let client_addr = match origin {
+        Origin::Cluster | Origin::LocalProxy => forwarded_client.or(peer),
+        Origin::Public => peer,
+    };
+    let raw_path_query = parts.uri.path_and_query().map(|pq| pq.as_str().to_string()).unwrap_or_else(|| "/".into());
     let path = parts
         .uri
         .path()
@@ -156,21 +189,25 @@ async fn read_request(
         query,
         headers: parts.headers,
         body,
-        client_addr: peer,
+        client_addr,
+        origin,
+        raw_path_query,
     })
 }
 
 fn to_http(resp: ApiResponse, head: bool) -> Response<Full<Bytes>> {
-    let body = match (&resp.body, head) {
-        (Some(v), false) => Bytes::from(serde_json::to_vec(v).unwrap_or_default()),
-        _ => Bytes::new(),
+    let body = match (&resp.raw, &resp.body, head) {
+        (_, _, true) => Bytes::new(),
+        (Some(raw), _, false) => raw.clone(),
+        (None, Some(v), false) => Bytes::from(serde_json::to_vec(v).unwrap_or_default()),
+        (None, None, false) => Bytes::new(),
     };
     let mut out = Response::new(Full::new(body));
     *out.status_mut() = resp.status;
     *out.headers_mut() = resp.headers;
     let h = out.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if resp.body.is_some() {
+    if resp.body.is_some() && !h.contains_key(header::CONTENT_TYPE) {
         h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     }
     out

@@ -7,11 +7,22 @@
 //! - [`error`]: the API's error type and its mapping to Vault's statuses.
 
 pub mod api;
+pub mod audit;
 pub mod cli;
+pub mod cluster;
+pub mod cmd;
+pub mod dev;
 pub mod error;
+pub mod ha;
 pub mod http;
+pub mod local;
+pub mod metrics;
+pub mod mounts;
 pub mod node;
+pub mod policy;
+pub mod time;
 pub mod token;
+pub mod view;
 
 pub use error::ApiError;
 pub use node::Node;

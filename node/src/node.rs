@@ -12,8 +12,16 @@ use vha_core::barrier::{shamir, Barrier};
 use vha_core::config::Config;
 use vha_core::storage::Stores;
 
+use vha_core::storage::Fence;
+
+use crate::audit::AuditBroker;
 use crate::error::ApiError;
+use crate::ha::HaHandle;
+use crate::metrics::NodeMetrics;
+use crate::mounts::MountTable;
+use crate::policy::store::PolicyStore;
 use crate::token::TokenStore;
+use crate::view::View;
 
 /// Where the cluster's name and id live (through the barrier).
 const CLUSTER_INFO_PATH: &str = "core/cluster/local/info";
@@ -47,12 +55,20 @@ pub struct Node {
     unseal: Mutex<UnsealProgress>,
     cluster: RwLock<Option<ClusterInfo>>,
     tokens: TokenStore,
+    policies: PolicyStore,
+    mounts: MountTable,
+    audit: AuditBroker,
+    /// Serializes KV writes (check-and-set is a read-modify-write).
+    kv_lock: tokio::sync::Mutex<()>,
+    ha: HaHandle,
+    metrics: NodeMetrics,
     /// Fires when the process is shutting down.
     pub shutdown: CancellationToken,
 }
 
 impl Node {
     pub fn new(config: Config, stores: Stores) -> Arc<Node> {
+        let ha_enabled = stores.ha.is_some();
         let barrier = Barrier::new(stores.data.clone());
         Arc::new(Node {
             config,
@@ -61,6 +77,12 @@ impl Node {
             unseal: Mutex::new(UnsealProgress::default()),
             cluster: RwLock::new(None),
             tokens: TokenStore::new(),
+            policies: PolicyStore::new(),
+            mounts: MountTable::new(),
+            audit: AuditBroker::new(),
+            kv_lock: tokio::sync::Mutex::new(()),
+            ha: HaHandle::new(ha_enabled),
+            metrics: NodeMetrics::new(),
             shutdown: CancellationToken::new(),
         })
     }
@@ -76,6 +98,43 @@ impl Node {
     }
     pub fn tokens(&self) -> &TokenStore {
         &self.tokens
+    }
+    pub fn policies(&self) -> &PolicyStore {
+        &self.policies
+    }
+    pub fn mounts(&self) -> &MountTable {
+        &self.mounts
+    }
+    pub fn audit(&self) -> &AuditBroker {
+        &self.audit
+    }
+    pub fn kv_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.kv_lock
+    }
+    /// The fencing token every storage write of this node carries: `None` until HA hands
+    /// the active node its lock's fence (then: that fence, so a deposed leader's writes are
+    /// rejected by the store).
+    pub fn storage_fence(&self) -> Option<Fence> {
+        self.ha.fence()
+    }
+    /// HA state: role, fence, known leader.
+    pub fn ha(&self) -> &HaHandle {
+        &self.ha
+    }
+    pub fn metrics(&self) -> &NodeMetrics {
+        &self.metrics
+    }
+    /// The barrier with this node's fence: the one path for secret-handling storage I/O.
+    pub fn view(&self) -> View<'_> {
+        View::new(&self.barrier, self.storage_fence())
+    }
+    /// Drops cached policies, mounts, audit devices and the token salt (on seal, and for HA
+    /// when another node may have changed them).
+    pub fn clear_caches(&self) {
+        self.tokens.clear_cache();
+        self.policies.clear_cache();
+        self.mounts.clear_cache();
+        self.audit.clear_cache();
     }
     pub fn storage_type(&self) -> &'static str {
         self.stores.data.kind()
@@ -116,11 +175,14 @@ impl Node {
             };
             let bytes = serde_json::to_vec(&info).map_err(|e| ApiError::Internal(e.to_string()))?;
             self.barrier.put(CLUSTER_INFO_PATH, &bytes, None).await?;
-            let root = self.tokens.create_root(&self.barrier).await?;
+            let view = self.view();
+            let root = self.tokens.create_root(&view).await?;
+            self.policies.create_default(&view).await?;
             self.barrier.commit_init(&seal_config).await?;
             Ok::<_, ApiError>(root)
         }
         .await;
+        self.clear_caches();
         if result.is_err() {
             // Never leave key material in memory after a failed init; the store is still
             // "not initialized" (seal-config is written last), so init can be retried.
@@ -169,6 +231,8 @@ impl Node {
             }
             None => tracing::warn!("cluster info missing from storage"),
         }
+        self.metrics.core_unsealed.set(1);
+        self.ha.set_sealed(false);
         tracing::info!("vault is unsealed");
         Ok(())
     }
@@ -180,9 +244,25 @@ impl Node {
         u.nonce.clear();
     }
 
+    /// Seals an active node cleanly: its term is torn down first (cluster listener closed,
+    /// advertisement deleted, lock released) while the barrier is still open, then
+    /// [`Node::seal`]. Bounded: after `timeout` it seals regardless.
+    pub async fn seal_after_step_down(&self, timeout: std::time::Duration) {
+        self.ha.set_sealed(true);
+        if !self.ha.wait_sealed(timeout).await {
+            tracing::warn!("active term did not end within {timeout:?}; sealing anyway");
+        }
+        self.seal();
+    }
+
     /// Seals: drops the keyring, unseal progress, cluster identity and cached tokens.
     pub fn seal(&self) {
+        // The keyring goes first, so nothing that reacts to the HA "sealed" notice (the
+        // proxy's state stream) can still read it.
         self.barrier.seal();
+        self.ha.set_sealed(true);
+        self.metrics.core_unsealed.set(0);
+        self.clear_caches();
         self.reset_unseal();
         *self.cluster.write().unwrap_or_else(|e| e.into_inner()) = None;
         tracing::info!("vault is sealed");

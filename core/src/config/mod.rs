@@ -27,6 +27,10 @@ pub const DEFAULT_MAX_REQUEST_SIZE: u64 = 32 * 1024 * 1024;
 /// Vault's default `max_request_duration`: 90 s.
 pub const DEFAULT_MAX_REQUEST_DURATION: Duration = Duration::from_secs(90);
 
+/// Vault re-contends 10 s after a step-down; long enough that another node takes the lock,
+/// so a step-down really moves leadership instead of the same node winning again.
+pub const DEFAULT_STEP_DOWN_WAIT: Duration = Duration::from_secs(10);
+
 /// A configuration error. `Display` reads `FILE:LINE: KEY: message` (line omitted when
 /// unknown), so operators can jump straight to the culprit.
 #[derive(Debug, Error)]
@@ -307,6 +311,47 @@ pub struct Config {
     pub cluster_name: Option<String>,
     pub disable_clustering: bool,
     pub log_level: LogLevel,
+    /// How long a node that stepped down waits before contending for the lock again
+    /// (`step_down_wait`; default [`DEFAULT_STEP_DOWN_WAIT`]).
+    pub step_down_wait: Duration,
+    /// `proxy { ... }`: present when this node runs behind its own `vha proxy`.
+    pub proxy: Option<ProxyConfig>,
+}
+
+/// Default path of the proxy <-> node unix socket (relative to the config file's directory).
+pub const DEFAULT_NODE_SOCKET: &str = "vha-node.sock";
+/// How long the proxy holds a request while no active node is known before answering 503.
+/// Covers a lockd-backed failover (lease TTL 10 s with early release on proof of death well
+/// under that) without letting clients hang for long.
+pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `proxy { ... }` block: how a pair's proxy and node meet. With it, the proxy owns the
+/// `listener "tcp"` address and the node serves only on `node_socket` (and `node_address`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProxyConfig {
+    /// Unix socket (mode 0600) where the node serves its proxy: API requests, and the
+    /// keyring/state stream. Default [`DEFAULT_NODE_SOCKET`] next to the config file.
+    pub node_socket: std::path::PathBuf,
+    /// Optional loopback TCP listener of the node (benchmarks' "node" scenario).
+    pub node_address: Option<SocketAddr>,
+    /// Where the proxy serves its Prometheus metrics.
+    pub metrics_address: Option<SocketAddr>,
+    /// Bound on holding a request while no active node is known.
+    pub hold_timeout: Duration,
+    /// Proxy worker threads (default: the number of cores).
+    pub threads: Option<usize>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            node_socket: std::path::PathBuf::from(DEFAULT_NODE_SOCKET),
+            node_address: None,
+            metrics_address: None,
+            hold_timeout: DEFAULT_HOLD_TIMEOUT,
+            threads: None,
+        }
+    }
 }
 
 impl Config {

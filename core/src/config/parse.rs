@@ -19,19 +19,16 @@ use hcl_edit::Span;
 use url::Url;
 
 use super::{
-    parse_bool, parse_duration, Config, ConfigError, Env, IpNet, Listener, LogLevel, Stanza,
-    StanzaValue, DEFAULT_MAX_REQUEST_DURATION, DEFAULT_MAX_REQUEST_SIZE,
+    ProxyConfig,
+    parse_bool, parse_duration, Config, ConfigError, Env, IpNet, Listener, LogLevel, Stanza, StanzaValue,
+    DEFAULT_MAX_REQUEST_DURATION, DEFAULT_MAX_REQUEST_SIZE,
 };
 
 /// Vault's default listener address.
 const DEFAULT_ADDRESS: &str = "127.0.0.1:8200";
 
 /// Environment variables overriding `api_addr`, strongest first (Vault's order).
-const API_ADDR_ENV: [&str; 3] = [
-    "VAULT_API_ADDR",
-    "VAULT_REDIRECT_ADDR",
-    "VAULT_ADVERTISE_ADDR",
-];
+const API_ADDR_ENV: [&str; 3] = ["VAULT_API_ADDR", "VAULT_REDIRECT_ADDR", "VAULT_ADVERTISE_ADDR"];
 /// Environment variable overriding `cluster_addr`.
 const CLUSTER_ADDR_ENV: &str = "VAULT_CLUSTER_ADDR";
 
@@ -96,6 +93,8 @@ struct Raw {
     cluster_name: Option<String>,
     disable_clustering: bool,
     log_level: Option<LogLevel>,
+    step_down_wait: Option<Duration>,
+    proxy: Option<ProxyConfig>,
 }
 
 /// A literal scalar value.
@@ -162,11 +161,7 @@ impl<'a> Ctx<'a> {
         let line_starts = std::iter::once(0)
             .chain(src.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
-        Ctx {
-            src,
-            file,
-            line_starts,
-        }
+        Ctx { src, file, line_starts }
     }
 
     /// The 1-based line of a byte offset.
@@ -178,12 +173,7 @@ impl<'a> Ctx<'a> {
         span.map(|r| self.line_of(r.start))
     }
 
-    fn invalid(
-        &self,
-        line: Option<usize>,
-        key: impl Into<String>,
-        msg: impl Into<String>,
-    ) -> ConfigError {
+    fn invalid(&self, line: Option<usize>, key: impl Into<String>, msg: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
             file: self.file.to_path_buf(),
             line,
@@ -251,13 +241,10 @@ impl<'a> Ctx<'a> {
         let line = self.line(attr.span());
         match scalar(&attr.value) {
             Some(Scalar::Bool(b)) => Ok(b),
-            Some(Scalar::Str(s) | Scalar::Num(s)) => parse_bool(&s)
-                .ok_or_else(|| self.invalid(line, key, format!("{s:?} is not a boolean"))),
-            None => Err(self.invalid(
-                line,
-                key,
-                format!("expected a boolean, found {}", kind_of(&attr.value)),
-            )),
+            Some(Scalar::Str(s) | Scalar::Num(s)) => {
+                parse_bool(&s).ok_or_else(|| self.invalid(line, key, format!("{s:?} is not a boolean")))
+            }
+            None => Err(self.invalid(line, key, format!("expected a boolean, found {}", kind_of(&attr.value)))),
         }
     }
 
@@ -296,13 +283,8 @@ impl<'a> Ctx<'a> {
             Some(m) => (true, m),
             None => (false, t),
         };
-        let d = parse_duration(magnitude)
-            .ok_or_else(|| self.invalid(line, key, format!("{s:?} is not a duration")))?;
-        Ok(if negative && !d.is_zero() {
-            None
-        } else {
-            Some(d)
-        })
+        let d = parse_duration(magnitude).ok_or_else(|| self.invalid(line, key, format!("{s:?} is not a duration")))?;
+        Ok(if negative && !d.is_zero() { None } else { Some(d) })
     }
 
     /// A list of strings: an HCL list of strings, or one comma-separated string.
@@ -325,10 +307,7 @@ impl<'a> Ctx<'a> {
                 return Err(self.invalid(
                     line,
                     key,
-                    format!(
-                        "expected a string or a list of strings, found {}",
-                        kind_of(other)
-                    ),
+                    format!("expected a string or a list of strings, found {}", kind_of(other)),
                 ))
             }
         };
@@ -346,9 +325,7 @@ impl<'a> Ctx<'a> {
             self.invalid(
                 self.line(attr.span()),
                 key,
-                format!(
-                    "{s:?} is not an IP:port socket address (like 127.0.0.1:8200 or [::1]:8200)"
-                ),
+                format!("{s:?} is not an IP:port socket address (like 127.0.0.1:8200 or [::1]:8200)"),
             )
         })
     }
@@ -397,10 +374,18 @@ impl<'a> Ctx<'a> {
                         }
                         "cluster_name" => raw.cluster_name = Some(self.string(key, attr)?),
                         "disable_clustering" => raw.disable_clustering = self.boolean(key, attr)?,
+                        "step_down_wait" => {
+                            let d = self.duration(key, attr)?;
+                            raw.step_down_wait = Some(d.unwrap_or(Duration::ZERO));
+                        }
                         "log_level" => {
                             let v = self.string(key, attr)?;
                             let level = LogLevel::parse(v.trim()).ok_or_else(|| {
-                                self.invalid(line, key, format!("{v:?} is not a log level (trace, debug, info, warn, error)"))
+                                self.invalid(
+                                    line,
+                                    key,
+                                    format!("{v:?} is not a log level (trace, debug, info, warn, error)"),
+                                )
                             })?;
                             raw.log_level = Some(level);
                         }
@@ -411,9 +396,7 @@ impl<'a> Ctx<'a> {
                         "pid_file" => {
                             self.string(key, attr)?;
                         }
-                        "storage" | "ha_storage" | "listener" | "telemetry" => {
-                            return Err(self.wrong_shape(s, key))
-                        }
+                        "storage" | "ha_storage" | "listener" | "telemetry" => return Err(self.wrong_shape(s, key)),
                         _ => return Err(self.unknown(line, key)),
                     }
                     seen.push(key);
@@ -421,30 +404,26 @@ impl<'a> Ctx<'a> {
                 Structure::Block(block) => match block.ident.as_str() {
                     "storage" => {
                         if raw.storage.is_some() {
-                            return Err(self.invalid(
-                                line,
-                                "storage",
-                                "only one storage stanza is allowed",
-                            ));
+                            return Err(self.invalid(line, "storage", "only one storage stanza is allowed"));
                         }
                         raw.storage = Some(self.stanza("storage", block)?);
                     }
                     "ha_storage" => {
                         if raw.ha_storage.is_some() {
-                            return Err(self.invalid(
-                                line,
-                                "ha_storage",
-                                "only one ha_storage stanza is allowed",
-                            ));
+                            return Err(self.invalid(line, "ha_storage", "only one ha_storage stanza is allowed"));
                         }
                         raw.ha_storage = Some(self.stanza("ha_storage", block)?);
                     }
                     "listener" => raw.listeners.push(self.listener(block)?),
                     "telemetry" => self.telemetry(block)?,
-                    key @ ("api_addr" | "cluster_addr" | "cluster_name" | "disable_clustering"
-                    | "log_level" | "ui" | "disable_mlock" | "pid_file") => {
-                        return Err(self.wrong_shape(s, key))
+                    "proxy" => {
+                        if raw.proxy.is_some() {
+                            return Err(self.invalid(line, "proxy", "only one proxy block is allowed"));
+                        }
+                        raw.proxy = Some(self.proxy(block)?);
                     }
+                    key @ ("api_addr" | "cluster_addr" | "cluster_name" | "disable_clustering" | "log_level" | "ui"
+                    | "disable_mlock" | "pid_file" | "step_down_wait") => return Err(self.wrong_shape(s, key)),
                     other => return Err(self.unknown(line, other)),
                 },
             }
@@ -484,18 +463,13 @@ impl<'a> Ctx<'a> {
                 Structure::Attribute(attr) => {
                     let key = attr.key.as_str();
                     let path = format!("{name}.{kind}.{key}");
-                    let value = scalar(&attr.value)
-                        .map(Scalar::into_string)
-                        .ok_or_else(|| {
-                            self.invalid(
-                                line,
-                                &path,
-                                format!(
-                                    "expected a string, number or boolean, found {}",
-                                    kind_of(&attr.value)
-                                ),
-                            )
-                        })?;
+                    let value = scalar(&attr.value).map(Scalar::into_string).ok_or_else(|| {
+                        self.invalid(
+                            line,
+                            &path,
+                            format!("expected a string, number or boolean, found {}", kind_of(&attr.value)),
+                        )
+                    })?;
                     options.insert(key.to_string(), StanzaValue { value, line });
                 }
                 Structure::Block(b) => {
@@ -519,6 +493,52 @@ impl<'a> Ctx<'a> {
     /// A top-level `telemetry { ... }` block. vha always serves Prometheus metrics; Vault's
     /// Prometheus-related keys are accepted (and type-checked) for compatibility, and ignored.
     /// Sink keys (`statsd_address`, ...) are rejected so nobody expects metrics to go there.
+    /// The `proxy { ... }` block: how this pair's proxy and node meet.
+    fn proxy(&self, block: &Block) -> Result<ProxyConfig, ConfigError> {
+        if !block.labels.is_empty() {
+            return Err(self.invalid(self.line(block.span()), "proxy", "the proxy block takes no label"));
+        }
+        let mut p = ProxyConfig::default();
+        for s in block.body.iter() {
+            let Structure::Attribute(attr) = s else {
+                let name = s.as_block().map(|b| b.ident.as_str()).unwrap_or_default();
+                return Err(self.unknown(self.line(s.span()), format!("proxy.{name}")));
+            };
+            let key = format!("proxy.{}", attr.key.as_str());
+            let line = self.line(attr.span());
+            match attr.key.as_str() {
+                "node_socket" => {
+                    let v = self.string(&key, attr)?;
+                    let path = PathBuf::from(v.trim());
+                    p.node_socket = if path.is_relative() { self.file.parent().unwrap_or(Path::new(".")).join(path) } else { path };
+                }
+                "node_address" => {
+                    let a = self.socket_addr(&key, attr)?;
+                    if !a.ip().is_loopback() {
+                        return Err(self.invalid(line, &key, "node_address must be a loopback address (127.0.0.0/8 or ::1)"));
+                    }
+                    p.node_address = Some(a);
+                }
+                "metrics_address" => p.metrics_address = Some(self.socket_addr(&key, attr)?),
+                "hold_timeout" => {
+                    p.hold_timeout = self.duration(&key, attr)?.unwrap_or(Duration::ZERO);
+                }
+                "threads" => {
+                    let n = self.integer(&key, attr)?;
+                    if !(1..=256).contains(&n) {
+                        return Err(self.invalid(line, &key, "threads must be between 1 and 256"));
+                    }
+                    p.threads = Some(n as usize);
+                }
+                _ => return Err(self.unknown(line, key)),
+            }
+        }
+        if p.node_socket.is_relative() {
+            p.node_socket = self.file.parent().unwrap_or(Path::new(".")).join(&p.node_socket);
+        }
+        Ok(p)
+    }
+
     fn telemetry(&self, block: &Block) -> Result<(), ConfigError> {
         if !block.labels.is_empty() {
             return Err(self.invalid(
@@ -625,13 +645,8 @@ impl<'a> Ctx<'a> {
                         .string_list(&k, attr)?
                         .into_iter()
                         .map(|s| {
-                            IpNet::parse(&s).ok_or_else(|| {
-                                self.invalid(
-                                    line,
-                                    &k,
-                                    format!("{s:?} is not an IP address or CIDR"),
-                                )
-                            })
+                            IpNet::parse(&s)
+                                .ok_or_else(|| self.invalid(line, &k, format!("{s:?} is not an IP address or CIDR")))
                         })
                         .collect::<Result<_, _>>()?;
                 }
@@ -664,22 +679,19 @@ impl<'a> Ctx<'a> {
         };
 
         let dir = self.file.parent().filter(|d| !d.as_os_str().is_empty());
-        let resolve =
-            |k: &str, v: Option<(String, Option<usize>)>| -> Result<Option<PathBuf>, ConfigError> {
-                match v {
-                    None => Ok(None),
-                    Some((p, line)) if p.trim().is_empty() => {
-                        Err(self.invalid(line, key(k), "must not be empty"))
-                    }
-                    Some((p, _)) => {
-                        let p = PathBuf::from(p);
-                        Ok(Some(match dir {
-                            Some(d) if p.is_relative() => d.join(p),
-                            _ => p,
-                        }))
-                    }
+        let resolve = |k: &str, v: Option<(String, Option<usize>)>| -> Result<Option<PathBuf>, ConfigError> {
+            match v {
+                None => Ok(None),
+                Some((p, line)) if p.trim().is_empty() => Err(self.invalid(line, key(k), "must not be empty")),
+                Some((p, _)) => {
+                    let p = PathBuf::from(p);
+                    Ok(Some(match dir {
+                        Some(d) if p.is_relative() => d.join(p),
+                        _ => p,
+                    }))
                 }
-            };
+            }
+        };
         let tls_cert_file = resolve("tls_cert_file", cert)?;
         let tls_key_file = resolve("tls_key_file", tls_key)?;
         if !tls_disable {
@@ -709,33 +721,20 @@ impl<'a> Ctx<'a> {
     fn listener_telemetry(&self, block: &Block) -> Result<bool, ConfigError> {
         let base = "listener.tcp.telemetry";
         if !block.labels.is_empty() {
-            return Err(self.invalid(
-                self.line(block.span()),
-                base,
-                "the telemetry block takes no label",
-            ));
+            return Err(self.invalid(self.line(block.span()), base, "the telemetry block takes no label"));
         }
         let mut access = false;
         for s in block.body.iter() {
             let line = self.line(s.span());
             match s {
-                Structure::Attribute(attr)
-                    if attr.key.as_str() == "unauthenticated_metrics_access" =>
-                {
-                    access =
-                        self.boolean(&format!("{base}.unauthenticated_metrics_access"), attr)?;
+                Structure::Attribute(attr) if attr.key.as_str() == "unauthenticated_metrics_access" => {
+                    access = self.boolean(&format!("{base}.unauthenticated_metrics_access"), attr)?;
                 }
                 Structure::Block(b) if b.ident.as_str() == "unauthenticated_metrics_access" => {
-                    return Err(
-                        self.wrong_shape(s, &format!("{base}.unauthenticated_metrics_access"))
-                    )
+                    return Err(self.wrong_shape(s, &format!("{base}.unauthenticated_metrics_access")))
                 }
-                Structure::Attribute(attr) => {
-                    return Err(self.unknown(line, format!("{base}.{}", attr.key.as_str())))
-                }
-                Structure::Block(b) => {
-                    return Err(self.unknown(line, format!("{base}.{}", b.ident.as_str())))
-                }
+                Structure::Attribute(attr) => return Err(self.unknown(line, format!("{base}.{}", attr.key.as_str()))),
+                Structure::Block(b) => return Err(self.unknown(line, format!("{base}.{}", b.ident.as_str()))),
             }
         }
         Ok(access)
@@ -756,19 +755,16 @@ impl<'a> Ctx<'a> {
                 .map(|v| (v, Source::Env(name)))
         };
 
-        let api = API_ADDR_ENV.iter().find_map(|name| var(name)).or_else(|| {
-            raw.api_addr
-                .map(|l| (l.value, Source::File("api_addr", l.line)))
-        });
+        let api = API_ADDR_ENV
+            .iter()
+            .find_map(|name| var(name))
+            .or_else(|| raw.api_addr.map(|l| (l.value, Source::File("api_addr", l.line))));
         let (api_addr, api_src) = match api {
             Some((v, src)) => (self.api_url(&v, src)?, src),
             None => {
                 let scheme = if first.tls_disable { "http" } else { "https" };
                 let src = Source::Derived("api_addr");
-                (
-                    self.api_url(&format!("{scheme}://{}", first.address), src)?,
-                    src,
-                )
+                (self.api_url(&format!("{scheme}://{}", first.address), src)?, src)
             }
         };
 
@@ -783,13 +779,13 @@ impl<'a> Ctx<'a> {
                 let host = api_addr.host().map(|h| h.to_string()).unwrap_or_default();
                 let port = api_addr.port_or_known_default().unwrap_or(443);
                 let port = port.checked_add(1).ok_or_else(|| {
-                    self.at(api_src, "port 65535 leaves no room for the default cluster_addr (port+1); set cluster_addr")
+                    self.at(
+                        api_src,
+                        "port 65535 leaves no room for the default cluster_addr (port+1); set cluster_addr",
+                    )
                 })?;
                 let src = Source::Derived("cluster_addr");
-                (
-                    self.cluster_url(&format!("https://{host}:{port}"), src)?,
-                    src,
-                )
+                (self.cluster_url(&format!("https://{host}:{port}"), src)?, src)
             }
         };
 
@@ -820,6 +816,8 @@ impl<'a> Ctx<'a> {
             cluster_name: raw.cluster_name,
             disable_clustering: raw.disable_clustering,
             log_level: raw.log_level.unwrap_or(LogLevel::Info),
+            step_down_wait: raw.step_down_wait.unwrap_or(super::DEFAULT_STEP_DOWN_WAIT),
+            proxy: raw.proxy,
         })
     }
 
@@ -852,9 +850,7 @@ impl<'a> Ctx<'a> {
         let need_scheme = || {
             self.at(
                 src,
-                format!(
-                    "{v:?} is not a full URL: a scheme is required (like https://10.0.0.1:8201)"
-                ),
+                format!("{v:?} is not a full URL: a scheme is required (like https://10.0.0.1:8201)"),
             )
         };
         let url = Url::parse(v).map_err(|e| match e {
@@ -871,12 +867,7 @@ impl<'a> Ctx<'a> {
         let port = match url.port() {
             Some(p) => p,
             None if has_explicit_port(v) => url.port_or_known_default().unwrap_or(0),
-            None => {
-                return Err(self.at(
-                    src,
-                    format!("{v:?} has no port (like https://10.0.0.1:8201)"),
-                ))
-            }
+            None => return Err(self.at(src, format!("{v:?} has no port (like https://10.0.0.1:8201)"))),
         };
         if port == 0 {
             return Err(self.at(src, format!("{v:?}: port 0 cannot be advertised")));
@@ -907,7 +898,5 @@ fn has_explicit_port(raw: &str) -> bool {
         Some(i) => &host_port[i + 1..],
         None => host_port,
     };
-    after_host
-        .rsplit_once(':')
-        .is_some_and(|(_, p)| !p.is_empty())
+    after_host.rsplit_once(':').is_some_and(|(_, p)| !p.is_empty())
 }

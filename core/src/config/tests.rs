@@ -64,9 +64,7 @@ fn sa(s: &str) -> SocketAddr {
 
 /// A config with one plain-HTTP listener whose body is `listener_body`.
 fn with_listener(listener_body: &str) -> String {
-    format!(
-        "storage \"inmem\" {{}}\nlistener \"tcp\" {{\n  tls_disable = true\n{listener_body}\n}}\n"
-    )
+    format!("storage \"inmem\" {{}}\nlistener \"tcp\" {{\n  tls_disable = true\n{listener_body}\n}}\n")
 }
 
 // ---- complete configuration ------------------------------------------------------------------
@@ -134,10 +132,7 @@ telemetry {
     assert_eq!(c.storage.file, PathBuf::from("/etc/vha/node.hcl"));
 
     let ha = c.ha_storage.as_ref().unwrap();
-    assert_eq!(
-        (ha.block, ha.kind.as_str(), ha.line),
-        ("ha_storage", "lockd", Some(15))
-    );
+    assert_eq!((ha.block, ha.kind.as_str(), ha.line), ("ha_storage", "lockd", Some(15)));
     assert_eq!(ha.get("address"), Some("10.0.0.5:7000"));
     assert_eq!(ha.get("retries"), Some("3"));
     assert_eq!(ha.get("ha_enabled"), Some("true"));
@@ -152,22 +147,13 @@ telemetry {
     assert_eq!(l.address, sa("0.0.0.0:8200"));
     assert_eq!(l.cluster_address, sa("0.0.0.0:8201"));
     assert!(!l.tls_disable);
-    assert_eq!(
-        l.tls_cert_file.as_deref(),
-        Some(Path::new("/etc/vha/tls/cert.pem"))
-    );
-    assert_eq!(
-        l.tls_key_file.as_deref(),
-        Some(Path::new("/etc/vha/tls/key.pem"))
-    );
+    assert_eq!(l.tls_cert_file.as_deref(), Some(Path::new("/etc/vha/tls/cert.pem")));
+    assert_eq!(l.tls_key_file.as_deref(), Some(Path::new("/etc/vha/tls/key.pem")));
     assert_eq!(l.max_request_size, Some(1_048_576));
     assert_eq!(l.max_request_duration, Some(Duration::from_secs(30)));
     assert_eq!(
         l.x_forwarded_for_authorized_addrs,
-        vec![
-            IpNet::parse("10.0.0.0/8").unwrap(),
-            IpNet::parse("::1").unwrap()
-        ]
+        vec![IpNet::parse("10.0.0.0/8").unwrap(), IpNet::parse("::1").unwrap()]
     );
     assert!(l.unauthenticated_metrics_access);
     assert_eq!(l.line, Some(22));
@@ -252,10 +238,7 @@ fn listener_address_must_be_socket_addr() {
 /// `max_request_size` defaults to 32 MiB, 0 means the default, negative means unlimited.
 #[test]
 fn max_request_size_default_zero_and_negative() {
-    assert_eq!(
-        ok(MINIMAL).listener().max_request_size,
-        Some(DEFAULT_MAX_REQUEST_SIZE)
-    );
+    assert_eq!(ok(MINIMAL).listener().max_request_size, Some(DEFAULT_MAX_REQUEST_SIZE));
     let size = |v: &str| {
         ok(&with_listener(&format!("  max_request_size = {v}")))
             .listener()
@@ -297,9 +280,7 @@ fn max_request_duration_default_forms_and_negative() {
 /// A malformed duration is Invalid, naming the key and its line.
 #[test]
 fn bad_duration_is_invalid() {
-    let e = err(&with_listener(
-        "  max_request_duration = \"ninety seconds\"",
-    ));
+    let e = err(&with_listener("  max_request_duration = \"ninety seconds\""));
     assert_eq!(invalid(&e), ("listener.tcp.max_request_duration", Some(4)));
     assert!(e.to_string().contains("ninety seconds"), "{e}");
     let e = err(&with_listener("  max_request_duration = true"));
@@ -317,16 +298,11 @@ fn tls_enabled_requires_cert_and_key_files() {
     let e = err("storage \"inmem\" {}\nlistener \"tcp\" {\n  tls_cert_file = \"\"\n  tls_key_file = \"k\"\n}\n");
     assert_eq!(invalid(&e), ("listener.tcp.tls_cert_file", Some(3)));
 
-    let src = "storage \"inmem\" {}\nlistener \"tcp\" {\n  tls_cert_file = \"c.pem\"\n  tls_key_file = \"/abs/k.pem\"\n}\n";
+    let src =
+        "storage \"inmem\" {}\nlistener \"tcp\" {\n  tls_cert_file = \"c.pem\"\n  tls_key_file = \"/abs/k.pem\"\n}\n";
     let c = parse_str(src, Path::new("/etc/vha/vha.hcl"), &MapEnv::default()).unwrap();
-    assert_eq!(
-        c.listener().tls_cert_file.as_deref(),
-        Some(Path::new("/etc/vha/c.pem"))
-    );
-    assert_eq!(
-        c.listener().tls_key_file.as_deref(),
-        Some(Path::new("/abs/k.pem"))
-    );
+    assert_eq!(c.listener().tls_cert_file.as_deref(), Some(Path::new("/etc/vha/c.pem")));
+    assert_eq!(c.listener().tls_key_file.as_deref(), Some(Path::new("/abs/k.pem")));
     assert_eq!(c.api_addr.scheme(), "https");
 }
 
@@ -350,8 +326,7 @@ fn bad_bool_is_invalid() {
     let e = err("storage \"inmem\" {}\nlistener \"tcp\" {\n  tls_disable = \"yes please\"\n}\n");
     assert_eq!(invalid(&e), ("listener.tcp.tls_disable", Some(3)));
     assert!(
-        e.to_string()
-            .starts_with("file.hcl:3: listener.tcp.tls_disable:"),
+        e.to_string().starts_with("file.hcl:3: listener.tcp.tls_disable:"),
         "{e}"
     );
     let e = err(&format!("{MINIMAL}disable_clustering = [true]\n"));
@@ -372,17 +347,12 @@ fn xff_authorized_addrs_string_or_list() {
             IpNet::parse("192.168.1.1/32").unwrap()
         ]
     );
-    let c = ok(&with_listener(
-        "  x_forwarded_for_authorized_addrs = [\"fd00::/8\"]",
-    ));
+    let c = ok(&with_listener("  x_forwarded_for_authorized_addrs = [\"fd00::/8\"]"));
     assert_eq!(
         c.listener().x_forwarded_for_authorized_addrs,
         vec![IpNet::parse("fd00::/8").unwrap()]
     );
-    assert!(ok(MINIMAL)
-        .listener()
-        .x_forwarded_for_authorized_addrs
-        .is_empty());
+    assert!(ok(MINIMAL).listener().x_forwarded_for_authorized_addrs.is_empty());
 }
 
 /// A malformed CIDR (bad address, prefix too long, non-string list item) is Invalid.
@@ -395,9 +365,7 @@ fn bad_cidr_is_invalid() {
         "[1]",
         "5",
     ] {
-        let e = err(&with_listener(&format!(
-            "  x_forwarded_for_authorized_addrs = {v}"
-        )));
+        let e = err(&with_listener(&format!("  x_forwarded_for_authorized_addrs = {v}")));
         assert_eq!(
             invalid(&e),
             ("listener.tcp.x_forwarded_for_authorized_addrs", Some(4)),
@@ -447,10 +415,7 @@ fn listener_telemetry_block() {
     ));
     assert_eq!(
         invalid(&e),
-        (
-            "listener.tcp.telemetry.unauthenticated_metrics_access",
-            Some(5)
-        )
+        ("listener.tcp.telemetry.unauthenticated_metrics_access", Some(5))
     );
     let e = err(&with_listener("  telemetry = true"));
     assert_eq!(invalid(&e), ("listener.tcp.telemetry", Some(4)));
@@ -485,13 +450,9 @@ fn api_addr_derived_from_first_listener() {
 fn cluster_addr_derived_https_host_port_plus_one() {
     let c = ok(MINIMAL);
     assert_eq!(c.cluster_addr.as_str(), "https://127.0.0.1:8201/");
-    let c = ok(&format!(
-        "api_addr = \"https://vault.example.com\"\n{MINIMAL}"
-    ));
+    let c = ok(&format!("api_addr = \"https://vault.example.com\"\n{MINIMAL}"));
     assert_eq!(c.cluster_addr.as_str(), "https://vault.example.com:444/");
-    let c = ok(&format!(
-        "api_addr = \"http://vault.example.com\"\n{MINIMAL}"
-    ));
+    let c = ok(&format!("api_addr = \"http://vault.example.com\"\n{MINIMAL}"));
     assert_eq!(c.cluster_addr.as_str(), "https://vault.example.com:81/");
     let c = ok(&format!("api_addr = \"http://[fd00::5]:8200\"\n{MINIMAL}"));
     assert_eq!(c.cluster_addr.as_str(), "https://[fd00::5]:8201/");
@@ -507,13 +468,9 @@ fn cluster_addr_derivation_overflow_is_invalid() {
 /// A cluster_addr written with http:// is advertised as https:// (cluster traffic is TLS).
 #[test]
 fn http_cluster_addr_forced_to_https() {
-    let c = ok(&format!(
-        "cluster_addr = \"http://10.0.0.1:8201\"\n{MINIMAL}"
-    ));
+    let c = ok(&format!("cluster_addr = \"http://10.0.0.1:8201\"\n{MINIMAL}"));
     assert_eq!(c.cluster_addr.as_str(), "https://10.0.0.1:8201/");
-    let c = ok(&format!(
-        "cluster_addr = \"https://10.0.0.1:443\"\n{MINIMAL}"
-    ));
+    let c = ok(&format!("cluster_addr = \"https://10.0.0.1:443\"\n{MINIMAL}"));
     assert_eq!(c.cluster_addr.port_or_known_default(), Some(443));
 }
 
@@ -551,21 +508,13 @@ fn api_addr_without_scheme_is_invalid() {
 /// when the schemes differ).
 #[test]
 fn api_addr_equal_to_cluster_addr_is_invalid() {
-    let src = format!(
-        "api_addr = \"https://10.0.0.1:8200\"\ncluster_addr = \"https://10.0.0.1:8200\"\n{MINIMAL}"
-    );
+    let src = format!("api_addr = \"https://10.0.0.1:8200\"\ncluster_addr = \"https://10.0.0.1:8200\"\n{MINIMAL}");
     let e = err(&src);
     assert_eq!(invalid(&e), ("cluster_addr", Some(2)));
-    let src = format!(
-        "api_addr = \"http://10.0.0.1:8201\"\ncluster_addr = \"http://10.0.0.1:8201\"\n{MINIMAL}"
-    );
+    let src = format!("api_addr = \"http://10.0.0.1:8201\"\ncluster_addr = \"http://10.0.0.1:8201\"\n{MINIMAL}");
     assert_eq!(invalid(&err(&src)), ("cluster_addr", Some(2)));
     let env = MapEnv::default().with("VAULT_CLUSTER_ADDR", "https://10.0.0.1:8200");
-    let e = parse_env(
-        &format!("api_addr = \"https://10.0.0.1:8200\"\n{MINIMAL}"),
-        &env,
-    )
-    .unwrap_err();
+    let e = parse_env(&format!("api_addr = \"https://10.0.0.1:8200\"\n{MINIMAL}"), &env).unwrap_err();
     assert_eq!(invalid(&e), ("cluster_addr", None));
 }
 
@@ -634,10 +583,7 @@ fn bad_env_value_names_the_variable() {
     let env = MapEnv::default().with("VAULT_REDIRECT_ADDR", "redirect:8200");
     let e = parse_env(WITH_ADDRS, &env).unwrap_err();
     assert_eq!(invalid(&e), ("VAULT_REDIRECT_ADDR", None));
-    assert!(
-        e.to_string().starts_with("file.hcl: VAULT_REDIRECT_ADDR:"),
-        "{e}"
-    );
+    assert!(e.to_string().starts_with("file.hcl: VAULT_REDIRECT_ADDR:"), "{e}");
     let env = MapEnv::default().with("VAULT_CLUSTER_ADDR", "https://nocluster-port");
     assert_eq!(
         invalid(&parse_env(WITH_ADDRS, &env).unwrap_err()),
@@ -657,10 +603,7 @@ fn log_level_values() {
         ("err", LogLevel::Error),
         ("error", LogLevel::Error),
     ] {
-        assert_eq!(
-            ok(&format!("log_level = \"{v}\"\n{MINIMAL}")).log_level,
-            want
-        );
+        assert_eq!(ok(&format!("log_level = \"{v}\"\n{MINIMAL}")).log_level, want);
     }
     let e = err(&format!("{MINIMAL}log_level = \"loud\"\n"));
     assert_eq!(invalid(&e), ("log_level", Some(5)));
@@ -698,10 +641,7 @@ fn unknown_listener_telemetry_key_reports_line() {
     let e = err(&with_listener(
         "  telemetry {\n    unauthenticated_metrics_access = true\n    metrics_path = \"/m\"\n  }",
     ));
-    assert_eq!(
-        unknown(&e),
-        ("listener.tcp.telemetry.metrics_path", Some(6))
-    );
+    assert_eq!(unknown(&e), ("listener.tcp.telemetry.metrics_path", Some(6)));
     let text = e.to_string();
     assert!(
         text.contains("file.hcl:6:") && text.contains("listener.tcp.telemetry.metrics_path"),
@@ -713,35 +653,28 @@ fn unknown_listener_telemetry_key_reports_line() {
 /// not implement (UnknownKey with line).
 #[test]
 fn top_level_telemetry_block() {
-    ok(&format!("{MINIMAL}telemetry {{\n  prometheus_retention_time = \"24h\"\n  disable_hostname = \"true\"\n}}\n"));
-    let e = err(&format!(
-        "{MINIMAL}telemetry {{\n  statsd_address = \"x:8125\"\n}}\n"
+    ok(&format!(
+        "{MINIMAL}telemetry {{\n  prometheus_retention_time = \"24h\"\n  disable_hostname = \"true\"\n}}\n"
     ));
+    let e = err(&format!("{MINIMAL}telemetry {{\n  statsd_address = \"x:8125\"\n}}\n"));
     assert_eq!(unknown(&e), ("telemetry.statsd_address", Some(6)));
     let e = err(&format!(
         "{MINIMAL}telemetry {{\n  prometheus_retention_time = \"soon\"\n}}\n"
     ));
-    assert_eq!(
-        invalid(&e),
-        ("telemetry.prometheus_retention_time", Some(6))
-    );
+    assert_eq!(invalid(&e), ("telemetry.prometheus_retention_time", Some(6)));
 }
 
 /// A syntax error is a Syntax error carrying the line hcl-edit points at.
 #[test]
 fn syntax_error_has_line() {
-    let e =
-        err("storage \"inmem\" {}\nlistener \"tcp\" {\n  tls_disable = true\n  address = \n}\n");
+    let e = err("storage \"inmem\" {}\nlistener \"tcp\" {\n  tls_disable = true\n  address = \n}\n");
     match &e {
         ConfigError::Syntax { line, .. } => assert_eq!(*line, Some(4)),
         other => panic!("expected Syntax, got {other:?}"),
     }
     assert!(e.to_string().starts_with("file.hcl:4: syntax error"), "{e}");
     let e = err("storage \"inmem\" {\n");
-    assert!(
-        matches!(e, ConfigError::Syntax { line: Some(_), .. }),
-        "{e:?}"
-    );
+    assert!(matches!(e, ConfigError::Syntax { line: Some(_), .. }), "{e:?}");
 }
 
 /// A top-level attribute defined twice is Invalid naming it, on the second definition's line.
@@ -764,9 +697,7 @@ fn storage_missing() {
 /// Two storage stanzas (or two ha_storage stanzas) are Invalid on the second one's line.
 #[test]
 fn second_storage_stanza_is_invalid() {
-    let e = err(&format!(
-        "{MINIMAL}storage \"file\" {{\n  path = \"/x\"\n}}\n"
-    ));
+    let e = err(&format!("{MINIMAL}storage \"file\" {{\n  path = \"/x\"\n}}\n"));
     assert_eq!(invalid(&e), ("storage", Some(5)));
     let e = err(&format!(
         "{MINIMAL}ha_storage \"lockd\" {{}}\nha_storage \"etcd\" {{}}\n"
@@ -805,12 +736,9 @@ fn storage_options_are_stringified_with_lines() {
 /// Nested blocks, non-scalar values, and missing type labels in a storage stanza are Invalid.
 #[test]
 fn storage_stanza_shape_errors() {
-    let e =
-        err("storage \"file\" {\n  tls {\n  }\n}\nlistener \"tcp\" {\n  tls_disable = true\n}\n");
+    let e = err("storage \"file\" {\n  tls {\n  }\n}\nlistener \"tcp\" {\n  tls_disable = true\n}\n");
     assert_eq!(invalid(&e), ("storage.file.tls", Some(2)));
-    let e = err(
-        "storage \"file\" {\n  paths = [\"a\"]\n}\nlistener \"tcp\" {\n  tls_disable = true\n}\n",
-    );
+    let e = err("storage \"file\" {\n  paths = [\"a\"]\n}\nlistener \"tcp\" {\n  tls_disable = true\n}\n");
     assert_eq!(invalid(&e), ("storage.file.paths", Some(2)));
     let e = err("storage {\n}\nlistener \"tcp\" {\n  tls_disable = true\n}\n");
     assert_eq!(invalid(&e), ("storage", Some(1)));

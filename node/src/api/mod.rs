@@ -4,7 +4,13 @@
 //! Routing: the `sys/` endpoints that work while sealed (init, unseal, seal-status, health,
 //! leader) are matched first; everything else needs an unsealed barrier.
 
+pub mod auth_token;
+pub mod logical;
 pub mod sys;
+pub mod sys_audit;
+pub mod sys_ha;
+pub mod sys_mounts;
+pub mod sys_policy;
 
 use std::net::SocketAddr;
 
@@ -31,7 +37,29 @@ pub struct ApiRequest {
     pub body: Bytes,
     /// The client's address as the node trusts it.
     pub client_addr: Option<SocketAddr>,
+    /// Where the request came in.
+    pub origin: Origin,
+    /// The original path and query, undecoded (for 307 `Location`).
+    pub raw_path_query: String,
 }
+
+/// Where a request entered the node. The internal client-address header is trusted only
+/// from [`Origin::Cluster`] and [`Origin::LocalProxy`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The node's own TCP listener (clients reaching the node directly).
+    Public,
+    /// The cluster listener: forwarded by a standby's proxy over mTLS. Never forwarded again.
+    Cluster,
+    /// The local socket from this node's own proxy.
+    LocalProxy,
+}
+
+/// The internal header carrying the original client address across a hop. Removed from
+/// everything that does not come from a trusted origin.
+pub const CLIENT_ADDR_HEADER: &str = "x-vha-client-addr";
+/// Vault's header that asks a standby for a 307 instead of forwarding.
+pub const NO_FORWARD_HEADER: &str = "x-vault-no-request-forwarding";
 
 impl ApiRequest {
     pub fn query(&self, key: &str) -> Option<&str> {
@@ -77,6 +105,8 @@ pub struct ApiResponse {
     pub headers: HeaderMap,
     /// `None` = empty body (204, HEAD, 307).
     pub body: Option<serde_json::Value>,
+    /// A non-JSON body (Prometheus text); wins over `body` when set.
+    pub raw: Option<Bytes>,
 }
 
 impl ApiResponse {
@@ -85,6 +115,7 @@ impl ApiResponse {
             status,
             headers: HeaderMap::new(),
             body: Some(body),
+            raw: None,
         }
     }
     pub fn ok(body: serde_json::Value) -> Self {
@@ -95,6 +126,7 @@ impl ApiResponse {
             status: StatusCode::NO_CONTENT,
             headers: HeaderMap::new(),
             body: None,
+            raw: None,
         }
     }
     pub fn error(e: &ApiError) -> Self {
@@ -102,11 +134,38 @@ impl ApiResponse {
     }
 }
 
-/// Handles one API request.
+/// Handles one API request: local `sys/` endpoints in any state; the loop guard for
+/// forwarded requests; a standby's fallback (307 / 503); HA endpoints; then routing.
 pub async fn handle(node: &Node, req: ApiRequest) -> ApiResponse {
-    match route(node, &req).await {
+    let start = std::time::Instant::now();
+    let res = async {
+        if let Some(resp) = sys::handle_local(node, &req).await? {
+            return Ok(resp);
+        }
+        let role = node.ha().role();
+        if req.origin == Origin::Cluster && role != crate::ha::Role::Active {
+            // Loop guard: a forwarded request is never forwarded or redirected again.
+            return Err(ApiError::NotActive);
+        }
+        if role == crate::ha::Role::Standby {
+            return Ok(sys_ha::standby_fallback(node, &req));
+        }
+        if let Some(resp) = sys_ha::handle(node, &req).await? {
+            return Ok(resp);
+        }
+        route(node, &req).await
+    }
+    .await;
+    node.metrics().handle_request.observe(start.elapsed().as_secs_f64());
+    match res {
         Ok(resp) => resp,
-        Err(e) => ApiResponse::error(&e),
+        Err(e) => {
+            if matches!(e, ApiError::Fenced) {
+                node.metrics().fencing_rejections.inc();
+                node.ha().fenced();
+            }
+            ApiResponse::error(&e)
+        }
     }
 }
 
@@ -117,8 +176,6 @@ async fn route(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     if node.barrier().is_sealed() {
         return Err(ApiError::Sealed);
     }
-    Err(ApiError::NotFound(format!(
-        "no handler for route {:?}. route entry not found.",
-        req.path
-    )))
+    // Token, ACL, audit, then sys/policy, sys/mounts, sys/audit, auth/token and mounts.
+    logical::serve(node, req).await
 }

@@ -10,7 +10,11 @@ use zeroize::Zeroizing;
 
 use super::{ApiRequest, ApiResponse};
 use crate::error::ApiError;
+use crate::ha::Role;
 use crate::node::Node;
+
+/// How long sealing an active node waits for its term to be torn down.
+const SEAL_STEP_DOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Handles the path if it is one of the local `sys/` endpoints; `Ok(None)` otherwise.
 pub async fn handle_local(node: &Node, req: &ApiRequest) -> Result<Option<ApiResponse>, ApiError> {
@@ -39,6 +43,10 @@ pub async fn handle_local(node: &Node, req: &ApiRequest) -> Result<Option<ApiRes
         },
         "sys/leader" => match *m {
             Method::GET => leader(node)?,
+            _ => return Err(ApiError::MethodNotAllowed),
+        },
+        "sys/metrics" => match *m {
+            Method::GET => super::sys_ha::metrics(node, req).await?,
             _ => return Err(ApiError::MethodNotAllowed),
         },
         _ => return Ok(None),
@@ -164,12 +172,13 @@ async fn seal(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     if node.barrier().is_sealed() {
         return Err(ApiError::Sealed);
     }
-    let entry = node.tokens().authenticate(node.barrier(), req.token()).await?;
-    // sys/seal needs sudo on the path; only root has it until ACL policies arrive.
-    if !entry.is_root() {
-        return Err(ApiError::PermissionDenied);
+    if node.ha().role() == Role::Standby {
+        // Vault's rule: only the active node seals through the API; a standby is restarted.
+        return Err(ApiError::Internal("cannot seal when in standby mode; please restart instead".into()));
     }
-    node.seal();
+    // sys/seal needs update + sudo on the path (Vault).
+    super::logical::authorize(node, req, "sys/seal", crate::policy::Operation::Update, true).await?;
+    node.seal_after_step_down(SEAL_STEP_DOWN_TIMEOUT).await;
     Ok(ApiResponse::no_content())
 }
 
@@ -216,18 +225,24 @@ async fn health(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> 
     })();
     // Performance-standby and DR codes are validated (a bad one is 400, as Vault) but never
     // chosen: vha has no performance standbys or DR secondaries.
-    let (standby_ok, _perf_ok, active, standby_code, sealed_code, uninit, _ha_unhealthy, _perf, _dr) = match params {
+    let (standby_ok, _perf_ok, active, standby_code, sealed_code, uninit, ha_unhealthy_code, _perf, _dr) = match params {
         Ok(p) => p,
         Err(e) => return Ok(health_err(e)),
     };
     let initialized = node.barrier().initialized().await?;
     let sealed = node.barrier().is_sealed();
-    // Standby states arrive with HA; until then an unsealed node is active.
-    let standby = false;
+    let status = node.ha().status();
+    let standby = !sealed && status.role == Role::Standby;
+    // 474: a standby that knows an active node but has not reached it for two heartbeats.
+    let ha_unhealthy = standby
+        && status.leader.is_some()
+        && status.last_echo.is_none_or(|t| t.elapsed() > 2 * crate::ha::leader::ECHO_INTERVAL);
     let code = if !initialized {
         uninit
     } else if sealed {
         sealed_code
+    } else if ha_unhealthy {
+        ha_unhealthy_code
     } else if standby && !standby_ok {
         standby_code
     } else {
@@ -253,26 +268,32 @@ async fn health(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> 
     }
     let status = StatusCode::from_u16(code).map_err(|e| ApiError::Internal(e.to_string()))?;
     if req.method == Method::HEAD {
-        return Ok(ApiResponse {
-            status,
-            headers: Default::default(),
-            body: None,
-        });
+        return Ok(ApiResponse { status, headers: Default::default(), body: None, raw: None });
     }
     Ok(ApiResponse::json(status, body))
 }
 
-/// `sys/leader`: sealed -> 503; otherwise who leads (empty until HA is enabled and held).
+/// `sys/leader`: sealed -> 503; otherwise who leads: `is_self` on the active, the
+/// advertised addresses on a standby (empty while no active is known).
 fn leader(node: &Node) -> Result<ApiResponse, ApiError> {
     if node.barrier().is_sealed() {
         return Err(ApiError::Sealed);
     }
+    let st = node.ha().status();
+    let (addr, cluster_addr) = match &st.leader {
+        Some(l) => (l.adv.redirect_addr.clone(), l.adv.cluster_addr.clone()),
+        None => (String::new(), String::new()),
+    };
+    let active_time = st
+        .active_since
+        .map(|t| humantime::format_rfc3339_nanos(t).to_string())
+        .unwrap_or_else(|| "0001-01-01T00:00:00Z".into());
     Ok(ApiResponse::ok(json!({
-        "ha_enabled": false,
-        "is_self": false,
-        "active_time": "0001-01-01T00:00:00Z",
-        "leader_address": "",
-        "leader_cluster_address": "",
+        "ha_enabled": node.ha().enabled(),
+        "is_self": st.role == Role::Active,
+        "active_time": active_time,
+        "leader_address": addr,
+        "leader_cluster_address": cluster_addr,
         "performance_standby": false,
         "performance_standby_last_remote_wal": 0,
     })))

@@ -1,0 +1,155 @@
+//! The cluster listener: runs only while this node is active, on the listener's
+//! `cluster_address`. Mutual TLS 1.2 with the term's pinned P-521 certificate (see
+//! `vha_core::cluster_tls`); ALPN h2 and http/1.1. It serves forwarded API requests (the
+//! client-address header is trusted here) and standby heartbeats. Stopping it closes every
+//! open connection: a deposed active must not keep answering on old connections.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+use vha_core::cluster_tls::ClusterIdentity;
+
+use crate::api::Origin;
+use crate::ha::leader::ECHO_PATH;
+use crate::ha::EchoRecord;
+use crate::http::{handle_http, Limits};
+use crate::node::Node;
+
+/// A TLS handshake must finish within this, or the connection is dropped (slow or stuck
+/// peers cannot pin sockets on the active).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest heartbeat body accepted.
+const MAX_ECHO_BODY: usize = 16 * 1024;
+
+/// A running cluster listener.
+pub struct ClusterListener {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    pub local_addr: std::net::SocketAddr,
+}
+
+impl ClusterListener {
+    /// Binds the cluster address and starts serving with `identity`.
+    pub async fn start(node: Arc<Node>, identity: Arc<ClusterIdentity>) -> std::io::Result<ClusterListener> {
+        let addr = node.config().listener().cluster_address;
+        let tcp = TcpListener::bind(addr).await?;
+        let local_addr = tcp.local_addr()?;
+        let cfg = identity.server_config().map_err(|e| std::io::Error::other(e.to_string()))?;
+        let acceptor = TlsAcceptor::from(cfg);
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(accept_loop(node, tcp, acceptor, stop.clone()));
+        tracing::info!(%local_addr, "cluster listener started");
+        Ok(ClusterListener { stop, task, local_addr })
+    }
+
+    /// Stops accepting and closes every open connection.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+        tracing::info!(local_addr = %self.local_addr, "cluster listener stopped");
+    }
+}
+
+/// Classifies a refused handshake for the metrics (bounded label set).
+fn handshake_reason(e: &std::io::Error) -> &'static str {
+    let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    match inner {
+        Some(rustls::Error::NoCertificatesPresented) => "no_client_cert",
+        Some(rustls::Error::InvalidCertificate(_)) => "bad_cert",
+        Some(rustls::Error::PeerIncompatible(_) | rustls::Error::InappropriateHandshakeMessage { .. }) => "protocol",
+        Some(rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. }) => "protocol",
+        Some(_) => "tls_other",
+        None => "io",
+    }
+}
+
+async fn accept_loop(node: Arc<Node>, tcp: TcpListener, acceptor: TlsAcceptor, stop: CancellationToken) {
+    let mut conns = JoinSet::new();
+    let limits = Limits {
+        max_request_size: node.config().listener().max_request_size,
+        max_request_duration: node.config().listener().max_request_duration,
+    };
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = tcp.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster accept failed");
+                    continue;
+                }
+            },
+            // Reap finished connections so the set does not grow.
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            _ = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let node = node.clone();
+        conns.spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    let reason = handshake_reason(&e);
+                    node.metrics().cluster_handshake_failures.with_label_values(&[reason]).inc();
+                    tracing::info!(%peer, reason, error = %e, "cluster handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    node.metrics().cluster_handshake_failures.with_label_values(&["timeout"]).inc();
+                    return;
+                }
+            };
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let node = node.clone();
+                async move { Ok::<_, Infallible>(serve(&node, req, peer, limits).await) }
+            });
+            if let Err(e) = crate::http::conn_builder().serve_connection(TokioIo::new(tls), svc).await {
+                tracing::debug!(%peer, error = %e, "cluster connection ended with error");
+            }
+        });
+    }
+    drop(tcp);
+    conns.shutdown().await;
+}
+
+async fn serve(node: &Node, req: Request<Incoming>, peer: std::net::SocketAddr, limits: Limits) -> Response<Full<Bytes>> {
+    if req.uri().path() == ECHO_PATH {
+        return echo(node, req).await;
+    }
+    handle_http(node, req, Some(peer), limits, Origin::Cluster).await
+}
+
+/// A standby's heartbeat: record it, answer 200 (only while active).
+async fn echo(node: &Node, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if node.ha().role() != crate::ha::Role::Active {
+        return crate::http::error_response(StatusCode::SERVICE_UNAVAILABLE, "node not active");
+    }
+    let body = match Limited::new(req.into_body(), MAX_ECHO_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return crate::http::error_response(StatusCode::BAD_REQUEST, "bad heartbeat"),
+    };
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().chars().take(256).collect::<String>();
+    node.ha().record_echo(EchoRecord {
+        hostname: field("hostname"),
+        api_address: field("api_address"),
+        cluster_address: field("cluster_address"),
+        version: field("version"),
+        seen: None,
+        last_echo: String::new(),
+    });
+    let mut r = Response::new(Full::new(Bytes::from_static(b"{}")));
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}

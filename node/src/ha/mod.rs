@@ -1,0 +1,487 @@
+//! High availability: the node's lock loop, its active/standby state, the advertisement it
+//! writes when active, and what a standby knows about the active.
+//!
+//! ```text
+//!                 init            unseal
+//!  uninitialized ─────► sealed ◄────────────────────────────┐ seal (standby: refused)
+//!                         │ unseal                          │
+//!                         ▼                                 │
+//!                  ┌──► standby ── contend core/lock ──► active ──┐
+//!                  │      ▲  (fresh UUID per attempt)        │     │
+//!                  │      └── lock lost / storage down ──────┘     │ SIGTERM: drain,
+//!                  │                                               │ step down, exit
+//!                  └── step-down (wait step_down_wait) ◄───────────┘
+//! ```
+//! Sealed nodes never contend, advertise or serve forwarded requests. Becoming active, in
+//! order: new P-521 key + non-CA cert, bind the cluster listener, write the advertisement
+//! `core/leader/<uuid>` through the barrier with the fencing token, delete stale ones. Losing
+//! the lock: stop serving at once (the role flips before anything else), close the cluster
+//! listener, best-effort delete our advertisement, record the term, re-contend.
+
+pub mod leader;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+
+use vha_core::advert::{leader_path, Advertisement, LEADER_PREFIX, LOCK_KEY};
+use vha_core::cluster_tls::ClusterIdentity;
+use vha_core::storage::{Fence, LockGuard, StorageError};
+use vha_core::BarrierError;
+
+use crate::cluster::ClusterListener;
+use crate::node::Node;
+
+/// Pause after a failed lock attempt (storage unreachable) before trying again: short
+/// enough to take over quickly once the store is back, long enough not to hammer it.
+const ACQUIRE_RETRY: Duration = Duration::from_millis(250);
+/// Pause after a failed leadership setup (listener bind or advertisement write failed).
+const SETUP_RETRY: Duration = Duration::from_secs(1);
+/// Bound on the best-effort delete of our own advertisement when a term ends: the store may
+/// be the very thing that is unreachable; the next active deletes stale entries anyway.
+const ADVERT_DELETE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a standby heartbeat record stays in `sys/ha-status` without a new echo.
+pub const ECHO_RETENTION: Duration = Duration::from_secs(30);
+
+/// The node's HA role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The storage has no HA: the node is active whenever unsealed.
+    Disabled,
+    Sealed,
+    Standby,
+    Active,
+}
+
+/// The active node as known to this node (itself, when active).
+#[derive(Clone, Debug)]
+pub struct LeaderInfo {
+    /// The lock value of the active's term (its `core/leader/<uuid>`).
+    pub uuid: String,
+    pub adv: Advertisement,
+}
+
+/// A snapshot of the HA state.
+#[derive(Clone, Debug)]
+pub struct HaStatus {
+    pub role: Role,
+    /// This node's fencing token, while active.
+    pub fence: Option<Fence>,
+    /// When this node became active.
+    pub active_since: Option<SystemTime>,
+    /// The known active node (this node when active).
+    pub leader: Option<Arc<LeaderInfo>>,
+    /// Standby: last successful heartbeat to the active.
+    pub last_echo: Option<Instant>,
+}
+
+/// A standby seen through its heartbeats (for `sys/ha-status`).
+#[derive(Clone, Debug, Serialize)]
+pub struct EchoRecord {
+    pub hostname: String,
+    pub api_address: String,
+    pub cluster_address: String,
+    pub version: String,
+    #[serde(skip)]
+    pub seen: Option<Instant>,
+    pub last_echo: String,
+}
+
+/// Why an active term ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TermEnd {
+    Lost,
+    StepDown,
+    Sealed,
+    Shutdown,
+}
+
+/// The HA state shared between the lock loop, the API and the cluster listener.
+pub struct HaHandle {
+    status: watch::Sender<HaStatus>,
+    sealed: watch::Sender<bool>,
+    step_down: Notify,
+    /// Fired when the store rejected one of our writes as fenced: we were deposed.
+    fenced: Notify,
+    echoes: Mutex<BTreeMap<String, EchoRecord>>,
+    identity: RwLock<Option<Arc<ClusterIdentity>>>,
+    enabled: bool,
+}
+
+impl HaHandle {
+    pub fn new(enabled: bool) -> HaHandle {
+        let status = HaStatus { role: Role::Sealed, fence: None, active_since: None, leader: None, last_echo: None };
+        HaHandle {
+            status: watch::channel(status).0,
+            sealed: watch::channel(true).0,
+            step_down: Notify::new(),
+            fenced: Notify::new(),
+            echoes: Mutex::new(BTreeMap::new()),
+            identity: RwLock::new(None),
+            enabled,
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    pub fn status(&self) -> HaStatus {
+        self.status.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<HaStatus> {
+        self.status.subscribe()
+    }
+
+    pub fn role(&self) -> Role {
+        self.status.borrow().role
+    }
+
+    /// True when this node may serve requests itself (active, or unsealed without HA).
+    pub fn serves_requests(&self) -> bool {
+        matches!(self.role(), Role::Active | Role::Disabled)
+    }
+
+    pub fn is_standby(&self) -> bool {
+        self.role() == Role::Standby
+    }
+
+    /// The fencing token every write of this node must carry (`None` without HA).
+    pub fn fence(&self) -> Option<Fence> {
+        self.status.borrow().fence.clone()
+    }
+
+    /// This term's cluster identity (active only).
+    pub fn identity(&self) -> Option<Arc<ClusterIdentity>> {
+        self.identity.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Tells the lock loop about a seal/unseal. An active node is not flipped here: its
+    /// term ends in the loop, which tears down (listener, advertisement, lock) while the
+    /// barrier is still open and then reports [`Role::Sealed`].
+    pub(crate) fn set_sealed(&self, sealed: bool) {
+        self.sealed.send_replace(sealed);
+        if sealed {
+            self.update(|s| {
+                if s.role != Role::Active {
+                    s.role = Role::Sealed;
+                    s.fence = None;
+                    s.active_since = None;
+                    s.leader = None;
+                    s.last_echo = None;
+                }
+            });
+        } else if !self.enabled {
+            self.update(|s| s.role = Role::Disabled);
+        } else {
+            // Unsealed with HA: a standby until the lock loop wins the lock.
+            self.update(|s| {
+                if s.role == Role::Sealed {
+                    s.role = Role::Standby;
+                }
+            });
+        }
+    }
+
+    /// Waits until a seal requested with [`HaHandle::set_sealed`] has taken effect (the
+    /// active term, if any, is torn down).
+    pub(crate) async fn wait_sealed(&self, timeout: Duration) -> bool {
+        if !self.enabled {
+            return true;
+        }
+        let mut rx = self.subscribe();
+        let ok = tokio::time::timeout(timeout, rx.wait_for(|s| s.role == Role::Sealed)).await.is_ok();
+        ok
+    }
+
+    fn update(&self, f: impl FnOnce(&mut HaStatus)) {
+        self.status.send_modify(f);
+    }
+
+    /// Sets the known leader (standby) unless this node is active.
+    pub(crate) fn set_leader(&self, leader: Option<Arc<LeaderInfo>>) {
+        self.status.send_if_modified(|s| {
+            if s.role != Role::Standby {
+                return false;
+            }
+            let changed = match (&s.leader, &leader) {
+                (Some(a), Some(b)) => a.uuid != b.uuid || a.adv != b.adv,
+                (None, None) => false,
+                _ => true,
+            };
+            s.leader = leader;
+            if changed {
+                s.last_echo = None;
+            }
+            changed
+        });
+    }
+
+    pub(crate) fn echo_ok(&self) {
+        self.status.send_if_modified(|s| {
+            s.last_echo = Some(Instant::now());
+            false
+        });
+    }
+
+    /// Records a standby's heartbeat (on the active).
+    pub fn record_echo(&self, mut rec: EchoRecord) {
+        rec.seen = Some(Instant::now());
+        rec.last_echo = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let mut e = self.echoes.lock().unwrap_or_else(|e| e.into_inner());
+        e.retain(|_, r| r.seen.is_some_and(|t| t.elapsed() < ECHO_RETENTION));
+        e.insert(rec.api_address.clone(), rec);
+    }
+
+    /// Standbys heard from recently.
+    pub fn echoes(&self) -> Vec<EchoRecord> {
+        let e = self.echoes.lock().unwrap_or_else(|e| e.into_inner());
+        e.values().filter(|r| r.seen.is_some_and(|t| t.elapsed() < ECHO_RETENTION)).cloned().collect()
+    }
+
+    /// Reports that the store refused a write as fenced: the term ends as lost at once.
+    pub fn fenced(&self) {
+        if self.role() == Role::Active {
+            self.fenced.notify_one();
+        }
+    }
+
+    /// Asks the lock loop to step down; resolves once this node is no longer active
+    /// (bounded by `timeout`).
+    pub async fn step_down(&self, timeout: Duration) -> bool {
+        let mut rx = self.subscribe();
+        self.step_down.notify_one();
+        let ok = tokio::time::timeout(timeout, rx.wait_for(|s| s.role != Role::Active)).await.is_ok();
+        ok
+    }
+}
+
+/// The lock loop. Runs for the life of the process when HA is enabled.
+pub async fn run(node: Arc<Node>) {
+    let Some(ha_backend) = node.stores().ha.clone() else { return };
+    let handle = node.ha();
+    let mut sealed_rx = handle.sealed.subscribe();
+    let shutdown = node.shutdown.clone();
+    loop {
+        // Sealed: wait for unseal (or shutdown).
+        tokio::select! {
+            r = sealed_rx.wait_for(|s| !*s) => if r.is_err() { return },
+            _ = shutdown.cancelled() => return,
+        }
+        handle.update(|s| {
+            s.role = Role::Standby;
+            s.fence = None;
+            s.active_since = None;
+        });
+        // Standby: learn who leads, heartbeat to it, and contend.
+        let standby_cancel = shutdown.child_token();
+        let watcher = tokio::spawn(leader::standby_tasks(node.clone(), standby_cancel.clone()));
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let contend_start = Instant::now();
+        let acquired = tokio::select! {
+            r = ha_backend.acquire(LOCK_KEY, &uuid, standby_cancel.clone()) => r,
+            _ = sealed_rx.wait_for(|s| *s) => Ok(None),
+        };
+        standby_cancel.cancel();
+        let _ = watcher.await;
+        let guard = match acquired {
+            Ok(Some(g)) => g,
+            Ok(None) => {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "contending for the HA lock failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(ACQUIRE_RETRY) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                continue;
+            }
+        };
+        node.metrics().lock_acquire.observe(contend_start.elapsed().as_secs_f64());
+        if *sealed_rx.borrow() || shutdown.is_cancelled() {
+            let _ = guard.release().await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            continue;
+        }
+        match active_term(&node, guard, &uuid, &mut sealed_rx).await {
+            Ok(TermEnd::Shutdown) => return,
+            Ok(TermEnd::StepDown) => {
+                let wait = node.config().step_down_wait;
+                tracing::info!(?wait, "stepped down; waiting before contending again");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = shutdown.cancelled() => return,
+                    _ = sealed_rx.wait_for(|s| *s) => {}
+                }
+            }
+            Ok(TermEnd::Lost | TermEnd::Sealed) => {}
+            Err(e) => {
+                node.metrics().leadership_setup_failed.inc();
+                tracing::error!(error = %e, "leadership setup failed; back to standby");
+                tokio::select! {
+                    _ = tokio::time::sleep(SETUP_RETRY) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+/// Errors while setting up leadership.
+#[derive(Debug, thiserror::Error)]
+enum SetupError {
+    #[error("cluster identity: {0}")]
+    Tls(#[from] vha_core::cluster_tls::ClusterTlsError),
+    #[error("cluster listener: {0}")]
+    Listener(std::io::Error),
+    #[error("advertisement: {0}")]
+    Barrier(#[from] BarrierError),
+}
+
+/// One active term: set up, serve until it ends, tear down.
+async fn active_term(
+    node: &Arc<Node>,
+    guard: LockGuard,
+    uuid: &str,
+    sealed_rx: &mut watch::Receiver<bool>,
+) -> Result<TermEnd, SetupError> {
+    let handle = node.ha();
+    let fence = guard.fence().clone();
+    tracing::info!(token = fence.token, %uuid, "acquired lock, enabling active operation");
+    let started = Instant::now();
+
+    // 1. A fresh key and certificate for this term.
+    let uuid_owned = uuid.to_string();
+    let identity = tokio::task::spawn_blocking(move || ClusterIdentity::generate(&uuid_owned))
+        .await
+        .map_err(|e| SetupError::Listener(std::io::Error::other(e.to_string())))??;
+    let identity = Arc::new(identity);
+    // 2. The cluster listener, ready before anyone can read the advertisement.
+    let listener = if node.config().disable_clustering {
+        None
+    } else {
+        let l = ClusterListener::start(node.clone(), identity.clone()).await.map_err(SetupError::Listener);
+        match l {
+            Ok(l) => Some(l),
+            Err(e) => {
+                let _ = guard.release().await;
+                return Err(e);
+            }
+        }
+    };
+    // 3. The advertisement, written with our fencing token.
+    let adv = Advertisement {
+        redirect_addr: node.config().api_addr.as_str().trim_end_matches('/').to_string(),
+        cluster_addr: node.config().cluster_addr.as_str().trim_end_matches('/').to_string(),
+        cluster_cert: identity.cert_der.clone(),
+        cluster_key_params: Some(identity.params.clone()),
+    };
+    let path = leader_path(uuid);
+    let write = async {
+        let bytes = serde_json::to_vec(&adv).map_err(|e| BarrierError::InvalidParameters(e.to_string()))?;
+        node.barrier().put(&path, &bytes, Some(&fence)).await?;
+        // 4. Stale advertisements from earlier terms.
+        for key in node.barrier().list(LEADER_PREFIX).await? {
+            if key != uuid && !key.ends_with('/') {
+                node.barrier().delete(&leader_path(&key), Some(&fence)).await?;
+            }
+        }
+        Ok::<_, BarrierError>(())
+    };
+    if let Err(e) = write.await {
+        if let Some(l) = listener {
+            l.stop().await;
+        }
+        note_fenced(node, &e);
+        let _ = guard.release().await;
+        return Err(e.into());
+    }
+    *handle.identity.write().unwrap_or_else(|e| e.into_inner()) = Some(identity.clone());
+    // The previous active may have changed policies, mounts, tokens: read them afresh.
+    node.clear_caches();
+    handle.update(|s| {
+        s.role = Role::Active;
+        s.fence = Some(fence.clone());
+        s.active_since = Some(SystemTime::now());
+        s.leader = Some(Arc::new(LeaderInfo { uuid: uuid.to_string(), adv: adv.clone() }));
+        s.last_echo = None;
+    });
+    node.metrics().core_active.set(1);
+    node.metrics().term.set(i64::try_from(fence.token).unwrap_or(i64::MAX));
+    tracing::info!("active operation enabled in {:?}", started.elapsed());
+
+    // Serve until the term ends.
+    let lost = guard.lost();
+    let end = tokio::select! {
+        _ = lost.cancelled() => TermEnd::Lost,
+        _ = handle.fenced.notified() => TermEnd::Lost,
+        _ = handle.step_down.notified() => TermEnd::StepDown,
+        _ = sealed_rx.wait_for(|s| *s) => TermEnd::Sealed,
+        _ = node.shutdown.cancelled() => TermEnd::Shutdown,
+    };
+    let step_down_started = Instant::now();
+    // Stop serving at once: the role flips before anything else. (Standby even when
+    // sealing: `Sealed` is reported only once the teardown below is done.)
+    handle.update(|s| {
+        s.role = Role::Standby;
+        s.fence = None;
+        s.active_since = None;
+        s.leader = None;
+    });
+    *handle.identity.write().unwrap_or_else(|e| e.into_inner()) = None;
+    node.metrics().core_active.set(0);
+    node.metrics().term.set(0);
+    let term_len = started.elapsed();
+    if end == TermEnd::Lost {
+        node.metrics().leadership_lost.observe(term_len.as_secs_f64());
+        tracing::warn!(?term_len, "leadership lost, stopping active operation");
+    }
+    if let Some(l) = listener {
+        l.stop().await;
+    }
+    // Best effort: remove our advertisement (a deposed writer is fenced out anyway). The
+    // barrier may already be sealed; then the entry stays until the next active cleans up.
+    match tokio::time::timeout(ADVERT_DELETE_TIMEOUT, node.barrier().delete(&path, Some(&fence))).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "could not delete own advertisement"),
+        Err(_) => tracing::debug!("deleting own advertisement timed out"),
+    }
+    match end {
+        TermEnd::Lost => drop(guard),
+        _ => {
+            if let Err(e) = guard.release().await {
+                tracing::warn!(error = %e, "releasing the HA lock failed");
+            }
+            if end == TermEnd::StepDown {
+                node.metrics().step_down.observe(step_down_started.elapsed().as_secs_f64());
+            }
+            tracing::info!(reason = ?end, ?term_len, "stepped down from active");
+        }
+    }
+    if end == TermEnd::Sealed || *sealed_rx.borrow() {
+        handle.update(|s| {
+            s.role = Role::Sealed;
+            s.last_echo = None;
+        });
+    }
+    Ok(end)
+}
+
+/// Counts a fencing rejection.
+pub(crate) fn note_fenced(node: &Node, e: &BarrierError) {
+    if matches!(e, BarrierError::Storage(StorageError::Fenced { .. })) {
+        node.metrics().fencing_rejections.inc();
+        node.ha().fenced();
+    }
+}

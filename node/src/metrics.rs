@@ -1,0 +1,130 @@
+//! The node's Prometheus metrics, with Vault's names where the meaning is the same
+//! (design.md section 5) and `vha_node_*` for our own. Served by `sys/metrics`.
+//! Histograms stand where Vault has summaries; buckets span sub-millisecond request handling
+//! to multi-minute terms. No label carries a path or a token.
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+/// Latency buckets (seconds): 100 µs .. 10 s, for request handling, echoes, lock waits.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Term-length buckets (seconds): 1 s .. 1 day, for `vault_core_leadership_lost`.
+const TERM_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0];
+
+/// Every metric the node exports.
+pub struct NodeMetrics {
+    registry: Registry,
+    pub core_active: IntGauge,
+    pub core_unsealed: IntGauge,
+    /// Term length (seconds) observed when a term ends by losing the lock.
+    pub leadership_lost: Histogram,
+    pub leadership_setup_failed: IntCounter,
+    /// Time (seconds) a step-down took.
+    pub step_down: Histogram,
+    pub handle_request: Histogram,
+    pub rpc_client_forward: Histogram,
+    pub rpc_client_forward_errors: IntCounter,
+    /// Round-trip (seconds) of a standby's heartbeat to the active.
+    pub rpc_client_echo: Histogram,
+    pub rpc_client_echo_errors: IntCounter,
+    pub lock_acquire: Histogram,
+    pub term: IntGauge,
+    pub fencing_rejections: IntCounter,
+    /// Cluster-listener TLS handshakes refused, by reason (bounded set).
+    pub cluster_handshake_failures: IntCounterVec,
+}
+
+fn hist(name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("valid histogram")
+}
+
+impl NodeMetrics {
+    pub fn new() -> NodeMetrics {
+        let m = NodeMetrics {
+            registry: Registry::new(),
+            core_active: IntGauge::new("vault_core_active", "1 while this node is the active node").expect("gauge"),
+            core_unsealed: IntGauge::new("vault_core_unsealed", "1 while this node is unsealed").expect("gauge"),
+            leadership_lost: hist(
+                "vault_core_leadership_lost",
+                "Length of a term (seconds) that ended by losing leadership",
+                TERM_BUCKETS,
+            ),
+            leadership_setup_failed: IntCounter::new(
+                "vault_core_leadership_setup_failed",
+                "Times becoming active failed after the lock was won",
+            )
+            .expect("counter"),
+            step_down: hist("vault_core_step_down", "Time (seconds) taken to step down", LATENCY_BUCKETS),
+            handle_request: hist("vault_core_handle_request", "Time (seconds) to handle an API request", LATENCY_BUCKETS),
+            rpc_client_forward: hist(
+                "vault_ha_rpc_client_forward",
+                "Time (seconds) of requests forwarded by this node to the active",
+                LATENCY_BUCKETS,
+            ),
+            rpc_client_forward_errors: IntCounter::new(
+                "vault_ha_rpc_client_forward_errors",
+                "Requests this node failed to forward to the active",
+            )
+            .expect("counter"),
+            rpc_client_echo: hist(
+                "vault_ha_rpc_client_echo",
+                "Round-trip time (seconds) of standby heartbeats to the active",
+                LATENCY_BUCKETS,
+            ),
+            rpc_client_echo_errors: IntCounter::new(
+                "vault_ha_rpc_client_echo_errors",
+                "Standby heartbeats to the active that failed",
+            )
+            .expect("counter"),
+            lock_acquire: hist(
+                "vha_node_lock_acquire_seconds",
+                "Time from starting to contend for the HA lock to holding it",
+                &[0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0, 300.0, 3600.0],
+            ),
+            term: IntGauge::new("vha_node_term", "Fencing token of this node's current term (0 when not active)")
+                .expect("gauge"),
+            fencing_rejections: IntCounter::new(
+                "vha_node_fencing_rejections_total",
+                "Writes the store rejected because this node's fencing token was stale",
+            )
+            .expect("counter"),
+            cluster_handshake_failures: IntCounterVec::new(
+                Opts::new("vha_node_cluster_handshake_failures_total", "Refused cluster-listener TLS handshakes"),
+                &["reason"],
+            )
+            .expect("counter vec"),
+        };
+        for c in [
+            Box::new(m.core_active.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.core_unsealed.clone()),
+            Box::new(m.leadership_lost.clone()),
+            Box::new(m.leadership_setup_failed.clone()),
+            Box::new(m.step_down.clone()),
+            Box::new(m.handle_request.clone()),
+            Box::new(m.rpc_client_forward.clone()),
+            Box::new(m.rpc_client_forward_errors.clone()),
+            Box::new(m.rpc_client_echo.clone()),
+            Box::new(m.rpc_client_echo_errors.clone()),
+            Box::new(m.lock_acquire.clone()),
+            Box::new(m.term.clone()),
+            Box::new(m.fencing_rejections.clone()),
+            Box::new(m.cluster_handshake_failures.clone()),
+        ] {
+            m.registry.register(c).expect("unique metric names");
+        }
+        m
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for NodeMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
