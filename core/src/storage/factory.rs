@@ -6,8 +6,10 @@ use std::sync::Arc;
 
 use crate::config::{Config, ConfigError, Stanza};
 
+use super::etcd::EtcdBackend;
 use super::file::FileBackend;
 use super::inmem::InmemBackend;
+use super::lockd::LockdBackend;
 use super::{Backend, HaBackend, Stores};
 
 /// One opened backend: its data side, and its HA side when it can do HA and HA is enabled.
@@ -41,11 +43,23 @@ fn open_one(st: &Stanza) -> Result<Opened, ConfigError> {
                 ha_capable: true,
             })
         }
+        "lockd" => {
+            let b = Arc::new(LockdBackend::from_stanza(st)?);
+            let ha: Option<Arc<dyn HaBackend>> =
+                if st.get_bool("ha_enabled", true)? { Some(b.clone() as Arc<dyn HaBackend>) } else { None };
+            Ok(Opened { data: b, ha, ha_capable: true })
+        }
+        "etcd" => {
+            // Vault's semantics: HA only with `ha_enabled = "true"` (default off).
+            let b = Arc::new(EtcdBackend::from_stanza(st)?);
+            let ha: Option<Arc<dyn HaBackend>> = if b.ha_enabled() { Some(b.clone() as Arc<dyn HaBackend>) } else { None };
+            Ok(Opened { data: b, ha, ha_capable: true })
+        }
         other => Err(ConfigError::Invalid {
             file: st.file.clone(),
             line: st.line,
             key: st.block.to_string(),
-            msg: format!("unknown storage type {other:?} (supported: file, inmem)"),
+            msg: format!("unknown storage type {other:?} (supported: file, inmem, lockd, etcd)"),
         }),
     }
 }

@@ -218,6 +218,10 @@ impl HaBackend for InmemBackend {
     async fn watch_lock(&self, key: &str) -> Result<WatchStream, StorageError> {
         Backend::watch(self, key).await
     }
+
+    async fn force_release(&self, key: &str, token: u64) -> Result<(), StorageError> {
+        InmemRelease { backend: self.clone(), key: key.to_string(), token }.release().await
+    }
 }
 
 #[cfg(test)]

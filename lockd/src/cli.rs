@@ -1,0 +1,277 @@
+//! `vha lockd ...`: run the daemon, take and restore snapshots, and (hidden) `hold` and
+//! `bench` helpers used by tests and benchmarks.
+//!
+//! - `vha lockd [--config FILE] [--listen 127.0.0.1:8300] [--data-dir DIR] [--lease-ttl 10s]`
+//!   runs until SIGTERM/SIGINT (flags override the file).
+//! - `vha lockd snapshot save FILE --address URL` / `snapshot restore FILE --data-dir DIR`
+//!   (offline: refuses while a lockd holds the directory).
+//! - `vha lockd hold --address URL --key K --value V [--ttl 2s]` (hidden): holds a lock and
+//!   prints `acquired token=N unix_ms=T`, then `lost deadline_unix_ms=D unix_ms=T`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use vha_core::storage::lockd::{LockTiming, LockdBackend};
+
+use crate::config::LockdConfig;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "vha lockd",
+    about = "vha's embedded HA store (default listen 127.0.0.1:8300)"
+)]
+struct Args {
+    /// HCL configuration file (see `lockd/PROTOCOL.md` and `config.rs` for keys).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Listen address (default 127.0.0.1:8300).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Data directory (log, snapshot); default ./lockd-data.
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// Default lease TTL for acquires that do not ask for one (default 10s).
+    #[arg(long)]
+    lease_ttl: Option<String>,
+    /// Shortest lease TTL a client may ask for (default 100ms).
+    #[arg(long)]
+    min_lease_ttl: Option<String>,
+    /// Longest lease TTL a client may ask for (default 5m).
+    #[arg(long)]
+    max_lease_ttl: Option<String>,
+    /// Log size in bytes that triggers compaction.
+    #[arg(long)]
+    compact_bytes: Option<String>,
+    /// PEM certificate chain: with --tls-key-file, serve TLS (h2 or http/1.1 via ALPN).
+    #[arg(long)]
+    tls_cert_file: Option<String>,
+    /// PEM private key for --tls-cert-file.
+    #[arg(long)]
+    tls_key_file: Option<String>,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Snapshots: save from a running lockd, restore into a stopped one's data dir.
+    Snapshot {
+        #[command(subcommand)]
+        op: SnapOp,
+    },
+    /// Holds a lock until lost (test helper).
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        value: String,
+        #[arg(long, default_value = "10s")]
+        ttl: String,
+    },
+    /// Guarded-write benchmark against lockd and (optionally) etcd.
+    #[command(hide = true)]
+    Bench(crate::cli::BenchArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapOp {
+    Save {
+        file: PathBuf,
+        #[arg(long, default_value = "http://127.0.0.1:8300")]
+        address: String,
+    },
+    Restore {
+        file: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+}
+
+/// Arguments of the hidden `bench` subcommand.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Where the servers' data directories go (same disk for both: same fsync cost).
+    #[arg(long, default_value = ".")]
+    pub dir: PathBuf,
+    /// The etcd binary (Debian: `etcd-server`).
+    #[arg(long, default_value = "etcd")]
+    pub etcd_bin: String,
+    /// Benchmark lockd only.
+    #[arg(long)]
+    pub no_etcd: bool,
+    /// Concurrency levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub clients: Vec<usize>,
+    /// Seconds per level and server.
+    #[arg(long, default_value = "5")]
+    pub secs: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value = "256")]
+    pub value_size: usize,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn unix_ms(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}
+
+/// `vha lockd ...`
+pub fn main(args: Vec<String>) -> ExitCode {
+    let args = match Args::try_parse_from(std::iter::once("vha lockd".to_string()).chain(args)) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_tracing();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vha lockd: starting runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let res = match args.cmd {
+        None => rt.block_on(run_daemon(&args)),
+        Some(Cmd::Snapshot {
+            op: SnapOp::Save { ref file, ref address },
+        }) => rt.block_on(snapshot_save(file, address)),
+        Some(Cmd::Snapshot {
+            op: SnapOp::Restore { ref file, ref data_dir },
+        }) => snapshot_restore(file, data_dir),
+        Some(Cmd::Hold {
+            ref address,
+            ref key,
+            ref value,
+            ref ttl,
+        }) => rt.block_on(hold(address, key, value, ttl)),
+        Some(Cmd::Bench(ref b)) => rt.block_on(crate::bench::run(b)),
+    };
+    match res {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vha lockd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_from(args: &Args) -> Result<LockdConfig, String> {
+    let mut cfg = match &args.config {
+        Some(p) => LockdConfig::load(p).map_err(|e| e.to_string())?,
+        None => LockdConfig::default(),
+    };
+    let flags = [
+        ("listen", &args.listen),
+        ("data_dir", &args.data_dir),
+        ("lease_ttl", &args.lease_ttl),
+        ("min_lease_ttl", &args.min_lease_ttl),
+        ("max_lease_ttl", &args.max_lease_ttl),
+        ("compact_bytes", &args.compact_bytes),
+        ("tls_cert_file", &args.tls_cert_file),
+        ("tls_key_file", &args.tls_key_file),
+    ];
+    for (k, v) in flags {
+        if let Some(v) = v {
+            cfg.set_flag(k, v).map_err(|e| e.to_string())?;
+        }
+    }
+    cfg.validate(args.config.as_deref().unwrap_or(std::path::Path::new("<flags>")))
+        .map_err(|e| e.to_string())?;
+    Ok(cfg)
+}
+
+async fn run_daemon(args: &Args) -> Result<(), String> {
+    let cfg = config_from(args)?;
+    let d = crate::Daemon::start(&cfg).await?;
+    let scheme = if cfg.tls_cert_file.is_some() { "https" } else { "http" };
+    println!(
+        "lockd listening on {scheme}://{} (data dir {})",
+        d.addr,
+        cfg.data_dir.display()
+    );
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("lockd shutting down");
+    d.stop().await;
+    Ok(())
+}
+
+async fn snapshot_save(file: &std::path::Path, address: &str) -> Result<(), String> {
+    let c = LockdBackend::connect(address).map_err(|e| e.to_string())?;
+    let img = c.snapshot().await.map_err(|e| e.to_string())?;
+    crate::log::parse_snapshot(&img).map_err(|e| format!("lockd sent an invalid snapshot: {e}"))?;
+    crate::log::write_atomic(file, &img).map_err(|e| e.to_string())?;
+    println!("saved snapshot ({} bytes) to {}", img.len(), file.display());
+    Ok(())
+}
+
+fn snapshot_restore(file: &std::path::Path, data_dir: &std::path::Path) -> Result<(), String> {
+    let img = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let lsn = crate::store::restore_snapshot(&img, data_dir).map_err(|e| e.to_string())?;
+    println!("restored snapshot (up to record {lsn}) into {}", data_dir.display());
+    Ok(())
+}
+
+fn wall(deadline: tokio::time::Instant) -> SystemTime {
+    let (ni, ns) = (tokio::time::Instant::now(), SystemTime::now());
+    if deadline >= ni {
+        ns + (deadline - ni)
+    } else {
+        ns - (ni - deadline)
+    }
+}
+
+async fn hold(address: &str, key: &str, value: &str, ttl: &str) -> Result<(), String> {
+    let ttl = vha_core::config::parse_duration(ttl).ok_or_else(|| format!("{ttl:?} is not a duration"))?;
+    let c = LockdBackend::connect(address)
+        .map_err(|e| e.to_string())?
+        .with_timing(LockTiming::from_ttl(ttl));
+    let Some((guard, deadline)) = c
+        .acquire_lease(key, value, CancellationToken::new())
+        .await
+        .map_err(|e| e.to_string())?
+    else {
+        return Err("acquire cancelled".into());
+    };
+    println!(
+        "acquired token={} unix_ms={}",
+        guard.fence().token,
+        unix_ms(SystemTime::now())
+    );
+    guard.lost().cancelled().await;
+    let d = *deadline.borrow();
+    println!(
+        "lost deadline_unix_ms={} unix_ms={}",
+        unix_ms(wall(d)),
+        unix_ms(SystemTime::now())
+    );
+    // Keep the lock state as is (no release: it is lost already) and exit.
+    std::mem::forget(guard);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    Ok(())
+}

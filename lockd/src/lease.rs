@@ -1,0 +1,531 @@
+//! The pure lease table: which lock is held by whom, until when, and the fencing tokens.
+//!
+//! No I/O and no clock of its own: every call takes `now` (a monotonic [`Duration`] since an
+//! arbitrary origin, injected by the server) and returns [`Effect`]s the server must make
+//! durable (grants, releases, expiries, fence observations) before acknowledging. That keeps
+//! the safety rules property-testable (see the tests at the bottom):
+//! - at most one lease per key; a lease ends only by release, or when `now >= deadline`;
+//! - each grant's token is strictly greater than every token granted or seen for that key;
+//! - a write fenced with a token below the highest seen is rejected;
+//! - after a restart ([`LeaseTable::replay`] + [`LeaseTable::recovered`]) every lease that was
+//!   held is held for a full TTL from the restart.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::error::LockdError;
+
+/// A granted lease.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    pub value: String,
+    pub token: u64,
+    pub ttl: Duration,
+    /// The lease ends when `now >= deadline` without a renewal.
+    pub deadline: Duration,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct LockState {
+    /// Highest token granted or seen on a fenced write for this key.
+    highest: u64,
+    lease: Option<Lease>,
+}
+
+/// Why a lease ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    Released,
+    Expired,
+}
+
+/// What happened; the server turns these into log records and watch events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// A new lease (durable record needed before the grant is answered).
+    Granted {
+        key: String,
+        value: String,
+        token: u64,
+        ttl: Duration,
+    },
+    /// The existing lease was extended (in memory only).
+    Renewed { key: String, token: u64, ttl: Duration },
+    /// A lease ended (durable record; not urgent for expiries).
+    Ended { key: String, token: u64, reason: EndReason },
+    /// A fenced write raised the highest token seen for `lock` (durable with the write).
+    Observed { lock: String, token: u64 },
+}
+
+/// The events the table reacts to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    Acquire {
+        key: String,
+        value: String,
+        ttl: Duration,
+    },
+    Renew {
+        key: String,
+        token: u64,
+    },
+    Release {
+        key: String,
+        token: u64,
+    },
+    /// A write fenced with `token` for `lock`: rejected if stale, else observed.
+    Fence {
+        lock: String,
+        token: u64,
+    },
+    /// Time passed: end every lease whose deadline is reached.
+    Tick,
+}
+
+/// The lease table.
+#[derive(Clone, Debug, Default)]
+pub struct LeaseTable {
+    locks: BTreeMap<String, LockState>,
+}
+
+impl LeaseTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Applies `ev` at `now`. On `Err` nothing changed (apart from ending a lease whose
+    /// deadline had already passed, reported by [`LeaseTable::tick`] on the next call).
+    pub fn apply(&mut self, ev: Event, now: Duration) -> Result<Vec<Effect>, LockdError> {
+        match ev {
+            Event::Acquire { key, value, ttl } => self.acquire(&key, &value, ttl, now),
+            Event::Renew { key, token } => self.renew(&key, token, now).map(|e| vec![e]),
+            Event::Release { key, token } => self.release(&key, token, now),
+            Event::Fence { lock, token } => self.fence(&lock, token).map(|o| o.into_iter().collect()),
+            Event::Tick => Ok(self.tick(now)),
+        }
+    }
+
+    /// Takes the lock if free (or if its lease ran out). Acquiring again with the current
+    /// holder's value renews that lease (idempotent retry). Otherwise `LockHeld`.
+    pub fn acquire(&mut self, key: &str, value: &str, ttl: Duration, now: Duration) -> Result<Vec<Effect>, LockdError> {
+        if ttl.is_zero() {
+            return Err(LockdError::Invalid("lease ttl must be positive".into()));
+        }
+        let mut effects = self.expire_key(key, now);
+        let st = self.locks.entry(key.to_string()).or_default();
+        match &mut st.lease {
+            // The lease keeps the TTL it was granted (and logged) with: a different TTL here
+            // would not survive a restart.
+            Some(l) if l.value == value => {
+                l.deadline = now.saturating_add(l.ttl);
+                effects.push(Effect::Renewed {
+                    key: key.to_string(),
+                    token: l.token,
+                    ttl: l.ttl,
+                });
+                Ok(effects)
+            }
+            Some(l) => Err(LockdError::LockHeld {
+                key: key.to_string(),
+                token: l.token,
+            }),
+            None => {
+                let token = st.highest + 1;
+                st.highest = token;
+                st.lease = Some(Lease {
+                    value: value.to_string(),
+                    token,
+                    ttl,
+                    deadline: now.saturating_add(ttl),
+                });
+                effects.push(Effect::Granted {
+                    key: key.to_string(),
+                    value: value.to_string(),
+                    token,
+                    ttl,
+                });
+                Ok(effects)
+            }
+        }
+    }
+
+    /// Extends the lease `(key, token)` by its TTL from `now`. A lease whose deadline passed
+    /// is `LeaseExpired` (even before a tick removed it); a token that is not the current
+    /// lease is `UnknownLease`.
+    pub fn renew(&mut self, key: &str, token: u64, now: Duration) -> Result<Effect, LockdError> {
+        match self.locks.get_mut(key).and_then(|s| s.lease.as_mut()) {
+            Some(l) if l.token == token => {
+                if now >= l.deadline {
+                    return Err(LockdError::LeaseExpired {
+                        key: key.to_string(),
+                        token,
+                    });
+                }
+                l.deadline = now.saturating_add(l.ttl);
+                Ok(Effect::Renewed {
+                    key: key.to_string(),
+                    token,
+                    ttl: l.ttl,
+                })
+            }
+            _ => {
+                let highest = self.locks.get(key).map(|s| s.highest).unwrap_or(0);
+                if token != 0 && token <= highest {
+                    Err(LockdError::LeaseExpired {
+                        key: key.to_string(),
+                        token,
+                    })
+                } else {
+                    Err(LockdError::UnknownLease {
+                        key: key.to_string(),
+                        token,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Ends the lease `(key, token)`. Anyone presenting the key and the current token may
+    /// release (see the server's release-by-token notes). A token that is not current is an
+    /// error; releasing an already-ended lease is `LeaseExpired`, which callers treat as done.
+    pub fn release(&mut self, key: &str, token: u64, now: Duration) -> Result<Vec<Effect>, LockdError> {
+        let mut effects = self.expire_key(key, now);
+        match self.locks.get_mut(key) {
+            Some(st) if st.lease.as_ref().is_some_and(|l| l.token == token) => {
+                st.lease = None;
+                effects.push(Effect::Ended {
+                    key: key.to_string(),
+                    token,
+                    reason: EndReason::Released,
+                });
+                Ok(effects)
+            }
+            Some(st) if token != 0 && token <= st.highest => {
+                if effects.is_empty() {
+                    Err(LockdError::LeaseExpired {
+                        key: key.to_string(),
+                        token,
+                    })
+                } else {
+                    Ok(effects)
+                }
+            }
+            _ => Err(LockdError::UnknownLease {
+                key: key.to_string(),
+                token,
+            }),
+        }
+    }
+
+    /// Checks a fenced write: `Fenced` when `token` is below the highest seen for `lock`;
+    /// otherwise records it as seen (returning `Observed` when it raised the highest).
+    pub fn fence(&mut self, lock: &str, token: u64) -> Result<Option<Effect>, LockdError> {
+        let highest = self.locks.get(lock).map(|s| s.highest).unwrap_or(0);
+        if token < highest {
+            return Err(LockdError::Fenced {
+                lock: lock.to_string(),
+                token,
+                highest,
+            });
+        }
+        if token > highest {
+            self.locks.entry(lock.to_string()).or_default().highest = token;
+            return Ok(Some(Effect::Observed {
+                lock: lock.to_string(),
+                token,
+            }));
+        }
+        Ok(None)
+    }
+
+    /// Checks a fence without recording it (for validating a write before it is applied).
+    pub fn check_fence(&self, lock: &str, token: u64) -> Result<(), LockdError> {
+        let highest = self.locks.get(lock).map(|s| s.highest).unwrap_or(0);
+        if token < highest {
+            return Err(LockdError::Fenced {
+                lock: lock.to_string(),
+                token,
+                highest,
+            });
+        }
+        Ok(())
+    }
+
+    /// Ends every lease whose deadline is reached.
+    pub fn tick(&mut self, now: Duration) -> Vec<Effect> {
+        let due: Vec<String> = self
+            .locks
+            .iter()
+            .filter(|(_, s)| s.lease.as_ref().is_some_and(|l| now >= l.deadline))
+            .map(|(k, _)| k.clone())
+            .collect();
+        due.iter().flat_map(|k| self.expire_key(k, now)).collect()
+    }
+
+    fn expire_key(&mut self, key: &str, now: Duration) -> Vec<Effect> {
+        if let Some(st) = self.locks.get_mut(key) {
+            if let Some(l) = st.lease.as_ref().filter(|l| now >= l.deadline) {
+                let token = l.token;
+                st.lease = None;
+                return vec![Effect::Ended {
+                    key: key.to_string(),
+                    token,
+                    reason: EndReason::Expired,
+                }];
+            }
+        }
+        Vec::new()
+    }
+
+    /// The earliest lease deadline, for the server's expiry timer.
+    pub fn next_deadline(&self) -> Option<Duration> {
+        self.locks
+            .values()
+            .filter_map(|s| s.lease.as_ref().map(|l| l.deadline))
+            .min()
+    }
+
+    pub fn holder(&self, key: &str) -> Option<&Lease> {
+        self.locks.get(key).and_then(|s| s.lease.as_ref())
+    }
+
+    pub fn highest(&self, key: &str) -> u64 {
+        self.locks.get(key).map(|s| s.highest).unwrap_or(0)
+    }
+
+    pub fn active_leases(&self) -> usize {
+        self.locks.values().filter(|s| s.lease.is_some()).count()
+    }
+
+    /// Every lock's highest token and lease, for snapshots.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, u64, Option<&Lease>)> {
+        self.locks
+            .iter()
+            .map(|(k, s)| (k.as_str(), s.highest, s.lease.as_ref()))
+    }
+
+    /// Replays a durable effect (from the log or a snapshot) during recovery. Deadlines are
+    /// set by [`LeaseTable::recovered`].
+    pub fn replay(&mut self, effect: &Effect) {
+        match effect {
+            Effect::Granted { key, value, token, ttl } => {
+                let st = self.locks.entry(key.clone()).or_default();
+                st.highest = st.highest.max(*token);
+                st.lease = Some(Lease {
+                    value: value.clone(),
+                    token: *token,
+                    ttl: *ttl,
+                    deadline: Duration::ZERO,
+                });
+            }
+            Effect::Ended { key, token, .. } => {
+                if let Some(st) = self.locks.get_mut(key) {
+                    if st.lease.as_ref().is_some_and(|l| l.token == *token) {
+                        st.lease = None;
+                    }
+                }
+            }
+            Effect::Observed { lock, token } => {
+                let st = self.locks.entry(lock.clone()).or_default();
+                st.highest = st.highest.max(*token);
+            }
+            Effect::Renewed { .. } => {}
+        }
+    }
+
+    /// Ends recovery at `now`: every lease that was held is held for a full TTL from now, so
+    /// no second holder is granted while the old one may still act on its last renewal.
+    pub fn recovered(&mut self, now: Duration) {
+        for st in self.locks.values_mut() {
+            if let Some(l) = st.lease.as_mut() {
+                l.deadline = now.saturating_add(l.ttl);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    /// A released lock is re-granted with a higher token; a held one is refused.
+    #[test]
+    fn grant_release_regrant() {
+        let mut t = LeaseTable::new();
+        let e = t.acquire("k", "a", MS(100), MS(0)).unwrap();
+        assert!(matches!(e[0], Effect::Granted { token: 1, .. }));
+        assert!(matches!(
+            t.acquire("k", "b", MS(100), MS(10)),
+            Err(LockdError::LockHeld { .. })
+        ));
+        t.release("k", 1, MS(20)).unwrap();
+        let e = t.acquire("k", "b", MS(100), MS(30)).unwrap();
+        assert!(matches!(e[0], Effect::Granted { token: 2, .. }));
+    }
+
+    /// A lease ends exactly at its deadline; renewing after that is `LeaseExpired`.
+    #[test]
+    fn expiry_and_late_renew() {
+        let mut t = LeaseTable::new();
+        t.acquire("k", "a", MS(100), MS(0)).unwrap();
+        t.renew("k", 1, MS(50)).unwrap();
+        assert!(t.tick(MS(149)).is_empty(), "renewed lease must last ttl from the renew");
+        assert!(matches!(t.renew("k", 1, MS(150)), Err(LockdError::LeaseExpired { .. })));
+        assert_eq!(t.tick(MS(150)).len(), 1);
+        assert!(matches!(t.renew("k", 1, MS(151)), Err(LockdError::LeaseExpired { .. })));
+        assert!(matches!(t.renew("k", 9, MS(151)), Err(LockdError::UnknownLease { .. })));
+    }
+
+    /// Re-acquiring with the holder's own value returns the same token and extends the lease
+    /// by its original TTL (the one that is logged).
+    #[test]
+    fn idempotent_reacquire() {
+        let mut t = LeaseTable::new();
+        t.acquire("k", "a", MS(100), MS(0)).unwrap();
+        let e = t.acquire("k", "a", MS(5000), MS(90)).unwrap();
+        assert_eq!(
+            e,
+            vec![Effect::Renewed {
+                key: "k".into(),
+                token: 1,
+                ttl: MS(100)
+            }]
+        );
+        assert_eq!(t.holder("k").unwrap().deadline, MS(190));
+    }
+
+    /// After replay + recovered(now), a held lease lasts a full TTL from the restart and the
+    /// next token exceeds every token granted before it.
+    #[test]
+    fn restart_holds_for_full_ttl() {
+        let mut t = LeaseTable::new();
+        let mut log = t.acquire("k", "a", MS(100), MS(0)).unwrap();
+        log.extend(t.fence("k", 7).unwrap());
+        let mut r = LeaseTable::new();
+        log.iter().for_each(|e| r.replay(e));
+        r.recovered(MS(1000));
+        assert!(matches!(
+            r.acquire("k", "b", MS(100), MS(1099)),
+            Err(LockdError::LockHeld { .. })
+        ));
+        let e = r.acquire("k", "b", MS(100), MS(1100)).unwrap();
+        assert!(e.iter().any(|e| matches!(e, Effect::Granted { token: 8, .. })));
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Acquire(usize, usize, u64),
+        Renew(usize, usize),
+        Release(usize, usize),
+        Fence(usize, u64),
+        Advance(u64),
+        Tick,
+        Restart,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            (0..3usize, 0..3usize, 1..200u64).prop_map(|(k, v, t)| Op::Acquire(k, v, t)),
+            (0..3usize, 0..8usize).prop_map(|(k, i)| Op::Renew(k, i)),
+            (0..3usize, 0..8usize).prop_map(|(k, i)| Op::Release(k, i)),
+            (0..3usize, 0..12u64).prop_map(|(k, t)| Op::Fence(k, t)),
+            (0..150u64).prop_map(Op::Advance),
+            Just(Op::Tick),
+            Just(Op::Restart),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Over random acquire/renew/release/expire/restart sequences:
+        /// 1. at most one holder per key at any instant, and no grant to a second holder
+        ///    while the previous one may still believe it holds (its last acknowledged
+        ///    grant/renew + TTL has not passed), unless it released — also across restarts;
+        /// 2. tokens per key strictly increase, also across restarts;
+        /// 3. a fenced write with a token below one already granted is always rejected.
+        #[test]
+        fn lease_safety(ops in proptest::collection::vec(op(), 1..80)) {
+            let keys = ["a", "b", "c"];
+            let mut t = LeaseTable::new();
+            let mut durable: Vec<Effect> = Vec::new();
+            let mut now = Duration::ZERO;
+            // Per key: tokens granted, in order; and what the current believer may assume.
+            let mut granted: HashMap<&str, Vec<u64>> = HashMap::new();
+            let mut believed: HashMap<&str, (u64, Duration)> = HashMap::new();
+            for op in ops {
+                let mut effects = Vec::new();
+                match op {
+                    Op::Acquire(k, v, ttl) => {
+                        if let Ok(e) = t.acquire(keys[k], &format!("v{v}"), MS(ttl), now) { effects = e; }
+                    }
+                    Op::Renew(k, i) => {
+                        let tok = granted.get(keys[k]).and_then(|g| g.get(i % g.len().max(1))).copied().unwrap_or(i as u64);
+                        if let Ok(e) = t.renew(keys[k], tok, now) { effects.push(e); }
+                    }
+                    Op::Release(k, i) => {
+                        let tok = granted.get(keys[k]).and_then(|g| g.get(i % g.len().max(1))).copied().unwrap_or(i as u64);
+                        if let Ok(e) = t.release(keys[k], tok, now) { effects = e; }
+                    }
+                    Op::Fence(k, tok) => {
+                        let max_granted = granted.get(keys[k]).and_then(|g| g.last()).copied().unwrap_or(0);
+                        match t.fence(keys[k], tok) {
+                            Ok(e) => {
+                                prop_assert!(tok >= max_granted, "stale token {tok} accepted after grant {max_granted}");
+                                effects.extend(e);
+                            }
+                            Err(LockdError::Fenced { .. }) => prop_assert!(tok < t.highest(keys[k])),
+                            Err(e) => prop_assert!(false, "unexpected {e}"),
+                        }
+                    }
+                    Op::Advance(ms) => now += MS(ms),
+                    Op::Tick => effects = t.tick(now),
+                    Op::Restart => {
+                        let mut r = LeaseTable::new();
+                        durable.iter().for_each(|e| r.replay(e));
+                        r.recovered(now);
+                        t = r;
+                    }
+                }
+                for e in effects {
+                    match &e {
+                        Effect::Granted { key, token, ttl, .. } => {
+                            let k = keys.iter().find(|k| **k == key.as_str()).copied().unwrap_or("a");
+                            if let Some((_, until)) = believed.get(k) {
+                                prop_assert!(*until <= now, "grant of {key} at {now:?} while previous holder may act until {until:?}");
+                            }
+                            let g = granted.entry(k).or_default();
+                            if let Some(last) = g.last() { prop_assert!(token > last, "token {token} after {last}"); }
+                            g.push(*token);
+                            believed.insert(k, (*token, now + *ttl));
+                            durable.push(e.clone());
+                        }
+                        Effect::Renewed { key, token, ttl } => {
+                            let k = keys.iter().find(|k| **k == key.as_str()).copied().unwrap_or("a");
+                            believed.insert(k, (*token, now + *ttl));
+                        }
+                        Effect::Ended { key, token, reason } => {
+                            let k = keys.iter().find(|k| **k == key.as_str()).copied().unwrap_or("a");
+                            if *reason == EndReason::Released {
+                                if believed.get(k).is_some_and(|(t, _)| t == token) { believed.remove(k); }
+                            } else if let Some((_, until)) = believed.get(k) {
+                                prop_assert!(*until <= now, "expired before the holder's deadline");
+                            }
+                            durable.push(e.clone());
+                        }
+                        Effect::Observed { .. } => durable.push(e.clone()),
+                    }
+                }
+                // At most one holder per key, and it is the latest grant.
+                for k in keys {
+                    if let Some(l) = t.holder(k) {
+                        prop_assert_eq!(Some(l.token), granted.get(k).and_then(|g| g.last()).copied());
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,916 @@
+//! The durable state machine: KV map + lease table, an append-only log with group commit,
+//! and snapshot-based compaction.
+//!
+//! Writers mutate the in-memory state and append a record under one mutex (so log order is
+//! apply order), then wait until a single writer thread has written and fsynced the batch
+//! their record is in: concurrent writers share one fsync (group commit). Reads wait until
+//! everything they could have seen is durable, and watch events are published only after
+//! the fsync, so nobody observes a write that a crash could still take back. When the log
+//! outgrows [`StoreOptions::compact_bytes`] the writer snapshots the state (atomic rename)
+//! and truncates the log. Recovery: snapshot, then log records after it; a torn or corrupt
+//! tail is truncated; held leases restart with a full TTL.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{broadcast, watch, Notify};
+use vha_core::storage::lockd::protocol::{PutRequest, WireEntry, WireHolder};
+use vha_core::storage::{list_children, validate_key, validate_value, Fence, MAX_KEY_LEN};
+
+use crate::error::{LockdError, StoreError};
+use crate::lease::{Effect, EndReason, LeaseTable};
+use crate::log::{self, Record};
+use crate::metrics::Metrics;
+
+/// Log size that triggers compaction: large enough that snapshots (which pause writes while
+/// the state is serialized) are rare, small enough that recovery replays in well under a
+/// second on this machine.
+pub const DEFAULT_COMPACT_BYTES: u64 = 64 * 1024 * 1024;
+/// How many watch events may queue for a slow watcher before it gets `resync` instead.
+pub const EVENT_QUEUE: usize = 4096;
+/// How long a cancelled acquire attempt is remembered: longer than any request of it can
+/// still be running (a blocking acquire waits at most 30 s, plus its fsync).
+pub const CANCEL_MEMORY: Duration = Duration::from_secs(120);
+/// Longest lock holder value (Vault uses a UUID): keeps the lease table small.
+pub const MAX_HOLDER_VALUE: usize = MAX_KEY_LEN;
+
+const LOG_FILE: &str = "log";
+const SNAPSHOT_FILE: &str = "snapshot";
+const LOCK_FILE: &str = "LOCK";
+
+/// Where and how the store keeps its data.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub data_dir: PathBuf,
+    pub compact_bytes: u64,
+}
+
+/// A change, published to watchers once durable.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    /// A lock (grant/end) rather than a KV key.
+    pub lock: bool,
+    pub key: String,
+    /// Put (or grant) vs delete (or release/expiry).
+    pub put: bool,
+}
+
+#[derive(Clone, Debug)]
+struct Stored {
+    value: Bytes,
+    fence_token: Option<u64>,
+    revision: u64,
+}
+
+#[derive(Default)]
+struct State {
+    kv: BTreeMap<String, Stored>,
+    leases: LeaseTable,
+    /// Per lock key: the `(token, attempt)` of the current grant, when the acquire carried an
+    /// attempt id (in memory: requests do not outlive a restart).
+    grant_attempts: std::collections::HashMap<String, (u64, u64)>,
+    /// Cancelled acquire attempts `(key, attempt)` and when, pruned after [`CANCEL_MEMORY`].
+    cancelled: std::collections::HashMap<(String, u64), Duration>,
+}
+
+#[derive(Default)]
+struct Pending {
+    bytes: Vec<u8>,
+    notes: Vec<Note>,
+    records: usize,
+    last_lsn: u64,
+    shutdown: bool,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    pending: Mutex<Pending>,
+    wake_writer: Condvar,
+    durable: watch::Sender<u64>,
+    events: broadcast::Sender<Arc<Note>>,
+    /// Fired when a lease ends, so blocked acquirers retry.
+    released: Notify,
+    /// Fired when a lease is granted, so the expiry timer re-arms.
+    granted: Notify,
+    origin: Instant,
+    metrics: Arc<Metrics>,
+    dir: PathBuf,
+    compact_bytes: u64,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    _dir_lock: nix::fcntl::Flock<File>,
+    closed: AtomicBool,
+}
+
+/// The store. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock would leave a half-applied op; every mutation here is
+    // validated before it starts, so continuing is safe and beats wedging the daemon.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn apply_record(st: &mut State, rec: Record) {
+    match rec {
+        Record::Put {
+            key,
+            value,
+            fence,
+            revision,
+        } => {
+            if let Some(f) = &fence {
+                if !f.lock.is_empty() {
+                    st.leases.replay(&Effect::Observed {
+                        lock: f.lock.clone(),
+                        token: f.token,
+                    });
+                }
+            }
+            st.kv.insert(
+                key,
+                Stored {
+                    value,
+                    fence_token: fence.map(|f| f.token),
+                    revision,
+                },
+            );
+        }
+        Record::Delete { key, fence } => {
+            if let Some(f) = fence {
+                st.leases.replay(&Effect::Observed {
+                    lock: f.lock,
+                    token: f.token,
+                });
+            }
+            st.kv.remove(&key);
+        }
+        Record::Lease(e) => st.leases.replay(&e),
+        Record::SnapHeader { .. } | Record::SnapEnd { .. } => {}
+    }
+}
+
+fn state_records(st: &State) -> Vec<Record> {
+    let mut out = Vec::with_capacity(st.kv.len());
+    for (k, s) in &st.kv {
+        out.push(Record::Put {
+            key: k.clone(),
+            value: s.value.clone(),
+            // Empty lock name: carries the entry's token without observing any lock.
+            fence: s.fence_token.map(|token| Fence {
+                lock: String::new(),
+                token,
+            }),
+            revision: s.revision,
+        });
+    }
+    for (k, highest, lease) in st.leases.iter() {
+        if highest > 0 {
+            out.push(Record::Lease(Effect::Observed {
+                lock: k.to_string(),
+                token: highest,
+            }));
+        }
+        if let Some(l) = lease {
+            out.push(Record::Lease(Effect::Granted {
+                key: k.to_string(),
+                value: l.value.clone(),
+                token: l.token,
+                ttl: l.ttl,
+            }));
+        }
+    }
+    out
+}
+
+/// Checks a snapshot file and installs it as the state of `data_dir` (offline restore):
+/// the log is removed, so the directory holds exactly the snapshot.
+pub fn restore_snapshot(image: &[u8], data_dir: &Path) -> Result<u64, StoreError> {
+    let (lsn, _) = log::parse_snapshot(image).map_err(|msg| StoreError::Corrupt {
+        path: "snapshot image".into(),
+        msg,
+    })?;
+    std::fs::create_dir_all(data_dir).map_err(|e| StoreError::io(data_dir.display(), e))?;
+    let _guard = lock_dir(data_dir)?;
+    log::write_atomic(&data_dir.join(SNAPSHOT_FILE), image)?;
+    let logp = data_dir.join(LOG_FILE);
+    match std::fs::remove_file(&logp) {
+        Ok(()) => log::sync_dir(&logp)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(StoreError::io(logp.display(), e)),
+    }
+    Ok(lsn)
+}
+
+fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>, StoreError> {
+    let p = dir.join(LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| StoreError::io(p.display(), e))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| StoreError::Locked {
+        path: dir.display().to_string(),
+    })
+}
+
+impl Store {
+    /// Opens (or creates) the store in `opts.data_dir` and recovers its state.
+    pub fn open(opts: StoreOptions, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
+        let dir = opts.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::io(dir.display(), e))?;
+        let dir_lock = lock_dir(&dir)?;
+        let mut st = State::default();
+        let snap_path = dir.join(SNAPSHOT_FILE);
+        let mut last_lsn = 0;
+        if let Some(img) = log::read_file(&snap_path)? {
+            let (lsn, recs) = log::parse_snapshot(&img).map_err(|msg| StoreError::Corrupt {
+                path: snap_path.display().to_string(),
+                msg,
+            })?;
+            recs.into_iter().for_each(|r| apply_record(&mut st, r));
+            last_lsn = lsn;
+        }
+        let log_path = dir.join(LOG_FILE);
+        let buf = log::read_file(&log_path)?.unwrap_or_default();
+        let scan = log::scan(&buf, Some(last_lsn));
+        if let Some(why) = &scan.stopped {
+            tracing::warn!(
+                log = %log_path.display(),
+                dropped_bytes = buf.len() - scan.good_len,
+                "truncating the log's torn or corrupt tail: {why}"
+            );
+        }
+        for (lsn, rec) in scan.records {
+            apply_record(&mut st, rec);
+            last_lsn = lsn;
+        }
+        let file = log::open_log_at(&log_path, scan.good_len as u64)?;
+        st.leases.recovered(Duration::ZERO);
+        metrics.active_leases.set(st.leases.active_leases() as i64);
+        metrics.log_bytes.set(scan.good_len as i64);
+        tracing::info!(dir = %dir.display(), keys = st.kv.len(), lsn = last_lsn, "lockd store recovered");
+
+        let (durable, _) = watch::channel(last_lsn);
+        let (events, _) = broadcast::channel(EVENT_QUEUE);
+        let inner = Arc::new(Inner {
+            state: Mutex::new(st),
+            pending: Mutex::new(Pending {
+                last_lsn,
+                ..Default::default()
+            }),
+            wake_writer: Condvar::new(),
+            durable,
+            events,
+            released: Notify::new(),
+            granted: Notify::new(),
+            origin: Instant::now(),
+            metrics,
+            dir,
+            compact_bytes: opts.compact_bytes,
+            writer: Mutex::new(None),
+            _dir_lock: dir_lock,
+            closed: AtomicBool::new(false),
+        });
+        let w = inner.clone();
+        let log_len = scan.good_len as u64;
+        let handle = std::thread::Builder::new()
+            .name("lockd-log".into())
+            .spawn(move || writer_loop(w, file, log_len))
+            .map_err(|e| StoreError::io("writer thread", e))?;
+        *lock(&inner.writer) = Some(handle);
+        Ok(Store { inner })
+    }
+
+    /// The lease clock: monotonic time since the store opened.
+    pub fn now(&self) -> Duration {
+        self.inner.origin.elapsed()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    fn append(&self, p: &mut Pending, rec: impl FnOnce(u64) -> Record, note: Option<Note>) -> u64 {
+        p.last_lsn += 1;
+        let lsn = p.last_lsn;
+        log::encode(&mut p.bytes, lsn, &rec(lsn));
+        p.records += 1;
+        p.notes.extend(note);
+        self.inner.wake_writer.notify_one();
+        lsn
+    }
+
+    /// Logs lease effects (renewals are skipped) and returns the last LSN.
+    fn log_effects(&self, p: &mut Pending, effects: &[Effect]) -> u64 {
+        let mut lsn = p.last_lsn;
+        for e in effects {
+            let note = match e {
+                Effect::Granted { key, .. } => Some(Note {
+                    lock: true,
+                    key: key.clone(),
+                    put: true,
+                }),
+                Effect::Ended { key, reason, .. } => {
+                    if *reason == EndReason::Expired {
+                        self.inner.metrics.lease_expiries.inc();
+                    }
+                    Some(Note {
+                        lock: true,
+                        key: key.clone(),
+                        put: false,
+                    })
+                }
+                Effect::Observed { .. } => None,
+                Effect::Renewed { .. } => continue,
+            };
+            lsn = self.append(p, |_| Record::Lease(e.clone()), note);
+        }
+        lsn
+    }
+
+    fn after_lease_change(&self, st: &State, effects: &[Effect]) {
+        self.inner.metrics.active_leases.set(st.leases.active_leases() as i64);
+        if effects.iter().any(|e| matches!(e, Effect::Ended { .. })) {
+            self.inner.released.notify_waiters();
+        }
+        if effects
+            .iter()
+            .any(|e| matches!(e, Effect::Granted { .. } | Effect::Renewed { .. }))
+        {
+            self.inner.granted.notify_one();
+        }
+    }
+
+    /// Waits until every record up to `lsn` is on disk.
+    async fn durable(&self, lsn: u64) -> Result<(), LockdError> {
+        let mut rx = self.inner.durable.subscribe();
+        rx.wait_for(|d| *d >= lsn)
+            .await
+            .map(|_| ())
+            .map_err(|_| LockdError::Unavailable("lockd is shutting down".into()))
+    }
+
+    fn check_open(&self) -> Result<(), LockdError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(LockdError::Unavailable("lockd is shutting down".into()));
+        }
+        Ok(())
+    }
+
+    pub async fn get(&self, key: &str) -> Result<Option<WireEntry>, LockdError> {
+        validate_key(key)?;
+        let (e, lsn) = {
+            let st = lock(&self.inner.state);
+            let e = st.kv.get(key).map(|s| WireEntry {
+                key: key.to_string(),
+                value: s.value.to_vec(),
+                fence_token: s.fence_token,
+                revision: s.revision,
+            });
+            (e, lock(&self.inner.pending).last_lsn)
+        };
+        self.durable(lsn).await?;
+        Ok(e)
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>, LockdError> {
+        if prefix.len() > MAX_KEY_LEN {
+            return Err(LockdError::Invalid(format!(
+                "prefix exceeds the {MAX_KEY_LEN}-byte limit"
+            )));
+        }
+        let (keys, lsn) = {
+            let st = lock(&self.inner.state);
+            let keys = list_children(
+                prefix,
+                st.kv
+                    .range(prefix.to_string()..)
+                    .map(|(k, _)| k.as_str())
+                    .take_while(|k| k.starts_with(prefix)),
+            );
+            (keys, lock(&self.inner.pending).last_lsn)
+        };
+        self.durable(lsn).await?;
+        Ok(keys)
+    }
+
+    /// Put, fenced and/or compare-and-put. Nothing is applied when a check fails.
+    pub async fn put(&self, req: PutRequest) -> Result<u64, LockdError> {
+        self.check_open()?;
+        validate_key(&req.key)?;
+        validate_value(&req.value)?;
+        if let Some(f) = &req.fence {
+            validate_key(&f.lock)?;
+        }
+        let lsn = {
+            let mut st = lock(&self.inner.state);
+            if let Some(f) = &req.fence {
+                st.leases.check_fence(&f.lock, f.token)?;
+            }
+            if let Some(expected) = req.prev_revision {
+                let actual = st.kv.get(&req.key).map(|s| s.revision).unwrap_or(0);
+                if actual != expected {
+                    return Err(LockdError::CasMismatch {
+                        key: req.key,
+                        expected,
+                        actual,
+                    });
+                }
+            }
+            if let Some(f) = &req.fence {
+                st.leases.fence(&f.lock, f.token)?;
+            }
+            let value = Bytes::from(req.value);
+            let mut p = lock(&self.inner.pending);
+            let note = Note {
+                lock: false,
+                key: req.key.clone(),
+                put: true,
+            };
+            let (key, fence) = (req.key, req.fence);
+            let mut stored = None;
+            let lsn = self.append(
+                &mut p,
+                |lsn| {
+                    stored = Some(Stored {
+                        value: value.clone(),
+                        fence_token: fence.as_ref().map(|f| f.token),
+                        revision: lsn,
+                    });
+                    Record::Put {
+                        key: key.clone(),
+                        value: value.clone(),
+                        fence,
+                        revision: lsn,
+                    }
+                },
+                Some(note),
+            );
+            drop(p);
+            if let Some(s) = stored {
+                st.kv.insert(key, s);
+            }
+            lsn
+        };
+        self.durable(lsn).await?;
+        Ok(lsn)
+    }
+
+    /// Delete (fenced or not). Returns whether the key existed.
+    pub async fn delete(&self, key: &str, fence: Option<Fence>) -> Result<bool, LockdError> {
+        self.check_open()?;
+        validate_key(key)?;
+        if let Some(f) = &fence {
+            validate_key(&f.lock)?;
+        }
+        let (existed, lsn) = {
+            let mut st = lock(&self.inner.state);
+            let observed = match &fence {
+                Some(f) => st.leases.fence(&f.lock, f.token)?.is_some(),
+                None => false,
+            };
+            let existed = st.kv.remove(key).is_some();
+            let mut p = lock(&self.inner.pending);
+            let lsn = if existed || observed {
+                let note = existed.then(|| Note {
+                    lock: false,
+                    key: key.to_string(),
+                    put: false,
+                });
+                self.append(
+                    &mut p,
+                    |_| Record::Delete {
+                        key: key.to_string(),
+                        fence: fence.clone(),
+                    },
+                    note,
+                )
+            } else {
+                p.last_lsn
+            };
+            (existed, lsn)
+        };
+        self.durable(lsn).await?;
+        Ok(existed)
+    }
+
+    /// One acquire attempt: `Ok(Some((token, ttl)))` when granted (durably), `Ok(None)` when
+    /// held by another value.
+    pub async fn try_acquire(
+        &self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+        attempt: Option<u64>,
+    ) -> Result<Option<(u64, Duration)>, LockdError> {
+        self.check_open()?;
+        validate_key(key)?;
+        if value.len() > MAX_HOLDER_VALUE {
+            return Err(LockdError::Invalid(format!(
+                "lock value exceeds the {MAX_HOLDER_VALUE}-byte limit"
+            )));
+        }
+        let now = self.now();
+        let (res, lsn) = {
+            let mut st = lock(&self.inner.state);
+            if let Some(a) = attempt {
+                if st.cancelled.contains_key(&(key.to_string(), a)) {
+                    return Err(LockdError::Invalid(format!(
+                        "acquire attempt {a} on {key:?} was cancelled"
+                    )));
+                }
+            }
+            match st.leases.acquire(key, value, ttl, now) {
+                Ok(effects) => {
+                    let mut p = lock(&self.inner.pending);
+                    let lsn = self.log_effects(&mut p, &effects);
+                    drop(p);
+                    self.after_lease_change(&st, &effects);
+                    let granted = st.leases.holder(key).map(|l| (l.token, l.ttl));
+                    for e in &effects {
+                        if let (Effect::Granted { token, .. }, Some(a)) = (e, attempt) {
+                            st.grant_attempts.insert(key.to_string(), (*token, a));
+                        }
+                    }
+                    (granted, lsn)
+                }
+                Err(LockdError::LockHeld { .. }) => (None, lock(&self.inner.pending).last_lsn),
+                Err(e) => return Err(e),
+            }
+        };
+        self.durable(lsn).await?;
+        Ok(res)
+    }
+
+    /// Cancels acquire `attempt` on `key`: later requests of it are refused, and a grant it
+    /// already got is released. Race-free because both happen under the state lock: a grant
+    /// is either made before (and released here) or refused after.
+    pub async fn cancel(&self, key: &str, attempt: u64) -> Result<bool, LockdError> {
+        self.check_open()?;
+        validate_key(key)?;
+        let now = self.now();
+        let (released, lsn) = {
+            let mut st = lock(&self.inner.state);
+            st.cancelled.retain(|_, t| now.saturating_sub(*t) < CANCEL_MEMORY);
+            st.cancelled.insert((key.to_string(), attempt), now);
+            let current = st.leases.holder(key).map(|l| l.token);
+            match st.grant_attempts.get(key).copied() {
+                Some((token, a)) if a == attempt && current == Some(token) => {
+                    st.grant_attempts.remove(key);
+                    let effects = st.leases.release(key, token, now)?;
+                    let mut p = lock(&self.inner.pending);
+                    let lsn = self.log_effects(&mut p, &effects);
+                    drop(p);
+                    self.after_lease_change(&st, &effects);
+                    (true, lsn)
+                }
+                _ => (false, lock(&self.inner.pending).last_lsn),
+            }
+        };
+        self.durable(lsn).await?;
+        Ok(released)
+    }
+
+    /// A future that completes when some lease ends; create it *before* an acquire attempt.
+    pub fn released(&self) -> tokio::sync::futures::Notified<'_> {
+        self.inner.released.notified()
+    }
+
+    /// Renews a lease (in memory only).
+    pub fn renew(&self, key: &str, token: u64) -> Result<Duration, LockdError> {
+        self.check_open()?;
+        validate_key(key)?;
+        let now = self.now();
+        let mut st = lock(&self.inner.state);
+        match st.leases.renew(key, token, now) {
+            Ok(Effect::Renewed { ttl, .. }) => Ok(ttl),
+            Ok(_) => Err(LockdError::Internal("renew produced an unexpected effect".into())),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Releases a lease by key and token.
+    pub async fn release(&self, key: &str, token: u64) -> Result<(), LockdError> {
+        self.check_open()?;
+        validate_key(key)?;
+        let now = self.now();
+        let lsn = {
+            let mut st = lock(&self.inner.state);
+            let effects = st.leases.release(key, token, now);
+            let effects = effects?;
+            let mut p = lock(&self.inner.pending);
+            let lsn = self.log_effects(&mut p, &effects);
+            drop(p);
+            self.after_lease_change(&st, &effects);
+            lsn
+        };
+        self.durable(lsn).await
+    }
+
+    pub async fn holder(&self, key: &str) -> Result<Option<WireHolder>, LockdError> {
+        validate_key(key)?;
+        let now = self.now();
+        let (h, lsn) = {
+            let st = lock(&self.inner.state);
+            let h = st.leases.holder(key).filter(|l| now < l.deadline).map(|l| WireHolder {
+                value: l.value.clone(),
+                token: l.token,
+                remaining_ms: (l.deadline - now).as_millis() as u64,
+            });
+            (h, lock(&self.inner.pending).last_lsn)
+        };
+        self.durable(lsn).await?;
+        Ok(h)
+    }
+
+    /// Ends expired leases; returns the next deadline to wake at.
+    pub fn tick(&self) -> Option<Duration> {
+        let now = self.now();
+        let mut st = lock(&self.inner.state);
+        let effects = st.leases.tick(now);
+        if !effects.is_empty() {
+            let mut p = lock(&self.inner.pending);
+            self.log_effects(&mut p, &effects);
+            drop(p);
+            self.after_lease_change(&st, &effects);
+        }
+        st.leases.next_deadline()
+    }
+
+    /// Runs the expiry timer until the store closes: sleeps until the earliest deadline (or a
+    /// new grant), never polls.
+    pub async fn run_expiry(self) {
+        loop {
+            if self.inner.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let granted = self.inner.granted.notified();
+            let next = self.tick();
+            // A renewal only moves deadlines later, so waking at a stale (earlier) deadline
+            // just re-checks; a new grant with an earlier deadline wakes us via `granted`.
+            let wait = next
+                .map(|d| d.saturating_sub(self.now()))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = granted => {}
+            }
+        }
+    }
+
+    /// Subscribes to durable changes.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Note>> {
+        self.inner.events.subscribe()
+    }
+
+    /// A consistent snapshot image of the durable state (for `snapshot save`).
+    pub async fn snapshot_image(&self) -> Result<Vec<u8>, LockdError> {
+        let (recs, lsn) = {
+            let st = lock(&self.inner.state);
+            (state_records(&st), lock(&self.inner.pending).last_lsn)
+        };
+        self.durable(lsn).await?;
+        Ok(log::build_snapshot(lsn, recs.into_iter()))
+    }
+
+    /// Stops accepting writes, flushes the log and stops the writer thread.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        lock(&self.inner.pending).shutdown = true;
+        self.inner.wake_writer.notify_one();
+        self.inner.granted.notify_one();
+        if let Some(h) = lock(&self.inner.writer).take() {
+            let _ = h.join();
+        }
+    }
+}
+
+fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
+    // After a failed write or fsync the kernel may have dropped the dirty pages: the state
+    // on disk is unknown, and retrying the fsync can falsely succeed. The only safe move is
+    // to stop and let recovery re-read the log (what PostgreSQL does since "fsyncgate").
+    tracing::error!("lockd log {what} failed: {e}; exiting so recovery can re-read the log");
+    eprintln!("lockd: log {what} failed: {e}; exiting");
+    std::process::exit(70)
+}
+
+fn writer_loop(inner: Arc<Inner>, mut file: File, mut log_len: u64) {
+    let log_path = inner.dir.join(LOG_FILE);
+    let snap_path = inner.dir.join(SNAPSHOT_FILE);
+    let mut snapshot_len: u64 = std::fs::metadata(&snap_path).map(|m| m.len()).unwrap_or(0);
+    loop {
+        let (bytes, notes, records, upto, shutdown) = {
+            let mut p = lock(&inner.pending);
+            while p.bytes.is_empty() && !p.shutdown {
+                p = inner.wake_writer.wait(p).unwrap_or_else(|e| e.into_inner());
+            }
+            let bytes = std::mem::take(&mut p.bytes);
+            let notes = std::mem::take(&mut p.notes);
+            let records = std::mem::take(&mut p.records);
+            (bytes, notes, records, p.last_lsn, p.shutdown)
+        };
+        if !bytes.is_empty() {
+            if let Err(e) = file.write_all(&bytes) {
+                fatal("write", e);
+            }
+            let t = Instant::now();
+            if let Err(e) = file.sync_data() {
+                fatal("fsync", e);
+            }
+            inner.metrics.fsync_seconds.observe(t.elapsed().as_secs_f64());
+            inner.metrics.batch_records.observe(records as f64);
+            log_len += bytes.len() as u64;
+            inner.metrics.log_bytes.set(log_len as i64);
+        }
+        inner.durable.send_replace(upto);
+        for n in notes {
+            let _ = inner.events.send(Arc::new(n));
+        }
+        if shutdown {
+            return;
+        }
+        if log_len > inner.compact_bytes && log_len > 2 * snapshot_len {
+            // Serialize the state and take the pending records it already includes, under
+            // both locks, so the snapshot covers exactly the LSNs up to `lsn`.
+            let (image, lsn, notes) = {
+                let st = lock(&inner.state);
+                let mut p = lock(&inner.pending);
+                p.bytes.clear();
+                p.records = 0;
+                let notes = std::mem::take(&mut p.notes);
+                (
+                    log::build_snapshot(p.last_lsn, state_records(&st).into_iter()),
+                    p.last_lsn,
+                    notes,
+                )
+            };
+            if let Err(e) = log::write_atomic(&snap_path, &image) {
+                fatal("snapshot", e);
+            }
+            inner.durable.send_replace(lsn);
+            for n in notes {
+                let _ = inner.events.send(Arc::new(n));
+            }
+            // Records after `lsn` go to the emptied log; a crash before this truncation
+            // leaves old records the recovery skips (their LSN <= the snapshot's).
+            if let Err(e) = file.set_len(0).and_then(|_| file.sync_all()) {
+                fatal("truncate", e);
+            }
+            snapshot_len = image.len() as u64;
+            log_len = 0;
+            inner.metrics.log_bytes.set(0);
+            inner.metrics.compactions.inc();
+            tracing::info!(log = %log_path.display(), lsn, snapshot_bytes = snapshot_len, "log compacted");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, compact_bytes: u64) -> Store {
+        Store::open(
+            StoreOptions {
+                data_dir: dir.to_path_buf(),
+                compact_bytes,
+            },
+            Arc::new(Metrics::new()),
+        )
+        .unwrap()
+    }
+
+    fn put_req(key: &str, value: &[u8], fence: Option<(&str, u64)>) -> PutRequest {
+        PutRequest {
+            key: key.into(),
+            value: value.to_vec(),
+            fence: fence.map(|(l, t)| Fence {
+                lock: l.into(),
+                token: t,
+            }),
+            prev_revision: None,
+        }
+    }
+
+    /// Group commit: 64 concurrent writers are acknowledged with far fewer fsyncs than
+    /// writes, and every acknowledged write is there after reopening.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn group_commit_batches_and_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), DEFAULT_COMPACT_BYTES);
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let s = s.clone();
+                tokio::spawn(async move { s.put(put_req(&format!("g/{i}"), b"v", None)).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let fsyncs = s.metrics().fsync_seconds.get_sample_count();
+        assert!(fsyncs < 64, "64 concurrent writes took {fsyncs} fsyncs: no batching");
+        s.close();
+        drop(s);
+        let s = open(dir.path(), DEFAULT_COMPACT_BYTES);
+        for i in 0..64 {
+            assert!(s.get(&format!("g/{i}")).await.unwrap().is_some(), "g/{i} durable");
+        }
+    }
+
+    /// Compaction (a tiny threshold) replaces the log with a snapshot and keeps every latest
+    /// value, entry token, highest fence token and held lease across a reopen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn compaction_keeps_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 2048);
+        for round in 0..30u32 {
+            for i in 0..10 {
+                let v = format!("{round}-{}", "x".repeat(64));
+                s.put(put_req(&format!("c/{i}"), v.as_bytes(), Some(("c/lock", 3))))
+                    .await
+                    .unwrap();
+            }
+        }
+        s.try_acquire("c/held", "me", Duration::from_secs(60), None)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(s.metrics().compactions.get() > 0, "compaction ran");
+        assert!(
+            std::fs::metadata(dir.path().join(LOG_FILE)).unwrap().len() < 8192,
+            "log bounded"
+        );
+        s.close();
+        drop(s);
+        let s = open(dir.path(), 2048);
+        for i in 0..10 {
+            let e = s.get(&format!("c/{i}")).await.unwrap().unwrap();
+            assert!(
+                e.value.starts_with(b"29-") && e.fence_token == Some(3),
+                "c/{i} latest value and token"
+            );
+        }
+        assert!(matches!(
+            s.put(put_req("c/0", b"old", Some(("c/lock", 2)))).await,
+            Err(LockdError::Fenced { highest: 3, .. })
+        ));
+        assert_eq!(
+            s.holder("c/held").await.unwrap().map(|h| h.value),
+            Some("me".to_string())
+        );
+    }
+
+    /// A fenced or compare-and-put write that fails applies nothing and logs nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_checks_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), DEFAULT_COMPACT_BYTES);
+        s.put(put_req("k", b"1", Some(("l", 5)))).await.unwrap();
+        let len = std::fs::metadata(dir.path().join(LOG_FILE)).unwrap().len();
+        assert!(s.put(put_req("k", b"2", Some(("l", 4)))).await.is_err());
+        let mut cas = put_req("k", b"3", None);
+        cas.prev_revision = Some(99);
+        assert!(matches!(s.put(cas).await, Err(LockdError::CasMismatch { .. })));
+        assert!(s
+            .delete(
+                "k",
+                Some(Fence {
+                    lock: "l".into(),
+                    token: 1
+                })
+            )
+            .await
+            .is_err());
+        assert_eq!(
+            std::fs::metadata(dir.path().join(LOG_FILE)).unwrap().len(),
+            len,
+            "nothing logged"
+        );
+        assert_eq!(s.get("k").await.unwrap().unwrap().value, b"1");
+    }
+
+    /// A second store on the same directory is refused while the first is open.
+    #[test]
+    fn data_dir_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let _s = open(dir.path(), DEFAULT_COMPACT_BYTES);
+        let r = Store::open(
+            StoreOptions {
+                data_dir: dir.path().to_path_buf(),
+                compact_bytes: DEFAULT_COMPACT_BYTES,
+            },
+            Arc::new(Metrics::new()),
+        );
+        assert!(matches!(r, Err(StoreError::Locked { .. })));
+    }
+}

@@ -1,0 +1,395 @@
+//! lockd through its real process: core's conformance suites with `LockdBackend` clients,
+//! watch latency, compare-and-put, bad input, metrics and snapshots.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vha_core::storage::conformance::{exercise_backend, exercise_ha_backend};
+use vha_core::storage::lockd::{CancellationToken, LockdBackend};
+use vha_core::storage::{Backend, Fence, HaBackend, StorageError, WatchEvent};
+use vha_testkit::lockd::run_lockd_cmd;
+use vha_testkit::TestLockd;
+
+fn client(l: &TestLockd) -> LockdBackend {
+    LockdBackend::connect(&l.address()).expect("client")
+}
+
+/// The KV conformance suite (get/put/delete/list, fencing, limits, watch) passes against a
+/// real lockd, twice in a row (persistent store, namespaced keys).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_conformance() {
+    let l = TestLockd::start();
+    let b = client(&l);
+    exercise_backend(&b).await;
+    exercise_backend(&b).await;
+}
+
+/// The HA conformance suite passes with two *separate* clients (two connections) of one
+/// lockd: mutual exclusion, holder reads, increasing tokens, release hand-over, cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_conformance() {
+    let l = TestLockd::start();
+    let (b1, b2) = (client(&l), client(&l));
+    exercise_ha_backend(&b1, &b2).await;
+}
+
+/// Watch events arrive well under 100 ms after the write is acknowledged (median of 30,
+/// with a generous ceiling on the slowest so a busy CI machine does not flake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_latency_under_100ms() {
+    let l = TestLockd::start();
+    let (w, b) = (client(&l), client(&l));
+    let mut rx = w.watch("lat/").await.unwrap();
+    let mut lat = Vec::new();
+    for i in 0..30 {
+        let key = format!("lat/{i}");
+        let t = Instant::now();
+        b.put(&key, b"x".to_vec(), None).await.unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
+                Ok(Some(WatchEvent::Put(k))) if k == key => break,
+                Ok(Some(_)) => continue,
+                other => panic!("no watch event for {key}: {other:?}"),
+            }
+        }
+        lat.push(t.elapsed());
+    }
+    lat.sort();
+    eprintln!("watch latency (put sent -> event): p50 {:?} max {:?}", lat[15], lat[29]);
+    assert!(
+        lat[15] < Duration::from_millis(100),
+        "median watch latency {:?}",
+        lat[15]
+    );
+    assert!(lat[29] < Duration::from_secs(1), "slowest watch latency {:?}", lat[29]);
+}
+
+/// A watch survives a lockd restart: the client re-establishes it and yields `Resync`, then
+/// later events flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resyncs_after_restart() {
+    let mut l = TestLockd::start();
+    let (w, b) = (client(&l), client(&l));
+    let mut rx = w.watch("rs/").await.unwrap();
+    l.restart();
+    let deadline = Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout(deadline, rx.recv()).await {
+            Ok(Some(WatchEvent::Resync)) => break,
+            Ok(Some(_)) => continue,
+            other => panic!("expected Resync after restart, got {other:?}"),
+        }
+    }
+    b.put("rs/after", b"1".to_vec(), None).await.unwrap();
+    loop {
+        match tokio::time::timeout(deadline, rx.recv()).await {
+            Ok(Some(WatchEvent::Put(k))) if k == "rs/after" => break,
+            Ok(Some(_)) => continue,
+            other => panic!("no event after resync: {other:?}"),
+        }
+    }
+}
+
+/// Compare-and-put applies only on the expected revision (0 = absent) and records the
+/// writer's fencing token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_put() {
+    let l = TestLockd::start();
+    let b = client(&l);
+    let r1 = b
+        .compare_and_put("cas/k", b"1".to_vec(), 0, None)
+        .await
+        .expect("create when absent");
+    assert!(matches!(
+        b.compare_and_put("cas/k", b"x".to_vec(), 0, None).await,
+        Err(StorageError::Invalid(_))
+    ));
+    let f = Fence {
+        lock: "cas/lock".into(),
+        token: 3,
+    };
+    let r2 = b
+        .compare_and_put("cas/k", b"2".to_vec(), r1, Some(&f))
+        .await
+        .expect("update at revision");
+    assert!(r2 > r1);
+    assert!(
+        b.compare_and_put("cas/k", b"3".to_vec(), r1, None).await.is_err(),
+        "old revision rejected"
+    );
+    let e = b.get("cas/k").await.unwrap().unwrap();
+    assert_eq!((e.value.as_slice(), e.fence_token), (&b"2"[..], Some(3)));
+}
+
+async fn raw(http: &reqwest::Client, l: &TestLockd, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    let r = http
+        .post(format!("{}{path}", l.address()))
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    let status = r.status().as_u16();
+    let v = r.json::<Value>().await.unwrap_or(Value::Null);
+    (status, v)
+}
+
+/// Bad input gets clear 4xx JSON errors with a typed code, nothing is written, and lockd
+/// keeps serving: malformed JSON, unknown fields, bad base64, oversized key and value,
+/// stale fencing tokens, renewing an expired or unknown lease, releasing a stale token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_rejected_cleanly() {
+    let l = TestLockd::builder().arg("--min-lease-ttl").arg("50ms").start();
+    let http = reqwest::Client::new();
+    let code = |v: &Value| v["code"].as_str().unwrap_or("").to_string();
+
+    let (s, v) = raw(&http, &l, "/v1/kv/put", "{not json").await;
+    assert_eq!((s, code(&v).as_str()), (400, "malformed"), "{v}");
+    assert!(v["errors"][0].as_str().is_some(), "Vault-shaped errors array: {v}");
+    let (s, v) = raw(&http, &l, "/v1/kv/put", r#"{"key":"a","value":"","bogus":1}"#).await;
+    assert_eq!((s, code(&v).as_str()), (400, "malformed"), "{v}");
+    let (s, v) = raw(&http, &l, "/v1/kv/put", r#"{"key":"a","value":"%%%"}"#).await;
+    assert_eq!((s, code(&v).as_str()), (400, "malformed"), "{v}");
+    let long = "k".repeat(2000);
+    let (s, v) = raw(&http, &l, "/v1/kv/put", json!({"key": long, "value": ""}).to_string()).await;
+    assert_eq!((s, code(&v).as_str()), (400, "invalid"), "{v}");
+    let (s, v) = raw(&http, &l, "/v1/kv/put", json!({"key": "../x", "value": ""}).to_string()).await;
+    assert_eq!((s, code(&v).as_str()), (400, "invalid"), "{v}");
+    // A body over the limit is cut off before parsing.
+    let huge = vec![b'a'; 46 * 1024 * 1024];
+    let (s, v) = raw(&http, &l, "/v1/kv/put", huge).await;
+    assert_eq!((s, code(&v).as_str()), (413, "too_large"), "{v}");
+    let (s, _) = raw(&http, &l, "/v1/nope", "{}").await;
+    assert_eq!(s, 404);
+
+    // Stale fencing token: 409 with both token numbers, value unchanged.
+    let b = client(&l);
+    b.put(
+        "f/k",
+        b"v9".to_vec(),
+        Some(&Fence {
+            lock: "f/lock".into(),
+            token: 9,
+        }),
+    )
+    .await
+    .unwrap();
+    let (s, v) = raw(
+        &http,
+        &l,
+        "/v1/kv/put",
+        json!({"key": "f/k", "value": "AA==", "fence": {"lock": "f/lock", "token": 8}}).to_string(),
+    )
+    .await;
+    assert_eq!(
+        (s, code(&v).as_str(), v["token"].as_u64(), v["highest"].as_u64()),
+        (409, "fenced", Some(8), Some(9))
+    );
+    assert_eq!(
+        b.get("f/k").await.unwrap().unwrap().value,
+        b"v9",
+        "fenced write not applied"
+    );
+
+    // Leases: unknown token, expired lease, stale release.
+    let (s, v) = raw(
+        &http,
+        &l,
+        "/v1/lock/renew",
+        json!({"key": "lk", "token": 77}).to_string(),
+    )
+    .await;
+    assert_eq!((s, code(&v).as_str()), (404, "unknown_lease"), "{v}");
+    let (s, v) = raw(
+        &http,
+        &l,
+        "/v1/lock/acquire",
+        json!({"key": "lk", "value": "a", "ttl_ms": 50}).to_string(),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let token = v["token"].as_u64().unwrap();
+    // Wait (by reading the holder, which does not renew) until the lease has expired.
+    vha_testkit::wait_until_async(
+        || {
+            let b = b.clone();
+            async move { b.holder("lk").await.ok().filter(|h| h.is_none()).map(|_| ()) }
+        },
+        "the 50 ms lease expires",
+        Duration::from_secs(10),
+    )
+    .await;
+    let (s, expired) = raw(
+        &http,
+        &l,
+        "/v1/lock/renew",
+        json!({"key": "lk", "token": token}).to_string(),
+    )
+    .await;
+    assert_eq!(s, 409, "{expired}");
+    assert_eq!(code(&expired), "lease_expired", "{expired}");
+    let (s, v) = raw(
+        &http,
+        &l,
+        "/v1/lock/release",
+        json!({"key": "lk", "token": token}).to_string(),
+    )
+    .await;
+    assert_eq!((s, code(&v).as_str()), (409, "lease_expired"), "{v}");
+    let (s, v) = raw(
+        &http,
+        &l,
+        "/v1/lock/acquire",
+        json!({"key": "lk", "value": "a", "ttl_ms": 1}).to_string(),
+    )
+    .await;
+    assert_eq!((s, code(&v).as_str()), (400, "invalid"), "ttl below the minimum: {v}");
+    let (s, v) = raw(&http, &l, "/v1/watch", json!({"prefix": "a", "lock": "b"}).to_string()).await;
+    assert_eq!((s, code(&v).as_str()), (400, "invalid"), "{v}");
+
+    assert!(l.is_ready(), "lockd still serving after bad input");
+    assert!(
+        b.list("").await.unwrap().iter().all(|k| k == "f/"),
+        "nothing but f/k was written"
+    );
+}
+
+/// Tokens are strictly increasing per lock across grants by different clients, the holder
+/// value and token are readable, and release-by-token frees the lock for a waiter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_by_token_frees_lock() {
+    let l = TestLockd::start();
+    let (a, b) = (client(&l), client(&l));
+    let g = a.acquire("rbt", "node-a", Default::default()).await.unwrap().unwrap();
+    let h = b.holder("rbt").await.unwrap().unwrap();
+    assert_eq!((h.value.as_str(), h.token), ("node-a", g.fence().token));
+    let waiter = tokio::spawn({
+        let b = b.clone();
+        async move { b.acquire("rbt", "node-b", Default::default()).await }
+    });
+    // A third party with proof of death releases by key + token.
+    client(&l).release_token("rbt", h.token).await.unwrap();
+    let g2 = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(g2.fence().token > h.token);
+    std::mem::forget(g);
+}
+
+/// `/metrics` exposes the vha_lockd_* series (ops by outcome, fsync histogram, leases,
+/// watches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_exposed() {
+    let l = TestLockd::start();
+    let b = client(&l);
+    b.put("m/k", b"1".to_vec(), None).await.unwrap();
+    let _g = b.acquire("m/lock", "x", Default::default()).await.unwrap().unwrap();
+    let _w = b.watch("m/").await.unwrap();
+    let text = reqwest::get(format!("{}/metrics", l.address()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "vha_lockd_ops_total{op=\"put\",outcome=\"ok\"} 1",
+        "vha_lockd_fsync_seconds_bucket{le=\"0.00005\"}",
+        "vha_lockd_fsync_seconds_bucket{le=\"5\"}",
+        "vha_lockd_active_leases 1",
+        "vha_lockd_watches 1",
+        "vha_lockd_lease_expiries_total",
+    ] {
+        assert!(text.contains(series), "missing {series} in:\n{text}");
+    }
+}
+
+/// `snapshot save` from a running lockd and offline `snapshot restore` into a new data dir
+/// reproduce the data, entry tokens and lock tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_save_and_restore() {
+    let l = TestLockd::start();
+    let b = client(&l);
+    b.put(
+        "s/a",
+        b"1".to_vec(),
+        Some(&Fence {
+            lock: "s/lock".into(),
+            token: 4,
+        }),
+    )
+    .await
+    .unwrap();
+    b.put("s/b/c", vec![0, 255], None).await.unwrap();
+    let g = b.acquire("s/lock", "x", Default::default()).await.unwrap().unwrap();
+    assert_eq!(g.fence().token, 5, "grant exceeds the highest token seen");
+    let file = l.scratch().join("backup.snap");
+    let (ok, out) = run_lockd_cmd(&["snapshot", "save", file.to_str().unwrap(), "--address", &l.address()]);
+    assert!(ok, "{out}");
+    let dir = l.scratch().join("restored");
+    let (ok, out) = run_lockd_cmd(&[
+        "snapshot",
+        "restore",
+        file.to_str().unwrap(),
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    // Restoring into a directory a running lockd holds is refused.
+    let (ok, out) = run_lockd_cmd(&[
+        "snapshot",
+        "restore",
+        file.to_str().unwrap(),
+        "--data-dir",
+        l.data_dir().to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("in use"), "{out}");
+    let r = TestLockd::builder().data_dir(&dir).start();
+    let c = client(&r);
+    let e = c.get("s/a").await.unwrap().unwrap();
+    assert_eq!((e.value, e.fence_token), (b"1".to_vec(), Some(4)));
+    assert_eq!(c.get("s/b/c").await.unwrap().unwrap().value, vec![0, 255]);
+    assert_eq!(
+        c.holder("s/lock").await.unwrap().map(|h| h.token),
+        Some(5),
+        "lease restored as held"
+    );
+    std::mem::forget(g);
+}
+
+/// A blocked acquire that the client cancels never keeps the lock, even when lockd grants
+/// it in the instant of the cancel (the holder releases right as the last waiter cancels):
+/// the client cancels the whole attempt (`lock/cancel`), which releases such a grant, so the
+/// lock ends up free within moments instead of stuck for a TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_acquire_never_keeps_lock() {
+    let l = TestLockd::start();
+    let (a, b) = (client(&l), client(&l));
+    for round in 0..5 {
+        let g = a.acquire("cx", "holder", Default::default()).await.unwrap().unwrap();
+        let cancel = CancellationToken::new();
+        let c2 = cancel.clone();
+        let t = tokio::spawn({
+            let b = b.clone();
+            async move { b.acquire("cx", "waiter", c2).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Race the release against the cancel.
+        let (r, ()) = tokio::join!(g.release(), async { cancel.cancel() });
+        r.unwrap();
+        if let Some(g) = t.await.unwrap().unwrap() {
+            // The waiter won the race before the cancel: it holds legitimately.
+            g.release().await.unwrap();
+        }
+        vha_testkit::wait_until_async(
+            || {
+                let a = a.clone();
+                async move { a.holder("cx").await.ok().filter(|h| h.is_none()).map(|_| ()) }
+            },
+            &format!("round {round}: the lock is free again (no cancelled waiter keeps it)"),
+            Duration::from_secs(3),
+        )
+        .await;
+    }
+}
