@@ -9,6 +9,7 @@
 pub mod advert;
 pub mod barrier;
 pub mod cluster_tls;
+pub mod local;
 pub mod config;
 pub mod error;
 pub mod storage;

@@ -52,8 +52,16 @@ fn open_one(st: &Stanza) -> Result<Opened, ConfigError> {
         "etcd" => {
             // Vault's semantics: HA only with `ha_enabled = "true"` (default off).
             let b = Arc::new(EtcdBackend::from_stanza(st)?);
-            let ha: Option<Arc<dyn HaBackend>> = if b.ha_enabled() { Some(b.clone() as Arc<dyn HaBackend>) } else { None };
-            Ok(Opened { data: b, ha, ha_capable: true })
+            let ha: Option<Arc<dyn HaBackend>> = if b.ha_enabled() {
+                Some(b.clone() as Arc<dyn HaBackend>)
+            } else {
+                None
+            };
+            Ok(Opened {
+                data: b,
+                ha,
+                ha_capable: true,
+            })
         }
         other => Err(ConfigError::Invalid {
             file: st.file.clone(),

@@ -7,9 +7,11 @@
 //! [`conformance`] is the suite every backend runs.
 
 pub mod conformance;
+pub mod etcd;
 pub mod factory;
 pub mod file;
 pub mod inmem;
+pub mod lockd;
 
 use std::sync::Arc;
 
@@ -79,10 +81,14 @@ pub fn validate_key(key: &str) -> Result<(), StorageError> {
         )));
     }
     if key.starts_with('/') || key.split('/').any(|seg| seg == ".." || seg == ".") {
-        return Err(StorageError::Invalid(format!("key {key:?} is not a clean relative path")));
+        return Err(StorageError::Invalid(format!(
+            "key {key:?} is not a clean relative path"
+        )));
     }
     if key.chars().any(|c| c.is_control()) {
-        return Err(StorageError::Invalid(format!("key {key:?} contains control characters")));
+        return Err(StorageError::Invalid(format!(
+            "key {key:?} contains control characters"
+        )));
     }
     Ok(())
 }
@@ -134,7 +140,10 @@ pub trait Backend: Send + Sync + 'static {
     /// stream yields [`WatchEvent::Resync`]. Backends without watches return `Unsupported`.
     async fn watch(&self, prefix: &str) -> Result<WatchStream, StorageError> {
         let _ = prefix;
-        Err(StorageError::Unsupported { backend: self.kind(), what: "watch" })
+        Err(StorageError::Unsupported {
+            backend: self.kind(),
+            what: "watch",
+        })
     }
 }
 
@@ -159,6 +168,13 @@ pub trait HaBackend: Send + Sync + 'static {
     async fn holder(&self, key: &str) -> Result<Option<Holder>, StorageError>;
     /// Watches the lock key: `Put` when a holder is granted, `Delete` when released or expired.
     async fn watch_lock(&self, key: &str) -> Result<WatchStream, StorageError>;
+    /// Releases the grant `token` of `key` on behalf of a holder that is provably gone (its
+    /// own proxy on the same host saw the process exit). A no-op when `token` is no longer
+    /// the current grant, so a stale call can never release a newer holder's lock.
+    async fn force_release(&self, key: &str, token: u64) -> Result<(), StorageError> {
+        let _ = (key, token);
+        Err(StorageError::Unsupported { backend: self.kind(), what: "force_release" })
+    }
 }
 
 /// Releases a held lock; implemented by each HA backend.
@@ -179,13 +195,21 @@ pub struct LockGuard {
 
 impl std::fmt::Debug for LockGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LockGuard").field("fence", &self.fence).field("value", &self.value).finish()
+        f.debug_struct("LockGuard")
+            .field("fence", &self.fence)
+            .field("value", &self.value)
+            .finish()
     }
 }
 
 impl LockGuard {
     pub fn new(fence: Fence, value: String, lost: CancellationToken, release: Arc<dyn LockRelease>) -> Self {
-        LockGuard { fence, value, lost, release: Some(release) }
+        LockGuard {
+            fence,
+            value,
+            lost,
+            release: Some(release),
+        }
     }
     pub fn fence(&self) -> &Fence {
         &self.fence

@@ -1,0 +1,116 @@
+//! `vha dev --storage etcd` (issue 10): a 3-member etcd cluster instead of lockd, nodes on it
+//! with HA, one active serving KV v2, and every process (etcd members included) stopped on
+//! Ctrl-C.
+
+use std::process::Command;
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use vha_core::advert::LOCK_KEY;
+use vha_core::storage::etcd::EtcdBackend;
+use vha_core::storage::HaBackend;
+use vha_testkit::{vha_binary, wait_until, ChildProc};
+
+fn alive(pid: u64) -> bool {
+    let pid = pid as i32;
+    kill(Pid::from_raw(pid), None).is_ok()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+            .unwrap_or(false)
+}
+
+/// The dev cluster on etcd comes up with three etcd members and no lockd, the nodes report
+/// `storage_type = etcd`, the HA lock is held in etcd by the active, KV v2 works through it,
+/// and Ctrl-C stops the nodes and every etcd member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_cluster_on_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    let mut cmd = Command::new(vha_binary());
+    cmd.args([
+        "dev",
+        "--storage",
+        "etcd",
+        "--nodes",
+        "2",
+        "--port-base",
+        "0",
+        "--lock-ttl",
+        "5s",
+        "--dir",
+    ])
+    .arg(&data);
+    let mut dev = ChildProc::spawn("vha dev", cmd, &dir.path().join("dev.log"));
+    let path = data.join("cluster.json");
+    let cluster: Value = wait_until(
+        || {
+            assert!(dev.is_running(), "vha dev exited early:\n{}", dev.output());
+            std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok())
+        },
+        "cluster.json written",
+        Duration::from_secs(90),
+    );
+    assert!(cluster["lockd"].is_null(), "no lockd with --storage etcd: {cluster}");
+    let members = cluster["etcd"].as_array().expect("etcd members").clone();
+    assert_eq!(members.len(), 3, "a 3-member etcd cluster");
+    for m in &members {
+        assert!(alive(m["pid"].as_u64().unwrap()), "etcd member running: {m}");
+    }
+    let token = cluster["root_token"].as_str().unwrap().to_string();
+    let nodes = cluster["nodes"].as_array().unwrap().clone();
+    let http = reqwest::Client::new();
+    let mut active = None;
+    for n in &nodes {
+        let a = n["api_addr"].as_str().unwrap();
+        let st: Value = http
+            .get(format!("{a}/v1/sys/seal-status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(st["storage_type"], "etcd");
+        let v: Value = http
+            .get(format!("{a}/v1/sys/leader"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["is_self"] == true {
+            active = Some(a.to_string());
+        }
+    }
+    let active = active.expect("an active node");
+    let r = http
+        .post(format!("{active}/v1/secret/data/dev"))
+        .header("X-Vault-Token", &token)
+        .json(&json!({"data": {"hello": "etcd"}}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "KV v2 at secret/: {}", r.status());
+    let addrs: Vec<&str> = members.iter().map(|m| m["addr"].as_str().unwrap()).collect();
+    let b = EtcdBackend::connect(&addrs.join(",")).unwrap();
+    assert!(
+        b.holder(LOCK_KEY).await.unwrap().is_some(),
+        "the HA lock is held in etcd"
+    );
+
+    dev.signal(Signal::SIGINT);
+    let status = dev
+        .wait_exit(Duration::from_secs(60))
+        .expect("vha dev exits after Ctrl-C");
+    assert!(status.success(), "clean exit: {status:?}");
+    let pids = nodes
+        .iter()
+        .map(|n| n["node_pid"].as_u64().unwrap())
+        .chain(members.iter().map(|m| m["pid"].as_u64().unwrap()));
+    for pid in pids {
+        assert!(!alive(pid), "process {pid} still running after vha dev stopped");
+    }
+}
