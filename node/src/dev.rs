@@ -332,7 +332,8 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
     println!("\n    export VAULT_ADDR={active}");
     println!("    export VAULT_TOKEN={root}");
     println!("\n    cluster.json: {}  (root token and unseal key: dev only)", path.display());
-    println!("    prometheus.yml: {}  (scrape config for this cluster)", prom_path.display());
+    let prom_shown = prom_path.display();
+    println!("    prometheus.yml: {prom_shown}  (scrape config for this cluster)");
     if let Some(a) = &prom_addr {
         println!("    prometheus: {a}");
     }
@@ -371,7 +372,12 @@ fn prometheus_config(cluster: &Value) -> String {
     let mut y = String::from(
         "# Written by `vha dev` for the cluster it started (see grafana/README.md).\nglobal:\n  scrape_interval: 5s\n  evaluation_interval: 5s\nscrape_configs:\n",
     );
-    y += &job("vha-node", "/v1/sys/metrics", "    params:\n      format: [prometheus]\n", &list("api_addr"));
+    y += &job(
+        "vha-node",
+        "/v1/sys/metrics",
+        "    params:\n      format: [prometheus]\n",
+        &list("api_addr"),
+    );
     let proxies = list("proxy_metrics_addr");
     if !proxies.is_empty() {
         y += &job("vha-proxy", "/metrics", "", &proxies);
@@ -379,8 +385,13 @@ fn prometheus_config(cluster: &Value) -> String {
     if let Some(a) = cluster["lockd"]["addr"].as_str() {
         y += &job("vha-lockd", "/metrics", "", &[host(a)]);
     }
-    let etcd: Vec<String> =
-        cluster["etcd"].as_array().into_iter().flatten().filter_map(|m| m["addr"].as_str()).map(host).collect();
+    let etcd: Vec<String> = cluster["etcd"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["addr"].as_str())
+        .map(host)
+        .collect();
     if !etcd.is_empty() {
         y += &job("etcd", "/metrics", "", &etcd);
     }
@@ -411,11 +422,28 @@ async fn start_etcd(
         let p = format!("http://127.0.0.1:{peer}");
         let data = dir.join(format!("etcd-m{i}"));
         let args: Vec<String> = [
-            "--name", &format!("m{i}"), "--data-dir", &data.to_string_lossy(),
-            "--listen-client-urls", &c, "--advertise-client-urls", &c,
-            "--listen-peer-urls", &p, "--initial-advertise-peer-urls", &p,
-            "--initial-cluster", &initial, "--initial-cluster-token", "vha-dev",
-            "--initial-cluster-state", "new", "--logger", "zap", "--log-outputs", "stderr",
+            "--name",
+            &format!("m{i}"),
+            "--data-dir",
+            &data.to_string_lossy(),
+            "--listen-client-urls",
+            &c,
+            "--advertise-client-urls",
+            &c,
+            "--listen-peer-urls",
+            &p,
+            "--initial-advertise-peer-urls",
+            &p,
+            "--initial-cluster",
+            &initial,
+            "--initial-cluster-token",
+            "vha-dev",
+            "--initial-cluster-state",
+            "new",
+            "--logger",
+            "zap",
+            "--log-outputs",
+            "stderr",
         ]
         .iter()
         .map(|s| s.to_string())
