@@ -1,2 +1,18 @@
-//! vha-bench: the forwarding-throughput load generator (issue 9). Not built yet; the crate
-//! exists so the workspace has its final shape.
+//! vha-bench: the side-by-side load generator behind `vha bench` (issue 9).
+//!
+//! - [`load`]: closed-loop and open-loop (coordinated-omission corrected) engines;
+//! - [`hist`]: HDR histograms and percentiles;
+//! - [`workload`]: sys/health, KV v2 read/write/mixed with payload sizes;
+//! - [`scenario`]: direct / forward / redirect / redirect-follow / node targets and the client;
+//! - [`failover`]: kill -9 trials under write load, with read-back of acknowledged writes;
+//! - [`peers`]: OpenBao raft cluster and nginx mTLS front in the same run;
+//! - [`report`]: progress bar, table, JSON, self-contained HTML.
+
+pub mod cli;
+pub mod failover;
+pub mod hist;
+pub mod load;
+pub mod peers;
+pub mod report;
+pub mod scenario;
+pub mod workload;
