@@ -1,2 +1,22 @@
-//! vha-proxy: the Pingora front layer of a proxy + node pair (issue 6). Not built yet; the
-//! crate exists so the workspace has its final shape.
+//! vha-proxy: the Pingora front layer of a proxy + node pair (issue 6).
+//!
+//! The proxy owns the client-facing `listener "tcp"`. It passes requests for its own node
+//! over the pair's unix socket, forwards a standby's requests to the active node over the
+//! mutually-authenticated P-521 cluster channel, or answers Vault's 307 / 503, holding
+//! requests (bounded) while no active node is known. It learns the active node from the
+//! encrypted advertisement in storage, which it decrypts with the keyring its node hands it.
+//!
+//! - [`route`]: the pure route decision (unit- and property-tested).
+//! - [`local`]: the node's state stream; early lock release on proof of the node's death.
+//! - [`advert`]: the controller: storage watches, advertisement authentication, [`advert::View`].
+//! - [`service`]: the thin Pingora `ProxyHttp`.
+//! - [`tls`]: listener TLS and upstream peers. [`metrics`], [`error`], [`cli`].
+
+pub mod advert;
+pub mod cli;
+pub mod error;
+pub mod local;
+pub mod metrics;
+pub mod route;
+pub mod service;
+pub mod tls;

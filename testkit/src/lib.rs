@@ -4,12 +4,26 @@
 //!
 //! - [`process`]: spawning, signalling and reaping processes; locating the `vha` binary.
 //! - [`wait`]: `wait_until(condition, why, timeout)`.
+//! - [`etcd`]: `TestEtcd` for real etcd members (single or 3-member raft, kill/stop/restart).
+//! - [`lockd`]: `TestLockd` for `vha lockd` (start, kill -9, restart, stop).
 //! - [`node`]: `TestNode` / `TestCluster` builders for `vha server`.
+//! - [`prometheus`]: `TestPrometheus`, a real Prometheus scraping the test's processes.
+//! - [`proxy`]: `TestProxy` for `vha proxy` in front of a node (`TestCluster::builder().proxies()`).
 
+pub mod etcd;
+pub mod lockd;
 pub mod node;
 pub mod process;
+pub mod prometheus;
+pub mod proxy;
+pub mod relay;
 pub mod wait;
 
+pub use etcd::TestEtcd;
+pub use lockd::TestLockd;
 pub use node::{TestCluster, TestNode};
+pub use proxy::TestProxy;
+pub use relay::{Fault, Relay};
 pub use process::{free_port, vha_binary, ChildProc};
+pub use prometheus::{ScrapeJob, TestPrometheus};
 pub use wait::{wait_until, wait_until_async};

@@ -36,6 +36,9 @@ pub struct TestNodeBuilder {
     top_extra: String,
     env: Vec<(String, String)>,
     args: Vec<String>,
+    ports: Option<(u16, u16)>,
+    advertise_cluster: Option<String>,
+    behind_proxy: bool,
 }
 
 impl Default for TestNodeBuilder {
@@ -47,6 +50,9 @@ impl Default for TestNodeBuilder {
             top_extra: String::new(),
             env: Vec::new(),
             args: Vec::new(),
+            ports: None,
+            advertise_cluster: None,
+            behind_proxy: false,
         }
     }
 }
@@ -83,11 +89,30 @@ impl TestNodeBuilder {
         self
     }
 
+    /// Fixed API and cluster listener ports (default: free ephemeral ports).
+    pub fn ports(mut self, api: u16, cluster: u16) -> Self {
+        self.ports = Some((api, cluster));
+        self
+    }
+    /// The advertised `cluster_addr` (e.g. a relay in front of the cluster listener).
+    pub fn advertise_cluster(mut self, addr: impl Into<String>) -> Self {
+        self.advertise_cluster = Some(addr.into());
+        self
+    }
+
+    /// Run as the node of a proxy + node pair: the config gets a `proxy {}` block (socket in
+    /// the node's temp dir, `node_address` on a free loopback port); the api address then
+    /// belongs to the proxy, which the caller starts (`vha proxy --config <config_path>`).
+    pub fn behind_proxy(mut self) -> Self {
+        self.behind_proxy = true;
+        self
+    }
+
     /// Writes the config, starts the process and waits until it answers HTTP.
     pub async fn start(self) -> TestNode {
         let dir = tempfile::Builder::new().prefix("vha-node-").tempdir().expect("tempdir");
-        let port = free_port();
-        let cluster_port = free_port();
+        let (port, cluster_port) = self.ports.unwrap_or_else(|| (free_port(), free_port()));
+        let advertised = self.advertise_cluster.clone().unwrap_or_else(|| format!("https://127.0.0.1:{cluster_port}"));
         let storage = match &self.storage {
             Storage::File => format!(
                 "storage \"file\" {{\n  path = \"{}\"\n}}",
@@ -97,13 +122,26 @@ impl TestNodeBuilder {
             Storage::Raw(s) => s.clone(),
         };
         let ha = self.ha_storage.clone().unwrap_or_default();
+        let node_port = free_port();
+        let socket = dir.path().join("node.sock");
+        let proxy_block = if self.behind_proxy {
+            format!(
+                "proxy {{\n  node_socket = \"{}\"\n  node_address = \"127.0.0.1:{node_port}\"\n  metrics_address = \"127.0.0.1:{}\"\n}}\n",
+                socket.display(),
+                free_port()
+            )
+        } else {
+            String::new()
+        };
         let config = format!(
-            "{storage}\n{ha}\nlistener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  cluster_address = \"127.0.0.1:{cluster_port}\"\n  tls_disable = true\n{}}}\napi_addr = \"http://127.0.0.1:{port}\"\ncluster_addr = \"https://127.0.0.1:{cluster_port}\"\nlog_level = \"debug\"\n{}",
+            "{storage}\n{ha}\nlistener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  cluster_address = \"127.0.0.1:{cluster_port}\"\n  tls_disable = true\n{}}}\napi_addr = \"http://127.0.0.1:{port}\"\ncluster_addr = \"{advertised}\"\nlog_level = \"debug\"\n{}{proxy_block}",
             self.listener_extra, self.top_extra
         );
         let config_path = dir.path().join("node.hcl");
         std::fs::write(&config_path, &config).expect("write config");
         let mut node = TestNode {
+            node_addr: if self.behind_proxy { format!("http://127.0.0.1:{node_port}") } else { format!("http://127.0.0.1:{port}") },
+            socket: self.behind_proxy.then_some(socket),
             addr: format!("http://127.0.0.1:{port}"),
             port,
             cluster_port,
@@ -125,7 +163,12 @@ impl TestNodeBuilder {
 
 /// A running `vha server`.
 pub struct TestNode {
+    /// The pair's api address (the node itself, or its proxy when `behind_proxy`).
     pub addr: String,
+    /// Where the node process itself answers HTTP (`node_address` behind a proxy).
+    pub node_addr: String,
+    /// The proxy <-> node unix socket, when behind a proxy.
+    pub socket: Option<PathBuf>,
     pub port: u16,
     pub cluster_port: u16,
     pub config_path: PathBuf,
@@ -183,7 +226,7 @@ impl TestNode {
 
     /// Polls `sys/seal-status` until the node answers (or panics with its log).
     pub async fn wait_ready(&mut self) {
-        let url = format!("{}/v1/sys/seal-status", self.addr);
+        let url = format!("{}/v1/sys/seal-status", self.node_addr);
         let http = self.http.clone();
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
@@ -199,6 +242,28 @@ impl TestNode {
             }
             tokio::time::sleep(crate::wait::POLL_INTERVAL).await;
         }
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.proc.as_ref().is_some_and(|p| p.is_running_shared())
+    }
+
+    /// Like [`TestNode::request`], but `None` when the node cannot be reached.
+    pub async fn try_request(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> Option<(StatusCode, Value)> {
+        let m = Method::from_bytes(method.as_bytes()).ok()?;
+        let url = format!("{}/v1/{}", self.addr, path.trim_start_matches('/'));
+        let mut rb = self.http.request(m, url).timeout(Duration::from_secs(5));
+        if let Some(t) = token {
+            rb = rb.header("X-Vault-Token", t);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let resp = rb.send().await.ok()?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.ok()?;
+        let v = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+        Some((status, v))
     }
 
     /// SIGKILL.
@@ -327,10 +392,17 @@ impl TestNode {
         panic!("still sealed after {} keys", keys.len());
     }
 
-    /// Initializes (1 share) and unseals; returns the keys (root token inside).
+    /// Initializes (1 share), unseals, and waits until the node serves requests (with HA
+    /// storage it first has to win the lock); returns the keys (root token inside).
     pub async fn init_unsealed(&self) -> InitKeys {
         let k = self.init(1, 1).await;
         self.unseal(&k.keys).await;
+        wait_until_async(
+            || async { (self.request("GET", "sys/health", None, None).await.0 == StatusCode::OK).then_some(()) },
+            "node active after unseal",
+            START_TIMEOUT,
+        )
+        .await;
         k
     }
 
@@ -348,18 +420,340 @@ impl TestNode {
     }
 }
 
-/// Several [`TestNode`]s (more knobs arrive with HA: lockd/etcd, kill/partition/seal).
+/// Several [`TestNode`]s on shared storage: lockd (default) with optional relays between
+/// each node and the store and in front of each cluster listener.
 pub struct TestCluster {
     pub nodes: Vec<TestNode>,
+    pub lockd: Option<crate::lockd::TestLockd>,
+    /// A second lockd for the HA lock in split mode.
+    pub ha_lockd: Option<crate::lockd::TestLockd>,
+    /// The etcd cluster, when the builder asked for etcd (`etcd(n)` or an etcd split pair).
+    pub etcd: Option<crate::etcd::TestEtcd>,
+    /// Relay i sits between node i and the (HA) store, when requested.
+    pub store_relays: Vec<crate::relay::Relay>,
+    /// Relay i sits in front of node i's cluster listener (its advertised cluster_addr).
+    pub cluster_relays: Vec<crate::relay::Relay>,
+    pub keys: Option<InitKeys>,
+    /// Proxy i fronts node i (`.proxies()`); node i's `addr` is then the proxy's address.
+    pub proxies: Vec<crate::proxy::TestProxy>,
+}
+
+/// Builder for [`TestCluster`].
+pub struct TestClusterBuilder {
+    nodes: usize,
+    lock_ttl: String,
+    relay_store: bool,
+    relay_cluster: bool,
+    split: bool,
+    template: TestNodeBuilder,
+    init: bool,
+    /// Members of the etcd cluster to start, when etcd is used.
+    etcd_members: Option<usize>,
+    /// Which store holds data and which the HA lock (`None`: lockd, or etcd for both).
+    stores: Option<(Store, Store)>,
+    /// Run each node behind its own `vha proxy`.
+    proxies: bool,
+}
+
+/// A store kind for [`TestClusterBuilder::split_stores`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    Lockd,
+    Etcd,
 }
 
 impl TestCluster {
-    /// Starts `n` nodes from the same builder template.
+    pub fn builder() -> TestClusterBuilder {
+        TestClusterBuilder {
+            nodes: 3,
+            lock_ttl: "3s".into(),
+            relay_store: false,
+            relay_cluster: false,
+            split: false,
+            template: TestNodeBuilder::default().config_extra("step_down_wait = \"2s\""),
+            init: true,
+            etcd_members: None,
+            stores: None,
+            proxies: false,
+        }
+    }
+
+    /// Starts `n` nodes from the same builder template (no shared HA store).
     pub async fn start(n: usize, builder: TestNodeBuilder) -> TestCluster {
         let mut nodes = Vec::with_capacity(n);
         for _ in 0..n {
             nodes.push(builder.clone().start().await);
         }
-        TestCluster { nodes }
+        TestCluster {
+            nodes,
+            lockd: None,
+            ha_lockd: None,
+            etcd: None,
+            store_relays: Vec::new(),
+            cluster_relays: Vec::new(),
+            proxies: Vec::new(),
+            keys: None,
+        }
+    }
+
+    pub fn root_token(&self) -> &str {
+        &self.keys.as_ref().expect("cluster initialized").root_token
+    }
+
+    /// `sys/leader` of node `i` (`None` if it does not answer 200).
+    pub async fn leader_of(&self, i: usize) -> Option<Value> {
+        if !self.nodes[i].is_running() {
+            return None;
+        }
+        let (st, v) = self.nodes[i].try_request("GET", "sys/leader", None, None).await?;
+        (st == StatusCode::OK).then_some(v)
+    }
+
+    /// Indexes of the nodes that say they are active.
+    pub async fn actives(&self) -> Vec<usize> {
+        let mut out = Vec::new();
+        for i in 0..self.nodes.len() {
+            if let Some(v) = self.leader_of(i).await {
+                if v["is_self"] == Value::Bool(true) {
+                    out.push(i);
+                }
+            }
+        }
+        out
+    }
+
+    /// Waits until exactly one node is active, and every running unsealed node's
+    /// `sys/leader` names it; returns its index.
+    pub async fn wait_one_active(&self, timeout: Duration) -> usize {
+        wait_until_async(
+            || async {
+                let actives = self.actives().await;
+                let [a] = actives.as_slice() else { return None };
+                let want = self.nodes[*a].addr.clone();
+                for i in 0..self.nodes.len() {
+                    if !self.nodes[i].is_running() {
+                        continue;
+                    }
+                    let v = self.leader_of(i).await?;
+                    if v["leader_address"].as_str() != Some(want.as_str()) {
+                        return None;
+                    }
+                }
+                Some(*a)
+            },
+            "exactly one active node that every node agrees on",
+            timeout,
+        )
+        .await
+    }
+
+    /// Waits until a node other than `old` is active; returns it.
+    pub async fn wait_new_active(&self, old: usize, timeout: Duration) -> usize {
+        wait_until_async(
+            || async {
+                let a = self.actives().await;
+                match a.as_slice() {
+                    [x] if *x != old => Some(*x),
+                    _ => None,
+                }
+            },
+            "a new active node",
+            timeout,
+        )
+        .await
+    }
+
+    /// Unseals node `i` with the cluster's keys.
+    pub async fn unseal(&self, i: usize) {
+        let keys = self.keys.as_ref().expect("initialized");
+        self.nodes[i].unseal(&keys.keys).await;
+    }
+}
+
+impl TestClusterBuilder {
+    pub fn nodes(mut self, n: usize) -> Self {
+        self.nodes = n;
+        self
+    }
+    /// lockd lease TTL for the HA lock (`lock_ttl` in the stanza).
+    pub fn lock_ttl(mut self, ttl: &str) -> Self {
+        self.lock_ttl = ttl.into();
+        self
+    }
+    /// A relay between each node and the store.
+    pub fn relay_store(mut self) -> Self {
+        self.relay_store = true;
+        self
+    }
+    /// A relay in front of each node's cluster listener (advertised as its cluster_addr).
+    pub fn relay_cluster(mut self) -> Self {
+        self.relay_cluster = true;
+        self
+    }
+    /// Split mode: data on one lockd, the HA lock on a second lockd.
+    pub fn split(mut self) -> Self {
+        self.split = true;
+        self
+    }
+    /// Data and HA lock on an etcd cluster of `members` real etcd processes
+    /// (`storage "etcd" { address = "...", ha_enabled = "true", lock_timeout = <lock_ttl> }`).
+    /// `lock_ttl` is etcd's `lock_timeout` here and must be at least 5 s.
+    pub fn etcd(mut self, members: usize) -> Self {
+        self.etcd_members = Some(members);
+        if self.lock_ttl == "3s" {
+            self.lock_ttl = "5s".into();
+        }
+        self
+    }
+    /// Split mode with the given stores for data and for the HA lock (any pair of lockd and
+    /// etcd; etcd + etcd uses one etcd cluster under two paths). Implies `etcd(3)` when etcd
+    /// is involved and no member count was set.
+    pub fn split_stores(mut self, data: Store, ha: Store) -> Self {
+        self.stores = Some((data, ha));
+        if (data == Store::Etcd || ha == Store::Etcd) && self.etcd_members.is_none() {
+            self = self.etcd(3);
+        }
+        self
+    }
+    /// The per-node template (extra config, env).
+    pub fn template(mut self, t: TestNodeBuilder) -> Self {
+        self.template = t;
+        self
+    }
+    /// Leave the cluster uninitialized.
+    pub fn no_init(mut self) -> Self {
+        self.init = false;
+        self
+    }
+    /// Run every node behind its own `vha proxy` (a pair per node): each node is built
+    /// `.behind_proxy()` and a [`crate::proxy::TestProxy`] is started for it.
+    pub fn proxies(mut self) -> Self {
+        self.proxies = true;
+        self
+    }
+
+    pub async fn start(self) -> TestCluster {
+        if self.etcd_members.is_some() {
+            return self.start_etcd().await;
+        }
+        let lockd = crate::lockd::TestLockd::start();
+        let ha_lockd = self.split.then(crate::lockd::TestLockd::start);
+        let mut store_relays = Vec::new();
+        let mut cluster_relays = Vec::new();
+        let mut nodes = Vec::new();
+        let mut proxies = Vec::new();
+        for _ in 0..self.nodes {
+            let lock_store = ha_lockd.as_ref().unwrap_or(&lockd);
+            let mut lock_addr = lock_store.address();
+            if self.relay_store {
+                let r = crate::relay::Relay::start(([127, 0, 0, 1], lock_store.port).into()).await;
+                lock_addr = format!("http://{}", r.addr());
+                store_relays.push(r);
+            }
+            let (api, cluster) = (free_port(), free_port());
+            let mut b = self.template.clone().ports(api, cluster);
+            if self.proxies {
+                b = b.behind_proxy();
+            }
+            if self.relay_cluster {
+                let r = crate::relay::Relay::start(([127, 0, 0, 1], cluster).into()).await;
+                b = b.advertise_cluster(format!("https://{}", r.addr()));
+                cluster_relays.push(r);
+            }
+            b = if self.split {
+                b.storage(Storage::Raw(format!("storage \"lockd\" {{\n  address = \"{}\"\n  ha_enabled = \"false\"\n}}", lockd.address())))
+                    .ha_storage(format!("ha_storage \"lockd\" {{\n  address = \"{lock_addr}\"\n  lock_ttl = \"{}\"\n}}", self.lock_ttl))
+            } else {
+                b.storage(Storage::Raw(format!(
+                    "storage \"lockd\" {{\n  address = \"{lock_addr}\"\n  lock_ttl = \"{}\"\n}}",
+                    self.lock_ttl
+                )))
+            };
+            let node = b.start().await;
+            if self.proxies {
+                proxies.push(crate::proxy::TestProxy::start(&node.config_path, ([127, 0, 0, 1], api).into()));
+            }
+            nodes.push(node);
+        }
+        let mut c =
+            TestCluster { nodes, lockd: Some(lockd), ha_lockd, etcd: None, store_relays, cluster_relays, proxies, keys: None };
+        if self.init {
+            let keys = c.nodes[0].init(1, 1).await;
+            c.keys = Some(keys);
+            for i in 0..c.nodes.len() {
+                c.unseal(i).await;
+            }
+            c.wait_one_active(START_TIMEOUT).await;
+        }
+        c
+    }
+
+    /// `start` when etcd is involved: one etcd cluster, plus one lockd when a split pair
+    /// names lockd.
+    async fn start_etcd(self) -> TestCluster {
+        assert!(!self.relay_store, "relay_store is lockd-only");
+        let members = self.etcd_members.unwrap_or(3);
+        let etcd = crate::etcd::TestEtcd::cluster(members);
+        let (data, ha) = self.stores.unwrap_or((Store::Etcd, Store::Etcd));
+        let split = self.stores.is_some();
+        let lockd = (data == Store::Lockd || ha == Store::Lockd).then(crate::lockd::TestLockd::start);
+        let lockd_addr = lockd.as_ref().map(|l| l.address()).unwrap_or_default();
+        let ttl = &self.lock_ttl;
+        let stanza = |block: &str, store: Store, ha_enabled: bool, path: &str| -> String {
+            match store {
+                Store::Etcd => format!(
+                    "{block} \"etcd\" {{\n  address = \"{}\"\n  path = \"{path}\"\n  ha_enabled = \"{ha_enabled}\"\n  lock_timeout = \"{ttl}\"\n}}",
+                    etcd.address()
+                ),
+                Store::Lockd => format!(
+                    "{block} \"lockd\" {{\n  address = \"{lockd_addr}\"\n  ha_enabled = \"{ha_enabled}\"\n  lock_ttl = \"{ttl}\"\n}}"
+                ),
+            }
+        };
+        let mut cluster_relays = Vec::new();
+        let mut nodes = Vec::new();
+        let mut proxies = Vec::new();
+        for _ in 0..self.nodes {
+            let (api, cluster) = (free_port(), free_port());
+            let mut b = self.template.clone().ports(api, cluster);
+            if self.proxies {
+                b = b.behind_proxy();
+            }
+            if self.relay_cluster {
+                let r = crate::relay::Relay::start(([127, 0, 0, 1], cluster).into()).await;
+                b = b.advertise_cluster(format!("https://{}", r.addr()));
+                cluster_relays.push(r);
+            }
+            b = if split {
+                b.storage(Storage::Raw(stanza("storage", data, false, "vault/")))
+                    .ha_storage(stanza("ha_storage", ha, true, "vault-ha/"))
+            } else {
+                b.storage(Storage::Raw(stanza("storage", Store::Etcd, true, "vault/")))
+            };
+            let node = b.start().await;
+            if self.proxies {
+                proxies.push(crate::proxy::TestProxy::start(&node.config_path, ([127, 0, 0, 1], api).into()));
+            }
+            nodes.push(node);
+        }
+        let mut c = TestCluster {
+            nodes,
+            lockd,
+            ha_lockd: None,
+            etcd: Some(etcd),
+            store_relays: Vec::new(),
+            cluster_relays,
+            proxies,
+            keys: None,
+        };
+        if self.init {
+            let keys = c.nodes[0].init(1, 1).await;
+            c.keys = Some(keys);
+            for i in 0..c.nodes.len() {
+                c.unseal(i).await;
+            }
+            c.wait_one_active(START_TIMEOUT).await;
+        }
+        c
     }
 }

@@ -64,6 +64,21 @@ impl ChildProc {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// Whether the process is still alive (without reaping it): signal 0 by PID.
+    pub fn is_running_shared(&self) -> bool {
+        match &self.child {
+            Some(c) => {
+                // A zombie still accepts signal 0; check /proc state too.
+                let pid = c.id();
+                kill(Pid::from_raw(pid as i32), None).is_ok()
+                    && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                        .map(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+                        .unwrap_or(false)
+            }
+            None => false,
+        }
+    }
+
     pub fn is_running(&mut self) -> bool {
         match self.child.as_mut() {
             Some(c) => matches!(c.try_wait(), Ok(None)),

@@ -1,0 +1,178 @@
+//! `vha proxy --config FILE`: reads the node's own HCL file, installs aws-lc-rs as the
+//! process crypto provider (before Pingora builds any TLS context: ring cannot do P-521),
+//! starts the controller (state stream + storage watches) and the metrics listener on a
+//! small background runtime, then runs the Pingora server on the `listener "tcp"` address.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use pingora::listeners::tls::TlsSettings;
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use tokio::sync::watch;
+
+use vha_core::config::{Config, ProcessEnv};
+
+use crate::advert::View;
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::service::{Settings, VhaProxy};
+use crate::tls::ForwardProtocol;
+
+/// Pingora retries per request. Each retry after a failed connect first waits (bounded by
+/// `hold_timeout` overall) for a different advertisement, so this only caps pathological
+/// flapping, not the wait.
+const MAX_RETRIES: usize = 8;
+/// Idle upstream connections kept per process (across the local node and the active).
+/// Covers `wrk -c64`-style concurrency on h1 without reconnecting.
+const UPSTREAM_POOL: usize = 256;
+/// Seconds to finish in-flight requests after SIGTERM.
+const SHUTDOWN_TIMEOUT_SECS: u64 = 5;
+
+#[derive(Parser, Debug)]
+#[command(name = "vha proxy", about = "the Pingora front of a proxy + node pair")]
+struct Args {
+    /// The node's HCL config file (must contain a `proxy {}` block).
+    #[arg(long)]
+    config: PathBuf,
+}
+
+/// Entry point (`vha proxy ...`).
+pub fn main(args: Vec<String>) -> ExitCode {
+    let args = match Args::try_parse_from(std::iter::once("vha proxy".to_string()).chain(args)) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = match vha_core::config::load(&args.config, &ProcessEnv) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("Error loading configuration from {}: {e}", args.config.display());
+            return ExitCode::from(1);
+        }
+    };
+    init_tracing(&cfg);
+    match run(cfg) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vha proxy: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(cfg: &Config) {
+    let level = cfg.log_level.as_str();
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| {
+        format!("{level},pingora=info,pingora_core=info,pingora_proxy=info,h2=info,hyper=info,rustls=info")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(std::env::var_os("NO_COLOR").is_none())
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn run(cfg: Config) -> Result<(), ProxyError> {
+    let pcfg = cfg
+        .proxy
+        .clone()
+        .ok_or_else(|| ProxyError::Config(format!("{} has no proxy {{}} block", cfg.path.display())))?;
+    // Before anything builds a rustls config (Pingora would install ring otherwise).
+    vha_core::cluster_tls::provider();
+    let listener = cfg.listener().clone();
+    let socket = pcfg.node_socket.to_string_lossy().into_owned();
+    let metrics = Metrics::new();
+    let (view_tx, view_rx) = watch::channel(Arc::new(View::initial()));
+
+    // Background runtime: controller, state stream, watches, metrics.
+    let bg = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("vha-proxy-ctl")
+        .enable_all()
+        .build()
+        .map_err(|e| ProxyError::Startup(e.to_string()))?;
+    let stores = {
+        let _g = bg.enter();
+        vha_core::storage::factory::open_stores(&cfg)
+            .map_err(|e| ProxyError::Startup(e.to_string()))?
+            .stores
+    };
+    bg.spawn(crate::advert::run(
+        stores,
+        pcfg.node_socket.clone(),
+        view_tx,
+        metrics.clone(),
+    ));
+    if let Some(addr) = pcfg.metrics_address {
+        let m = metrics.clone();
+        bg.spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, m).await {
+                tracing::error!(%addr, error = %e, "metrics listener failed");
+            }
+        });
+    }
+    std::thread::Builder::new()
+        .name("vha-proxy-bg".into())
+        .spawn(move || bg.block_on(std::future::pending::<()>()))
+        .map_err(|e| ProxyError::Startup(e.to_string()))?;
+
+    let threads = pcfg
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
+    let dir = cfg.dir().to_path_buf();
+    let conf = ServerConf {
+        threads,
+        upstream_keepalive_pool_size: UPSTREAM_POOL,
+        max_retries: MAX_RETRIES,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(SHUTDOWN_TIMEOUT_SECS),
+        pid_file: dir.join("vha-proxy.pid").to_string_lossy().into_owned(),
+        upgrade_sock: dir.join("vha-proxy-upgrade.sock").to_string_lossy().into_owned(),
+        ..ServerConf::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    // h2 by default: one P-521 handshake carries every concurrent forward (a new term does
+    // not start with a handshake storm on the new active); throughput measured equal to
+    // pooled h1 within noise (see the report of issue 6). `VHA_PROXY_FORWARD_PROTOCOL=h1`
+    // switches to pooled keep-alive HTTP/1.1.
+    let forward_protocol = match std::env::var("VHA_PROXY_FORWARD_PROTOCOL").as_deref() {
+        Ok("h1") => ForwardProtocol::H1,
+        _ => ForwardProtocol::H2,
+    };
+    let settings = Settings {
+        local_socket: socket,
+        hold_timeout: pcfg.hold_timeout,
+        max_request_size: listener.max_request_size,
+        max_request_duration: listener.max_request_duration,
+        xff_trusted: listener.x_forwarded_for_authorized_addrs.clone(),
+        forward_protocol,
+    };
+    let mut svc = pingora::proxy::http_proxy_service(&server.configuration, VhaProxy::new(view_rx, settings, metrics));
+    let addr = listener.address.to_string();
+    if listener.tls_disable {
+        svc.add_tcp(&addr);
+    } else {
+        let (Some(cert), Some(key)) = (listener.tls_cert_file.as_ref(), listener.tls_key_file.as_ref()) else {
+            return Err(ProxyError::Config(
+                "listener: tls_cert_file and tls_key_file are required unless tls_disable".into(),
+            ));
+        };
+        let mut tls = TlsSettings::intermediate(&cert.to_string_lossy(), &key.to_string_lossy())
+            .map_err(|e| ProxyError::Config(format!("listener TLS: {e}")))?;
+        tls.enable_h2();
+        svc.add_tls_with_settings(&addr, None, tls);
+    }
+    server.add_service(svc);
+    eprintln!(
+        "==> vha proxy started\n    Listener: {addr} (tls: {})\n    Node socket: {}\n    Threads: {threads}\n    Forwarding: {forward_protocol:?}",
+        if listener.tls_disable { "disabled" } else { "enabled" },
+        pcfg.node_socket.display()
+    );
+    server.run_forever();
+}

@@ -1,0 +1,538 @@
+//! The thin Pingora layer: gathers the inputs of [`crate::route::route`] for each request,
+//! carries out the decision (write a 307 / 503 and stop, or pick the local node or the
+//! active node as upstream), and maps what went wrong on the way back to Vault's answers.
+//!
+//! Request life cycle (Pingora phases):
+//! - `request_filter`: framing and size checks, route decision, bounded hold while no active
+//!   node is known; redirects and errors are written here (`Ok(true)` = response sent).
+//! - `upstream_peer`: the local node's socket, or the active's cluster listener (mTLS). After
+//!   a forward could not be sent (refused, timed out) it holds for a different advertisement
+//!   within the same bound, then forwards there, or answers 307 (same active still current)
+//!   or 503 (none).
+//! - `fail_to_connect`: classifies the failure (TLS -> 307 at once, unreachable -> hold).
+//! - `upstream_request_filter`: hop-by-hop headers out, the internal client-address header
+//!   set from the TCP peer (or a trusted `X-Forwarded-For`), never from the client.
+//! - `fail_to_proxy`: writes the decided fallback, or 502 for a request whose forward broke
+//!   after it was sent (never replayed).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType};
+use tokio::sync::watch;
+
+use vha_core::config::IpNet;
+
+use crate::advert::{Target, View};
+use crate::error::ProxyError;
+use crate::metrics::{class, Metrics};
+use crate::route::{self, after_failure, after_hold, ForwardFailure, HoldEnd, Route, RouteInput};
+use crate::tls::{forward_peer, local_peer, ForwardProtocol};
+
+/// The internal client-address header the node trusts from its proxy and the cluster
+/// channel (`vha_node::api::CLIENT_ADDR_HEADER`).
+pub const CLIENT_ADDR_HEADER: &str = "x-vha-client-addr";
+/// Vault's header asking a standby for a 307 instead of forwarding.
+pub const NO_FORWARD_HEADER: &str = "x-vault-no-request-forwarding";
+/// Hop-by-hop headers (RFC 9110 section 7.6.1) removed before a request goes upstream, in
+/// addition to those the `Connection` header names. `Transfer-Encoding` framing is redone
+/// by Pingora for each hop.
+const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "upgrade", "te"];
+
+/// Static settings of the service.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub local_socket: String,
+    pub hold_timeout: Duration,
+    pub max_request_size: Option<u64>,
+    pub max_request_duration: Option<Duration>,
+    pub xff_trusted: Vec<IpNet>,
+    pub forward_protocol: ForwardProtocol,
+}
+
+/// The proxy service.
+pub struct VhaProxy {
+    view: watch::Receiver<Arc<View>>,
+    settings: Settings,
+    metrics: Metrics,
+}
+
+impl VhaProxy {
+    pub fn new(view: watch::Receiver<Arc<View>>, settings: Settings, metrics: Metrics) -> VhaProxy {
+        VhaProxy {
+            view,
+            settings,
+            metrics,
+        }
+    }
+}
+
+/// Where the request goes.
+#[derive(Clone, Debug, Default)]
+pub enum Upstream {
+    #[default]
+    None,
+    Local,
+    Active(Arc<Target>),
+}
+
+/// A response decided before or instead of proxying, written by `fail_to_proxy`.
+#[derive(Debug)]
+enum Fallback {
+    Redirect(String),
+    Error(ProxyError),
+}
+
+/// Per-request state.
+pub struct Ctx {
+    upstream: Upstream,
+    /// Route label for metrics.
+    route: &'static str,
+    fallback: Option<Fallback>,
+    /// The advertisement whose forward could not be sent: hold for a different one.
+    failed_seq: Option<u64>,
+    hold_deadline: Option<tokio::time::Instant>,
+    started: Instant,
+    body_bytes: u64,
+}
+
+/// Whether the downstream connection stays open after this response.
+trait KeepaliveHint {
+    fn will_keepalive_hint(&self) -> bool;
+}
+
+impl KeepaliveHint for Session {
+    fn will_keepalive_hint(&self) -> bool {
+        // Only HTTP/1 has a `Connection` header (h2 streams are independent).
+        self.as_downstream().as_http1().is_none() || self.as_downstream().get_keepalive().is_some()
+    }
+}
+
+fn path_and_query(session: &Session) -> String {
+    let uri = &session.req_header().uri;
+    uri.path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| "/".into())
+}
+
+/// Both `Content-Length` and `Transfer-Encoding` in the raw request head. Pingora drops the
+/// `Content-Length` in that case (RFC 9112 allows it); a Vault front refuses the request
+/// instead, as such framing is the stuff of request smuggling.
+fn conflicting_framing(session: &Session) -> bool {
+    if !session
+        .req_header()
+        .headers
+        .contains_key(http::header::TRANSFER_ENCODING)
+    {
+        return false;
+    }
+    let Some(h1) = session.as_downstream().as_http1() else {
+        return false;
+    };
+    let raw = h1.get_headers_raw_bytes();
+    raw.split(|b| *b == b'\n')
+        .any(|line| line.len() >= 15 && line[..15].eq_ignore_ascii_case(b"content-length:"))
+}
+
+async fn write_simple(session: &mut Session, status: u16, location: Option<&str>, body: &[u8]) -> pingora::Result<()> {
+    let mut h = ResponseHeader::build(status, Some(5))?;
+    if !session.will_keepalive_hint() {
+        // Say so: a client must not send its next request on a connection we close.
+        h.insert_header(http::header::CONNECTION, "close")?;
+    }
+    if let Some(l) = location {
+        h.insert_header(http::header::LOCATION, l)?;
+    }
+    if !body.is_empty() {
+        h.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    }
+    h.insert_header(http::header::CONTENT_LENGTH, body.len().to_string())?;
+    h.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+    let empty = body.is_empty() || session.req_header().method == http::Method::HEAD;
+    session.write_response_header(Box::new(h), empty).await?;
+    if !empty {
+        session
+            .write_response_body(Some(Bytes::copy_from_slice(body)), true)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn write_error(session: &mut Session, e: &ProxyError) -> pingora::Result<()> {
+    write_simple(session, e.status(), None, &e.body()).await
+}
+
+/// Waits for the view to change, until `deadline`; `false` when the deadline passed.
+async fn wait_change(rx: &mut watch::Receiver<Arc<View>>, deadline: tokio::time::Instant) -> bool {
+    matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(())))
+}
+
+/// The fallback error a Pingora error stands for: stops retries and is written by
+/// `fail_to_proxy`.
+fn stop(what: &'static str) -> Box<Error> {
+    Error::explain(ErrorType::Custom("vha-fallback"), what)
+}
+
+fn classify(e: &Error) -> ForwardFailure {
+    match e.etype() {
+        ErrorType::TLSHandshakeFailure
+        | ErrorType::InvalidCert
+        | ErrorType::HandshakeError
+        | ErrorType::TLSWantX509Lookup => ForwardFailure::Tls,
+        _ => ForwardFailure::Unreachable,
+    }
+}
+
+impl VhaProxy {
+    fn decide(&self, view: &View, session: &Session, pq: &str) -> Route {
+        let no_forward = session
+            .req_header()
+            .headers
+            .get(NO_FORWARD_HEADER)
+            .map(|v| v.as_bytes());
+        route::route(&RouteInput {
+            path: session.req_header().uri.path(),
+            path_and_query: pq,
+            no_forward,
+            local: view.local,
+            disable_clustering: view.disable_clustering,
+            active_redirect: view.active.as_ref().map(|t| t.redirect_addr.as_str()),
+        })
+    }
+
+    /// The client address the node should see: the TCP peer, or the last `X-Forwarded-For`
+    /// hop when the peer is an authorized forwarder.
+    fn client_addr(&self, session: &Session) -> Option<SocketAddr> {
+        let peer = session.client_addr().and_then(|a| a.as_inet()).copied()?;
+        if self.settings.xff_trusted.iter().any(|n| n.contains(peer.ip())) {
+            let xff = session.req_header().headers.get_all("x-forwarded-for");
+            let last = xff
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(str::trim)
+                .rfind(|s| !s.is_empty());
+            if let Some(ip) = last.and_then(|s| s.parse::<IpAddr>().ok()) {
+                return Some(SocketAddr::new(ip, 0));
+            }
+        }
+        Some(peer)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for VhaProxy {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            upstream: Upstream::None,
+            route: "none",
+            fallback: None,
+            failed_seq: None,
+            hold_deadline: None,
+            started: Instant::now(),
+            body_bytes: 0,
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        if conflicting_framing(session) {
+            ctx.route = "rejected";
+            session.set_keepalive(None);
+            write_error(session, &ProxyError::BadFraming).await?;
+            return Ok(true);
+        }
+        if let Some(max) = self.settings.max_request_size {
+            let announced = session
+                .req_header()
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
+            if announced.is_some_and(|n| n > max) {
+                ctx.route = "rejected";
+                session.set_keepalive(None);
+                write_error(session, &ProxyError::PayloadTooLarge).await?;
+                return Ok(true);
+            }
+        }
+        let pq = path_and_query(session);
+        let mut rx = self.view.clone();
+        let mut held = false;
+        loop {
+            let view = rx.borrow_and_update().clone();
+            match self.decide(&view, session, &pq) {
+                Route::Local => {
+                    ctx.route = "local";
+                    ctx.upstream = Upstream::Local;
+                    return Ok(false);
+                }
+                Route::Forward => {
+                    if held {
+                        self.metrics.holds.with_label_values(&["resolved"]).inc();
+                    }
+                    ctx.route = "forward";
+                    ctx.upstream = Upstream::Active(view.active.clone().expect("forward implies an active node"));
+                    return Ok(false);
+                }
+                Route::Redirect(loc) => {
+                    if held {
+                        self.metrics.holds.with_label_values(&["resolved"]).inc();
+                    }
+                    ctx.route = "redirect";
+                    let reason = if view.disable_clustering {
+                        "disable_clustering"
+                    } else {
+                        "header"
+                    };
+                    self.metrics.redirects.with_label_values(&[reason]).inc();
+                    write_simple(session, 307, Some(&loc), b"").await?;
+                    return Ok(true);
+                }
+                Route::Sealed => {
+                    ctx.route = "sealed";
+                    write_error(session, &ProxyError::Sealed).await?;
+                    return Ok(true);
+                }
+                Route::Hold => {
+                    held = true;
+                    let deadline = *ctx
+                        .hold_deadline
+                        .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.hold_timeout);
+                    if !wait_change(&mut rx, deadline).await {
+                        self.metrics.holds.with_label_values(&["no_active"]).inc();
+                        ctx.route = "unavailable";
+                        write_error(session, &ProxyError::NoActiveNode).await?;
+                        return Ok(true);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
+        if let Some(failed) = ctx.failed_seq.take() {
+            let pq = path_and_query(session);
+            let deadline = *ctx
+                .hold_deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.hold_timeout);
+            let mut rx = self.view.clone();
+            loop {
+                let view = rx.borrow_and_update().clone();
+                let fresh = view.active.as_ref().filter(|t| t.seq != failed).cloned();
+                match self.decide(&view, session, &pq) {
+                    Route::Local => {
+                        ctx.upstream = Upstream::Local;
+                        ctx.route = "local";
+                        break;
+                    }
+                    Route::Forward if fresh.is_some() => {
+                        self.metrics.holds.with_label_values(&["resolved"]).inc();
+                        ctx.upstream = Upstream::Active(fresh.expect("checked"));
+                        break;
+                    }
+                    Route::Redirect(loc) => {
+                        ctx.route = "redirect";
+                        self.metrics.redirects.with_label_values(&["header"]).inc();
+                        ctx.fallback = Some(Fallback::Redirect(loc));
+                        return Err(stop("redirect after a failed forward"));
+                    }
+                    Route::Sealed => {
+                        ctx.route = "sealed";
+                        ctx.fallback = Some(Fallback::Error(ProxyError::Sealed));
+                        return Err(stop("sealed"));
+                    }
+                    Route::Forward | Route::Hold => {}
+                }
+                if !wait_change(&mut rx, deadline).await {
+                    let view = rx.borrow().clone();
+                    let end = match view.active.as_ref() {
+                        Some(t) if t.seq == failed => HoldEnd::SameAtBound {
+                            redirect_addr: &t.redirect_addr,
+                        },
+                        Some(_) => HoldEnd::NewActive,
+                        None => HoldEnd::NoneAtBound,
+                    };
+                    match after_hold(end, &pq) {
+                        Some(Route::Redirect(loc)) => {
+                            self.metrics.holds.with_label_values(&["same_active"]).inc();
+                            self.metrics.redirects.with_label_values(&["hold_bound"]).inc();
+                            ctx.route = "redirect";
+                            ctx.fallback = Some(Fallback::Redirect(loc));
+                            return Err(stop("hold bound reached with the same active"));
+                        }
+                        Some(_) => continue,
+                        None => {
+                            self.metrics.holds.with_label_values(&["no_active"]).inc();
+                            ctx.route = "unavailable";
+                            ctx.fallback = Some(Fallback::Error(ProxyError::NoActiveNode));
+                            return Err(stop("no active node"));
+                        }
+                    }
+                }
+            }
+        }
+        let mut peer = match &ctx.upstream {
+            Upstream::Local => local_peer(&self.settings.local_socket)?,
+            Upstream::Active(t) => forward_peer(t, self.settings.forward_protocol),
+            Upstream::None => return Err(stop("no upstream decided")),
+        };
+        if let Some(d) = self.settings.max_request_duration {
+            // Bounds a stalled upstream; the node enforces the whole duration itself.
+            peer.options.read_timeout = Some(d);
+            peer.options.write_timeout = Some(d);
+        }
+        Ok(Box::new(peer))
+    }
+
+    fn fail_to_connect(&self, session: &mut Session, _peer: &HttpPeer, ctx: &mut Ctx, mut e: Box<Error>) -> Box<Error> {
+        match &ctx.upstream {
+            Upstream::Active(t) => {
+                let f = classify(&e);
+                match after_failure(f, &t.redirect_addr, &path_and_query(session)) {
+                    Route::Redirect(loc) => {
+                        tracing::warn!(error = %e, active = %t.addr, "forward failed in TLS; falling back to 307");
+                        self.metrics.forward_errors.with_label_values(&["tls"]).inc();
+                        self.metrics.redirects.with_label_values(&["tls_fallback"]).inc();
+                        ctx.route = "redirect";
+                        ctx.fallback = Some(Fallback::Redirect(loc));
+                        e.set_retry(false);
+                    }
+                    _ => {
+                        tracing::info!(error = %e, active = %t.addr, "active node unreachable; holding for a new one");
+                        self.metrics.forward_errors.with_label_values(&["unreachable"]).inc();
+                        ctx.failed_seq = Some(t.seq);
+                        e.set_retry(true);
+                    }
+                }
+            }
+            Upstream::Local => {
+                ctx.fallback = Some(Fallback::Error(ProxyError::LocalUnavailable));
+                e.set_retry(false);
+            }
+            Upstream::None => e.set_retry(false),
+        }
+        e
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        if let (Some(b), Some(max)) = (body.as_ref(), self.settings.max_request_size) {
+            ctx.body_bytes += b.len() as u64;
+            if ctx.body_bytes > max {
+                ctx.fallback = Some(Fallback::Error(ProxyError::PayloadTooLarge));
+                return Err(Error::explain(ErrorType::HTTPStatus(413), "request body too large"));
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        _ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        // Headers named by Connection are hop-by-hop too.
+        let named: Vec<String> = upstream
+            .headers
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        for h in named.iter().map(String::as_str).chain(HOP_BY_HOP) {
+            if h == "te" {
+                let trailers_only = upstream
+                    .headers
+                    .get("te")
+                    .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+                if trailers_only {
+                    continue;
+                }
+            }
+            if h == "transfer-encoding" || h == "content-length" {
+                continue;
+            }
+            upstream.remove_header(h);
+        }
+        upstream.remove_header(CLIENT_ADDR_HEADER);
+        if let Some(addr) = self.client_addr(session) {
+            upstream.insert_header(CLIENT_ADDR_HEADER, addr.to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        let already = session.response_written().is_some();
+        let fallback = ctx.fallback.take().or_else(|| match (e.esource(), &ctx.upstream) {
+            (ErrorSource::Upstream, Upstream::Active(_)) => {
+                self.metrics.forward_errors.with_label_values(&["broken"]).inc();
+                Some(Fallback::Error(ProxyError::ForwardBroken(e.to_string())))
+            }
+            (ErrorSource::Upstream, Upstream::Local) => Some(Fallback::Error(ProxyError::LocalUnavailable)),
+            _ => None,
+        });
+        // The connection is not reused after a failed proxy attempt (Pingora's rule); the
+        // response says so with `Connection: close`.
+        session.set_keepalive(None);
+        let code = match (&fallback, already) {
+            (_, true) => 0,
+            (Some(Fallback::Redirect(loc)), false) => {
+                let _ = write_simple(session, 307, Some(loc), b"").await;
+                307
+            }
+            (Some(Fallback::Error(pe)), false) => {
+                let _ = write_error(session, pe).await;
+                pe.status()
+            }
+            (None, false) => {
+                let code = match e.etype() {
+                    ErrorType::HTTPStatus(c) => *c,
+                    _ => match e.esource() {
+                        ErrorSource::Downstream => match e.etype() {
+                            ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                            _ => 400,
+                        },
+                        _ => 500,
+                    },
+                };
+                if code > 0 {
+                    let _ = session.respond_error(code).await;
+                }
+                code
+            }
+        };
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
+        let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        self.metrics
+            .requests
+            .with_label_values(&[ctx.route, class(status)])
+            .inc();
+        if matches!(ctx.upstream, Upstream::Active(_)) && ctx.route == "forward" {
+            self.metrics
+                .forward_latency
+                .observe(ctx.started.elapsed().as_secs_f64());
+        }
+    }
+}

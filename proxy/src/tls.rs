@@ -1,0 +1,65 @@
+//! TLS on both sides of the proxy: the client-facing listener (`tls_cert_file` /
+//! `tls_key_file`, or plain with `tls_disable`) and the upstream peers: the local node over
+//! its unix socket, and the active node's cluster listener over mutual TLS with the
+//! advertised certificate as client identity and as the only trust anchor.
+
+use std::time::Duration;
+
+use pingora::protocols::ALPN;
+use pingora::upstreams::peer::HttpPeer;
+
+use crate::advert::Target;
+
+/// TCP connect bound to the active's cluster listener. A refused connection fails at once;
+/// this bounds a blackholed one, after which the proxy holds for a new advertisement.
+const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connect + TLS handshake bound (a P-521 handshake takes a few ms on loopback).
+const FORWARD_TOTAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle pooled connections are closed after this. Connections of an old term are never
+/// picked again anyway (the pool key contains the term's SNI, certificate serial and group).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connect bound to the local node's unix socket.
+const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// h2 streams per upstream connection when forwarding over h2.
+pub const H2_STREAMS: usize = 128;
+
+/// Which protocol forwarded requests use on the cluster channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForwardProtocol {
+    /// Pooled keep-alive HTTP/1.1 connections (one request in flight per connection).
+    H1,
+    /// HTTP/2, up to [`H2_STREAMS`] concurrent streams per connection.
+    H2,
+}
+
+/// The peer for forwarding to `t`: mTLS with the advertised certificate and key, that same
+/// certificate as the only CA, SNI `fw-<uuid>` (never empty: an empty SNI would disable
+/// verification), hostname checked, and the term as pool group.
+pub fn forward_peer(t: &Target, proto: ForwardProtocol) -> HttpPeer {
+    debug_assert!(!t.sni.is_empty());
+    let mut p = HttpPeer::new_mtls(t.addr, t.sni.clone(), t.cert_key.clone());
+    p.group_key = t.seq;
+    let o = &mut p.options;
+    o.verify_cert = true;
+    o.verify_hostname = true;
+    o.ca = Some(t.ca.clone());
+    o.connection_timeout = Some(FORWARD_CONNECT_TIMEOUT);
+    o.total_connection_timeout = Some(FORWARD_TOTAL_CONNECT_TIMEOUT);
+    o.idle_timeout = Some(POOL_IDLE_TIMEOUT);
+    match proto {
+        ForwardProtocol::H1 => o.alpn = ALPN::H1,
+        ForwardProtocol::H2 => {
+            o.alpn = ALPN::H2;
+            o.max_h2_streams = H2_STREAMS;
+        }
+    }
+    p
+}
+
+/// The peer for the local node: plain HTTP/1.1 on the pair's unix socket, pooled.
+pub fn local_peer(socket: &str) -> pingora::Result<HttpPeer> {
+    let mut p = HttpPeer::new_uds(socket, false, String::new())?;
+    p.options.connection_timeout = Some(LOCAL_CONNECT_TIMEOUT);
+    p.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
+    Ok(p)
+}

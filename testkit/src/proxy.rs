@@ -1,0 +1,148 @@
+//! `TestProxy`: a real `vha proxy --config <node config>` process in front of a
+//! [`crate::TestNode`] built `.behind_proxy()`. Started after its node; waits until the
+//! proxy's listener accepts TCP connections (the proxy answers even while its node is down
+//! or sealed, so readiness is the listener, not an API status).
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::process::{vha_binary, ChildProc};
+
+/// How long a proxy may take to listen (Pingora start-up in a debug build on 2 busy cores).
+pub const PROXY_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `vha proxy`.
+pub struct TestProxy {
+    /// The proxy's listener (`http://127.0.0.1:<port>`), the pair's api address.
+    pub addr: String,
+    pub listen: SocketAddr,
+    /// `proxy.metrics_address` from the config, if any.
+    pub metrics_addr: Option<String>,
+    config_path: PathBuf,
+    dir: PathBuf,
+    env: Vec<(String, String)>,
+    proc: Option<ChildProc>,
+    starts: u32,
+}
+
+impl TestProxy {
+    /// Starts `vha proxy` with the node's config file (`listen` = the listener address in it).
+    pub fn start(config_path: &Path, listen: SocketAddr) -> TestProxy {
+        TestProxy::start_with_env(config_path, listen, Vec::new())
+    }
+
+    /// Like [`TestProxy::start`] with extra environment variables.
+    pub fn start_with_env(config_path: &Path, listen: SocketAddr, env: Vec<(String, String)>) -> TestProxy {
+        let cfg = std::fs::read_to_string(config_path).unwrap_or_default();
+        let metrics_addr = cfg
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("metrics_address = \"")
+                    .and_then(|r| r.strip_suffix('"'))
+            })
+            .map(|a| format!("http://{a}"));
+        let mut p = TestProxy {
+            addr: format!("http://{listen}"),
+            listen,
+            metrics_addr,
+            config_path: config_path.to_path_buf(),
+            dir: config_path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            env,
+            proc: None,
+            starts: 0,
+        };
+        p.spawn();
+        p
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(vha_binary());
+        cmd.arg("proxy")
+            .arg("--config")
+            .arg(&self.config_path)
+            .env("NO_COLOR", "1");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let log = self.dir.join(format!("proxy-{}.log", self.starts));
+        self.starts += 1;
+        self.proc = Some(ChildProc::spawn("vha proxy", cmd, &log));
+        self.wait_listening();
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = std::time::Instant::now() + PROXY_START_TIMEOUT;
+        loop {
+            if TcpStream::connect_timeout(&self.listen, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            let running = self.proc.as_mut().is_some_and(|p| p.is_running());
+            if !running || std::time::Instant::now() >= deadline {
+                panic!(
+                    "vha proxy did not start listening on {} (running: {running}); output:\n{}",
+                    self.listen,
+                    self.output()
+                );
+            }
+            std::thread::sleep(crate::wait::POLL_INTERVAL);
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.as_ref().map(|p| p.pid()).unwrap_or(0)
+    }
+
+    /// Captured output of the current run.
+    pub fn output(&self) -> String {
+        self.proc.as_ref().map(|p| p.output()).unwrap_or_default()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.proc.as_ref().is_some_and(|p| p.is_running_shared())
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        if let Some(p) = self.proc.as_mut() {
+            p.kill();
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        self.proc.as_mut().and_then(|p| p.terminate(grace))
+    }
+
+    /// Stops (SIGTERM) and starts again on the same address.
+    pub fn restart(&mut self) {
+        self.stop(Duration::from_secs(10));
+        self.spawn();
+    }
+
+    /// The metrics text (empty when there is no metrics address or it does not answer).
+    pub async fn metrics(&self) -> String {
+        let Some(m) = &self.metrics_addr else {
+            return String::new();
+        };
+        match reqwest::get(format!("{m}/metrics")).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    /// The value of one metric series (exact name with labels as rendered), 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|r| r.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+}
