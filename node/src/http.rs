@@ -30,7 +30,8 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most header fields accepted in one request (hyper's default, explicit here); more is 431.
 pub const MAX_HEADERS: usize = 100;
-/// Largest HTTP/2 header list accepted (bytes).
+/// Largest request head accepted (bytes): the HTTP/2 header list, and the HTTP/1.1 read
+/// buffer that must hold the whole head.
 pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 
 /// The connection builder every node listener uses: HTTP/1.1 and h2 with the header limits
@@ -40,7 +41,9 @@ pub fn conn_builder() -> auto::Builder<TokioExecutor> {
     b.http1()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_headers(MAX_HEADERS);
+        .max_headers(MAX_HEADERS)
+        // The same head-size bound as h2 (hyper's h1 default is ~400 KB): more is 431.
+        .max_buf_size(MAX_HEADER_LIST_SIZE as usize);
     b.http2().timer(hyper_util::rt::TokioTimer::new()).max_header_list_size(MAX_HEADER_LIST_SIZE);
     b
 }
