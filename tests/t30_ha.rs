@@ -27,7 +27,9 @@ async fn test_barrier(c: &TestCluster) -> Barrier {
     let addr = c.lockd.as_ref().expect("lockd").address();
     let backend: Arc<dyn Backend> = Arc::new(LockdBackend::connect(&addr).expect("lockd client"));
     let b = Barrier::new(backend);
-    let key = base64::engine::general_purpose::STANDARD.decode(&c.keys.as_ref().unwrap().keys_base64[0]).unwrap();
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(&c.keys.as_ref().unwrap().keys_base64[0])
+        .unwrap();
     b.unseal(&key).await.expect("unseal test barrier");
     b
 }
@@ -45,7 +47,12 @@ async fn advertisements(b: &Barrier) -> Vec<(String, Advertisement)> {
 
 async fn mount_kv(c: &TestCluster, active: usize) {
     let (st, v) = c.nodes[active]
-        .request("POST", "sys/mounts/secret", Some(c.root_token()), Some(json!({"type": "kv", "options": {"version": "2"}})))
+        .request(
+            "POST",
+            "sys/mounts/secret",
+            Some(c.root_token()),
+            Some(json!({"type": "kv", "options": {"version": "2"}})),
+        )
         .await;
     assert!(st.is_success(), "mount: {st} {v}");
 }
@@ -79,21 +86,36 @@ async fn one_active_and_standby_behaviour() {
     assert_eq!(st, StatusCode::OK);
 
     // 307 with the exact Location, empty body, for any non-local path (token or not).
-    let (st, hdrs, body) =
-        c.nodes[s].request_full("POST", "secret/data/x?a=1&b=%2F", Some(c.root_token()), Some(json!({})), &[]).await;
+    let (st, hdrs, body) = c.nodes[s]
+        .request_full(
+            "POST",
+            "secret/data/x?a=1&b=%2F",
+            Some(c.root_token()),
+            Some(json!({})),
+            &[],
+        )
+        .await;
     assert_eq!(st, StatusCode::TEMPORARY_REDIRECT);
-    assert_eq!(hdrs["location"].to_str().unwrap(), format!("{}/v1/secret/data/x?a=1&b=%2F", c.nodes[a].addr));
+    assert_eq!(
+        hdrs["location"].to_str().unwrap(),
+        format!("{}/v1/secret/data/x?a=1&b=%2F", c.nodes[a].addr)
+    );
     assert_eq!(body, Value::Null, "307 has an empty body");
 
     // sys/seal on a standby: Vault's error.
     let (st, v) = c.nodes[s].request("PUT", "sys/seal", Some(c.root_token()), None).await;
     assert_eq!(st, StatusCode::INTERNAL_SERVER_ERROR);
-    assert_eq!(v["errors"][0], "cannot seal when in standby mode; please restart instead");
+    assert_eq!(
+        v["errors"][0],
+        "cannot seal when in standby mode; please restart instead"
+    );
 
     // ha-status on the active lists itself and both standbys (heartbeats).
     let v = wait_until_async(
         || async {
-            let (st, v) = c.nodes[a].request("GET", "sys/ha-status", Some(c.root_token()), None).await;
+            let (st, v) = c.nodes[a]
+                .request("GET", "sys/ha-status", Some(c.root_token()), None)
+                .await;
             (st == StatusCode::OK && v["nodes"].as_array().is_some_and(|n| n.len() == 3)).then_some(v)
         },
         "ha-status lists three nodes",
@@ -103,17 +125,28 @@ async fn one_active_and_standby_behaviour() {
     let nodes = v["nodes"].as_array().unwrap();
     assert_eq!(nodes.iter().filter(|n| n["active_node"] == true).count(), 1);
     for n in nodes {
-        for f in ["hostname", "api_address", "cluster_address", "active_node", "last_echo", "version"] {
+        for f in [
+            "hostname",
+            "api_address",
+            "cluster_address",
+            "active_node",
+            "last_echo",
+            "version",
+        ] {
             assert!(n.get(f).is_some(), "ha-status node lacks {f}: {n}");
         }
     }
     // The configuration page: storage type and HA availability.
-    let (st, v) = c.nodes[a].request("GET", "sys/config/state/sanitized", Some(c.root_token()), None).await;
+    let (st, v) = c.nodes[a]
+        .request("GET", "sys/config/state/sanitized", Some(c.root_token()), None)
+        .await;
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["data"]["storage"]["type"], "lockd");
     assert_eq!(v["data"]["ha_available"], true);
     // Metrics: the active says so.
-    let (st, _, _) = c.nodes[a].request_full("GET", "sys/metrics?format=prometheus", Some(c.root_token()), None, &[]).await;
+    let (st, _, _) = c.nodes[a]
+        .request_full("GET", "sys/metrics?format=prometheus", Some(c.root_token()), None, &[])
+        .await;
     assert_eq!(st, StatusCode::OK);
 }
 
@@ -154,11 +187,15 @@ async fn step_down_moves_leadership() {
     let c = TestCluster::builder().nodes(3).start().await;
     let a = c.wait_one_active(FAILOVER_BOUND).await;
     let s = (a + 1) % 3;
-    let (st, _) = c.nodes[s].request("PUT", "sys/step-down", Some(c.root_token()), None).await;
+    let (st, _) = c.nodes[s]
+        .request("PUT", "sys/step-down", Some(c.root_token()), None)
+        .await;
     assert_eq!(st, StatusCode::TEMPORARY_REDIRECT, "standby redirects step-down");
     let (st, _) = c.nodes[a].request("PUT", "sys/step-down", None, None).await;
     assert_eq!(st, StatusCode::FORBIDDEN, "step-down needs a token");
-    let (st, v) = c.nodes[a].request("PUT", "sys/step-down", Some(c.root_token()), None).await;
+    let (st, v) = c.nodes[a]
+        .request("PUT", "sys/step-down", Some(c.root_token()), None)
+        .await;
     assert_eq!(st, StatusCode::NO_CONTENT, "{v}");
     let n = c.wait_new_active(a, FAILOVER_BOUND).await;
     assert_ne!(n, a);
@@ -172,8 +209,14 @@ async fn sigterm_active_no_failed_reads() {
     let mut c = TestCluster::builder().nodes(3).start().await;
     let a = c.wait_one_active(FAILOVER_BOUND).await;
     mount_kv(&c, a).await;
-    let (st, v) =
-        c.nodes[a].request("POST", "secret/data/app", Some(c.root_token()), Some(json!({"data": {"v": "1"}}))).await;
+    let (st, v) = c.nodes[a]
+        .request(
+            "POST",
+            "secret/data/app",
+            Some(c.root_token()),
+            Some(json!({"data": {"v": "1"}})),
+        )
+        .await;
     assert!(st.is_success(), "{v}");
 
     let addrs: Vec<String> = c.nodes.iter().map(|n| n.addr.clone()).collect();
@@ -228,7 +271,9 @@ async fn sigterm_active_no_failed_reads() {
         (ok, failed)
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let status = c.nodes[a].stop(Duration::from_secs(30)).expect("active exits after SIGTERM");
+    let status = c.nodes[a]
+        .stop(Duration::from_secs(30))
+        .expect("active exits after SIGTERM");
     assert!(status.success(), "clean exit: {status:?}");
     let n = c.wait_new_active(a, FAILOVER_BOUND).await;
     // Keep reading for a moment on the new active.
@@ -239,12 +284,18 @@ async fn sigterm_active_no_failed_reads() {
     assert!(reads > 10, "reader made progress ({reads} reads)");
     assert_ne!(n, a);
     let out = c.nodes[a].output();
-    assert!(out.contains("stepped down from active"), "the active stepped down before exiting:\n{out}");
+    assert!(
+        out.contains("stepped down from active"),
+        "the active stepped down before exiting:\n{out}"
+    );
 }
 
 fn client_config_without_cert(server_cert: &[u8]) -> Arc<rustls::ClientConfig> {
     let provider = vha_core::cluster_tls::provider();
-    let verifier = Arc::new(PinnedCert::new(rustls::pki_types::CertificateDer::from(server_cert.to_vec()), &provider));
+    let verifier = Arc::new(PinnedCert::new(
+        rustls::pki_types::CertificateDer::from(server_cert.to_vec()),
+        &provider,
+    ));
     Arc::new(
         rustls::ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS12])
@@ -259,16 +310,25 @@ fn client_config_without_cert(server_cert: &[u8]) -> Arc<rustls::ClientConfig> {
 async fn tls_request(addr: &str, uuid: &str, cfg: Arc<rustls::ClientConfig>) -> Result<String, String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let host = addr.trim_start_matches("https://");
-    let tcp = tokio::net::TcpStream::connect(host).await.map_err(|e| format!("connect: {e}"))?;
+    let tcp = tokio::net::TcpStream::connect(host)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let name = rustls::pki_types::ServerName::try_from(format!("fw-{uuid}")).unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| format!("handshake: {e}"))?;
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
     tls.write_all(b"GET /v1/sys/leader HTTP/1.1\r\nHost: fw\r\nConnection: close\r\n\r\n")
         .await
         .map_err(|e| format!("write: {e}"))?;
     let mut buf = Vec::new();
     tls.read_to_end(&mut buf).await.map_err(|e| format!("read: {e}"))?;
     let text = String::from_utf8_lossy(&buf).to_string();
-    text.lines().next().map(str::to_string).filter(|l| l.starts_with("HTTP/1.1")).ok_or(format!("no response: {text}"))
+    text.lines()
+        .next()
+        .map(str::to_string)
+        .filter(|l| l.starts_with("HTTP/1.1"))
+        .ok_or(format!("no response: {text}"))
 }
 
 /// In the spirit of Vault's TestCluster_ListenForRequests: the active's cluster listener
@@ -308,12 +368,20 @@ async fn cluster_listener_mtls() {
     // Standbys have no cluster listener.
     let s = (a + 1) % 3;
     let standby_cluster = format!("127.0.0.1:{}", c.nodes[s].cluster_port);
-    assert!(tokio::net::TcpStream::connect(&standby_cluster).await.is_err(), "standby must not listen");
+    assert!(
+        tokio::net::TcpStream::connect(&standby_cluster).await.is_err(),
+        "standby must not listen"
+    );
 
-    let (st, _, metrics) = c.nodes[a].request_full("GET", "sys/metrics?format=prometheus", Some(c.root_token()), None, &[]).await;
+    let (st, _, metrics) = c.nodes[a]
+        .request_full("GET", "sys/metrics?format=prometheus", Some(c.root_token()), None, &[])
+        .await;
     assert_eq!(st, StatusCode::OK);
     let text = metrics.as_str().unwrap_or_default().to_string();
-    assert!(text.contains("vha_node_cluster_handshake_failures_total"), "handshake failures counted:\n{text}");
+    assert!(
+        text.contains("vha_node_cluster_handshake_failures_total"),
+        "handshake failures counted:\n{text}"
+    );
 
     // After failover, the previous term's certificate opens nothing.
     c.nodes[a].kill();
@@ -344,7 +412,12 @@ async fn deposed_active_cannot_write() {
     let a = c.wait_one_active(FAILOVER_BOUND).await;
     mount_kv(&c, a).await;
     let write = |i: usize, v: &'static str| {
-        c.nodes[i].request("POST", "secret/data/fence", Some(c.root_token()), Some(json!({"data": {"v": v}})))
+        c.nodes[i].request(
+            "POST",
+            "secret/data/fence",
+            Some(c.root_token()),
+            Some(json!({"data": {"v": v}})),
+        )
     };
     assert!(write(a, "old-1").await.0.is_success());
     c.nodes[a].signal(Signal::SIGSTOP);
@@ -365,7 +438,9 @@ async fn deposed_active_cannot_write() {
         FAILOVER_BOUND,
     )
     .await;
-    let (st, v) = c.nodes[n].request("GET", "secret/data/fence", Some(c.root_token()), None).await;
+    let (st, v) = c.nodes[n]
+        .request("GET", "secret/data/fence", Some(c.root_token()), None)
+        .await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(v["data"]["data"]["v"], "new-2", "the stale write did not land");
     assert_eq!(v["data"]["metadata"]["version"], 2);
@@ -381,7 +456,12 @@ fn log_time(line: &str) -> Option<std::time::SystemTime> {
 /// standby takes over, and the old active serves nothing meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn active_cut_from_store_steps_down_first() {
-    let c = TestCluster::builder().nodes(3).lock_ttl("3s").relay_store().start().await;
+    let c = TestCluster::builder()
+        .nodes(3)
+        .lock_ttl("3s")
+        .relay_store()
+        .start()
+        .await;
     let a = c.wait_one_active(FAILOVER_BOUND).await;
     c.store_relays[a].set(Fault::Blackhole);
     let n = c.wait_new_active(a, FAILOVER_BOUND).await;
@@ -390,13 +470,22 @@ async fn active_cut_from_store_steps_down_first() {
         humantime::parse_rfc3339(v["active_time"].as_str().unwrap()).unwrap()
     };
     let lost_line = wait_until_async(
-        || async { c.nodes[a].output().lines().find(|l| l.contains("leadership lost")).map(str::to_string) },
+        || async {
+            c.nodes[a]
+                .output()
+                .lines()
+                .find(|l| l.contains("leadership lost"))
+                .map(str::to_string)
+        },
         "old active logs leadership lost",
         FAILOVER_BOUND,
     )
     .await;
     let lost_at = log_time(&lost_line).expect("timestamp");
-    assert!(lost_at < new_active_time, "old active stopped at {lost_at:?}, new became active at {new_active_time:?}");
+    assert!(
+        lost_at < new_active_time,
+        "old active stopped at {lost_at:?}, new became active at {new_active_time:?}"
+    );
     // The old active serves nothing now.
     let (st, _) = c.nodes[a].request("GET", "sys/health", None, None).await;
     assert_ne!(st, StatusCode::OK, "cut-off node must not report active");
@@ -412,13 +501,30 @@ async fn standby_cut_from_active_reports_474() {
     let a = c.wait_one_active(FAILOVER_BOUND).await;
     let s = 1 - a;
     let code = || async { c.nodes[s].request("GET", "sys/health", None, None).await.0.as_u16() };
-    wait_until_async(|| async { (code().await == 429).then_some(()) }, "standby healthy (429)", Duration::from_secs(15)).await;
+    wait_until_async(
+        || async { (code().await == 429).then_some(()) },
+        "standby healthy (429)",
+        Duration::from_secs(15),
+    )
+    .await;
     c.cluster_relays[a].set(Fault::Blackhole);
-    wait_until_async(|| async { (code().await == 474).then_some(()) }, "standby reports 474", Duration::from_secs(15)).await;
-    let (st, _) = c.nodes[s].request("GET", "sys/health?haunhealthycode=299", None, None).await;
+    wait_until_async(
+        || async { (code().await == 474).then_some(()) },
+        "standby reports 474",
+        Duration::from_secs(15),
+    )
+    .await;
+    let (st, _) = c.nodes[s]
+        .request("GET", "sys/health?haunhealthycode=299", None, None)
+        .await;
     assert_eq!(st.as_u16(), 299, "haunhealthycode overrides");
     c.cluster_relays[a].heal();
-    wait_until_async(|| async { (code().await == 429).then_some(()) }, "standby healthy again", Duration::from_secs(15)).await;
+    wait_until_async(
+        || async { (code().await == 429).then_some(()) },
+        "standby healthy again",
+        Duration::from_secs(15),
+    )
+    .await;
 }
 
 /// Split data/HA mode with two lockd instances: the banner names both, one node is active,
@@ -431,18 +537,39 @@ async fn split_mode_two_lockds() {
     assert!(out.contains("Storage: lockd\n"), "{out}");
     assert!(out.contains("HA Storage: lockd\n"), "{out}");
     mount_kv(&c, a).await;
-    let (st, _) =
-        c.nodes[a].request("POST", "secret/data/s", Some(c.root_token()), Some(json!({"data": {"k": "v"}}))).await;
+    let (st, _) = c.nodes[a]
+        .request(
+            "POST",
+            "secret/data/s",
+            Some(c.root_token()),
+            Some(json!({"data": {"k": "v"}})),
+        )
+        .await;
     assert!(st.is_success());
     // The lock lives in the HA lockd, not in the data lockd.
     let ha = LockdBackend::connect(&c.ha_lockd.as_ref().unwrap().address()).unwrap();
     let data = LockdBackend::connect(&c.lockd.as_ref().unwrap().address()).unwrap();
     use vha_core::storage::HaBackend;
-    let holder = ha.holder("core/lock").await.unwrap().expect("lock held in the HA store");
-    assert!(data.holder("core/lock").await.unwrap().is_none(), "no lock in the data store");
+    let holder = ha
+        .holder("core/lock")
+        .await
+        .unwrap()
+        .expect("lock held in the HA store");
+    assert!(
+        data.holder("core/lock").await.unwrap().is_none(),
+        "no lock in the data store"
+    );
     // Data entries written by the active carry its fencing token.
-    let adv = data.get(&leader_path(&holder.value)).await.unwrap().expect("advertisement in the data store");
-    assert_eq!(adv.fence_token, Some(holder.token), "fenced write recorded with the holder's token");
+    let adv = data
+        .get(&leader_path(&holder.value))
+        .await
+        .unwrap()
+        .expect("advertisement in the data store");
+    assert_eq!(
+        adv.fence_token,
+        Some(holder.token),
+        "fenced write recorded with the holder's token"
+    );
 }
 
 /// Only `core/leader/<current core/lock value>` is believed: an advertisement written
@@ -454,15 +581,26 @@ async fn only_current_holders_advertisement_is_believed() {
     let a = c.wait_one_active(FAILOVER_BOUND).await;
     let b = test_barrier(&c).await;
     let (_, real) = advertisements(&b).await.remove(0);
-    let fake = Advertisement { redirect_addr: "http://127.0.0.1:9".into(), ..real.clone() };
-    b.put(&leader_path("00000000-0000-0000-0000-000000000000"), &serde_json::to_vec(&fake).unwrap(), None)
-        .await
-        .unwrap();
+    let fake = Advertisement {
+        redirect_addr: "http://127.0.0.1:9".into(),
+        ..real.clone()
+    };
+    b.put(
+        &leader_path("00000000-0000-0000-0000-000000000000"),
+        &serde_json::to_vec(&fake).unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
     // Give a (wrong) watcher every chance to pick it up, then check nobody did.
     let s = (a + 1) % 3;
     for _ in 0..10 {
         let v = c.leader_of(s).await.unwrap();
-        assert_eq!(v["leader_address"], c.nodes[a].addr.as_str(), "stale advertisement must be ignored");
+        assert_eq!(
+            v["leader_address"],
+            c.nodes[a].addr.as_str(),
+            "stale advertisement must be ignored"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Failover: the remaining standby follows the new active promptly (watch).

@@ -1,4 +1,4 @@
-//! `vha dev` end to end (node-only pairs for now): it starts lockd and three nodes, writes a
+//! `vha dev` end to end: it starts lockd and three proxy+node pairs, writes a
 //! complete 0600 `cluster.json`, leaves exactly one active with KV v2 at `secret/`, and
 //! stops every process it started on Ctrl-C.
 
@@ -26,7 +26,8 @@ async fn dev_cluster_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("dev");
     let mut cmd = Command::new(vha_binary());
-    cmd.args(["dev", "--nodes", "3", "--port-base", "0", "--lock-ttl", "2s", "--dir"]).arg(&data);
+    cmd.args(["dev", "--nodes", "3", "--port-base", "0", "--lock-ttl", "2s", "--dir"])
+        .arg(&data);
     let mut dev = ChildProc::spawn("vha dev", cmd, &dir.path().join("dev.log"));
     let path = data.join("cluster.json");
     let cluster: Value = wait_until(
@@ -42,7 +43,9 @@ async fn dev_cluster_end_to_end() {
     let token = cluster["root_token"].as_str().expect("root_token").to_string();
     assert_eq!(cluster["unseal_keys_b64"].as_array().map(Vec::len), Some(1));
     let lockd_pid = cluster["lockd"]["pid"].as_u64().expect("lockd pid");
-    assert!(cluster["lockd"]["addr"].as_str().is_some_and(|a| a.starts_with("http://127.0.0.1:")));
+    assert!(cluster["lockd"]["addr"]
+        .as_str()
+        .is_some_and(|a| a.starts_with("http://127.0.0.1:")));
     assert!(alive(lockd_pid));
     let nodes = cluster["nodes"].as_array().expect("nodes").clone();
     assert_eq!(nodes.len(), 3);
@@ -52,10 +55,22 @@ async fn dev_cluster_end_to_end() {
         for f in ["name", "api_addr", "cluster_addr", "node_addr", "node_pid"] {
             assert!(!n[f].is_null(), "node entry lacks {f}: {n}");
         }
-        assert!(n.get("proxy_pid").is_some(), "proxy_pid key present (null until proxies): {n}");
         assert!(alive(n["node_pid"].as_u64().unwrap()));
-        let v: Value =
-            http.get(format!("{}/v1/sys/leader", n["api_addr"].as_str().unwrap())).send().await.unwrap().json().await.unwrap();
+        assert!(alive(
+            n["proxy_pid"].as_u64().expect("proxy_pid: each pair runs its proxy")
+        ));
+        assert_ne!(
+            n["node_addr"], n["api_addr"],
+            "the proxy owns api_addr, the node sits behind it"
+        );
+        let v: Value = http
+            .get(format!("{}/v1/sys/leader", n["api_addr"].as_str().unwrap()))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         if v["is_self"] == true {
             actives.push(n["api_addr"].as_str().unwrap().to_string());
         }
@@ -70,27 +85,70 @@ async fn dev_cluster_end_to_end() {
         .await
         .unwrap();
     assert!(r.status().is_success(), "KV v2 mounted at secret/: {}", r.status());
-    let v: Value =
-        http.get(format!("{active}/v1/secret/data/dev")).header("X-Vault-Token", &token).send().await.unwrap().json().await.unwrap();
+    let v: Value = http
+        .get(format!("{active}/v1/secret/data/dev"))
+        .header("X-Vault-Token", &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(v["data"]["data"]["hello"], "world");
 
     // `vha status` / `vha operator` against the cluster it started.
     let vha = |args: &[&str]| {
-        let out = Command::new(vha_binary()).args(args).env("VAULT_TOKEN", &token).env_remove("VAULT_ADDR").output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        let out = Command::new(vha_binary())
+            .args(args)
+            .env("VAULT_TOKEN", &token)
+            .env_remove("VAULT_ADDR")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
     let (code, out, err) = vha(&["status", &format!("-address={active}")]);
     assert_eq!(code, Some(0), "{out}{err}");
-    for line in ["Seal Type", "Initialized", "Sealed", "Total Shares", "Threshold", "Version", "Storage Type", "HA Enabled", "HA Cluster", "Active Since"] {
+    for line in [
+        "Seal Type",
+        "Initialized",
+        "Sealed",
+        "Total Shares",
+        "Threshold",
+        "Version",
+        "Storage Type",
+        "HA Enabled",
+        "HA Cluster",
+        "Active Since",
+    ] {
         assert!(out.contains(line), "status lacks {line}:\n{out}");
     }
-    assert!(out.lines().any(|l| l.starts_with("HA Mode") && l.trim_end().ends_with("active")), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("Storage Type") && l.trim_end().ends_with("lockd")), "{out}");
-    let standby = nodes.iter().map(|n| n["api_addr"].as_str().unwrap().to_string()).find(|a| a != active).unwrap();
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("HA Mode") && l.trim_end().ends_with("active")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("Storage Type") && l.trim_end().ends_with("lockd")),
+        "{out}"
+    );
+    let standby = nodes
+        .iter()
+        .map(|n| n["api_addr"].as_str().unwrap().to_string())
+        .find(|a| a != active)
+        .unwrap();
     let (code, out, _) = vha(&["status", "-address", &standby, "-format=json"]);
     assert_eq!(code, Some(0));
     let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!((v["sealed"].clone(), v["is_self"].clone()), (json!(false), json!(false)), "{v}");
+    assert_eq!(
+        (v["sealed"].clone(), v["is_self"].clone()),
+        (json!(false), json!(false)),
+        "{v}"
+    );
     let (code, out, err) = vha(&["operator", "members", &format!("-address={standby}")]);
     assert_eq!(code, Some(0), "{err}");
     assert!(out.starts_with("Host Name"), "{out}");
@@ -106,9 +164,12 @@ async fn dev_cluster_end_to_end() {
     assert!(err.contains("already initialized"), "{err}");
 
     dev.signal(Signal::SIGINT);
-    let status = dev.wait_exit(Duration::from_secs(60)).expect("vha dev exits after Ctrl-C");
+    let status = dev
+        .wait_exit(Duration::from_secs(60))
+        .expect("vha dev exits after Ctrl-C");
     assert!(status.success(), "clean exit: {status:?}");
     let mut pids: Vec<u64> = nodes.iter().map(|n| n["node_pid"].as_u64().unwrap()).collect();
+    pids.extend(nodes.iter().map(|n| n["proxy_pid"].as_u64().unwrap()));
     pids.push(lockd_pid);
     for pid in pids {
         assert!(!alive(pid), "process {pid} still running after vha dev stopped");
@@ -128,23 +189,42 @@ async fn operator_init_unseal_seal() {
             cmd.env("VAULT_TOKEN", t);
         }
         let out = cmd.output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
     let (code, out, _) = vha(&["status"], None);
     assert_eq!(code, Some(2), "sealed (uninitialized) exits 2: {out}");
-    let (code, out, err) = vha(&["operator", "init", "-key-shares=3", "-key-threshold=2", "-format=json"], None);
+    let (code, out, err) = vha(
+        &["operator", "init", "-key-shares=3", "-key-threshold=2", "-format=json"],
+        None,
+    );
     assert_eq!(code, Some(0), "{err}");
     let init: Value = serde_json::from_str(&out).unwrap();
-    let keys: Vec<String> =
-        init["unseal_keys_b64"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
+    let keys: Vec<String> = init["unseal_keys_b64"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k.as_str().unwrap().to_string())
+        .collect();
     assert_eq!(keys.len(), 3);
     let root = init["root_token"].as_str().unwrap().to_string();
     let (code, out, _) = vha(&["operator", "unseal", &keys[0]], None);
     assert_eq!(code, Some(0));
-    assert!(out.lines().any(|l| l.starts_with("Unseal Progress") && l.trim_end().ends_with("1/2")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("Unseal Progress") && l.trim_end().ends_with("1/2")),
+        "{out}"
+    );
     let (code, out, _) = vha(&["operator", "unseal", &keys[2]], None);
     assert_eq!(code, Some(0));
-    assert!(out.lines().any(|l| l.starts_with("Sealed") && l.trim_end().ends_with("false")), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("Sealed") && l.trim_end().ends_with("false")),
+        "{out}"
+    );
     let (code, _, _) = vha(&["status"], None);
     assert_eq!(code, Some(0), "unsealed exits 0");
     let (code, _, err) = vha(&["operator", "seal"], None);

@@ -52,7 +52,9 @@ async fn dev_writes_a_working_prometheus_config() {
         assert!(text.contains(a), "node {a} not scraped:\n{text}");
     }
     assert!(
-        text.contains("job_name: vha-lockd") && text.contains("job_name: vha-node"),
+        text.contains("job_name: vha-lockd")
+            && text.contains("job_name: vha-node")
+            && text.contains("job_name: vha-proxy"),
         "{text}"
     );
 
@@ -68,9 +70,9 @@ async fn dev_writes_a_working_prometheus_config() {
                 .await
                 .ok()?;
             let t = v["data"]["activeTargets"].as_array()?;
-            (t.len() == 4 && t.iter().all(|t| t["health"] == "up")).then_some(())
+            (t.len() == 7 && t.iter().all(|t| t["health"] == "up")).then_some(())
         },
-        "Prometheus scraping 3 nodes and lockd, all up",
+        "Prometheus scraping 3 nodes, 3 proxies and lockd, all up",
         BOUND,
     )
     .await;

@@ -16,7 +16,11 @@ fn raw(port: u16, bytes: &[u8]) -> String {
     let _ = s.write_all(bytes);
     let mut buf = Vec::new();
     let _ = s.read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).lines().next().unwrap_or_default().to_string()
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// Malformed JSON, bad UTF-8 in paths, `..` in KV paths, oversized bodies and headers,
@@ -24,14 +28,30 @@ fn raw(port: u16, bytes: &[u8]) -> String {
 /// before is untouched afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_get_clear_errors() {
-    let node = TestNode::builder().listener_extra("max_request_size = 4096").storage(vha_testkit::node::Storage::Inmem).start().await;
+    let node = TestNode::builder()
+        .listener_extra("max_request_size = 4096")
+        .storage(vha_testkit::node::Storage::Inmem)
+        .start()
+        .await;
     let keys = node.init_unsealed().await;
     let root = keys.root_token.as_str();
     let (st, v) = node
-        .request("POST", "sys/mounts/secret", Some(root), Some(json!({"type": "kv", "options": {"version": "2"}})))
+        .request(
+            "POST",
+            "sys/mounts/secret",
+            Some(root),
+            Some(json!({"type": "kv", "options": {"version": "2"}})),
+        )
         .await;
     assert!(st.is_success(), "{v}");
-    let (st, v) = node.request("POST", "secret/data/keep", Some(root), Some(json!({"data": {"v": "original"}}))).await;
+    let (st, v) = node
+        .request(
+            "POST",
+            "secret/data/keep",
+            Some(root),
+            Some(json!({"data": {"v": "original"}})),
+        )
+        .await;
     assert!(st.is_success(), "{st} {v}");
 
     // Malformed JSON -> 400, nothing written.
@@ -43,7 +63,12 @@ async fn hostile_requests_get_clear_errors() {
         .await
         .unwrap();
     let status = resp.status();
-    assert_eq!(status, StatusCode::BAD_REQUEST, "{}", resp.text().await.unwrap_or_default());
+    assert_eq!(
+        status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        resp.text().await.unwrap_or_default()
+    );
     // Over max_request_size, announced: 413 at once, without the body being sent.
     let head = raw(
         node.port,
@@ -54,7 +79,11 @@ async fn hostile_requests_get_clear_errors() {
     );
     assert!(head.contains(" 413 "), "announced oversized body: {head:?}");
     // Invalid UTF-8 in the path -> 400.
-    let head = raw(node.port, format!("GET /v1/secret/data/%FF%FE HTTP/1.1\r\nHost: x\r\nX-Vault-Token: {root}\r\nConnection: close\r\n\r\n").as_bytes());
+    let head = raw(
+        node.port,
+        format!("GET /v1/secret/data/%FF%FE HTTP/1.1\r\nHost: x\r\nX-Vault-Token: {root}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    );
     assert!(head.contains(" 400 "), "bad UTF-8: {head:?}");
     // `..` in a KV path is never resolved into another path.
     // (Raw requests: HTTP clients would resolve the dot segments before sending.)
@@ -67,9 +96,18 @@ async fn hostile_requests_get_clear_errors() {
         node.port,
         b"POST /v1/sys/unseal HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/sys/health HTTP/1.1\r\nHost: x\r\n\r\n",
     );
-    assert!(head.is_empty() || head.contains(" 400 "), "CL+TE must be refused: {head:?}");
-    let head = raw(node.port, b"POST /v1/sys/unseal HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde");
-    assert!(head.is_empty() || head.contains(" 400 "), "duplicate CL must be refused: {head:?}");
+    assert!(
+        head.is_empty() || head.contains(" 400 "),
+        "CL+TE must be refused: {head:?}"
+    );
+    let head = raw(
+        node.port,
+        b"POST /v1/sys/unseal HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+    );
+    assert!(
+        head.is_empty() || head.contains(" 400 "),
+        "duplicate CL must be refused: {head:?}"
+    );
     // Too many header fields -> 431 (or the connection is refused).
     let mut req = String::from("GET /v1/sys/health HTTP/1.1\r\nHost: x\r\n");
     for i in 0..200 {
@@ -81,7 +119,10 @@ async fn hostile_requests_get_clear_errors() {
     // A huge X-Vault-No-Request-Forwarding value is bounded like any header.
     let huge = "y".repeat(1024 * 1024);
     let head = raw(node.port, format!("GET /v1/sys/health HTTP/1.1\r\nHost: x\r\nX-Vault-No-Request-Forwarding: {huge}\r\nConnection: close\r\n\r\n").as_bytes());
-    assert!(head.is_empty() || head.contains(" 431 ") || head.contains(" 400 "), "huge header: {head:?}");
+    assert!(
+        head.is_empty() || head.contains(" 431 ") || head.contains(" 400 "),
+        "huge header: {head:?}"
+    );
     // Invalid tokens: 403, whatever their shape.
     for bad in ["hvs.AAAAAAAAAAAAAAAAAAAAAAAA", "x", "hvs.", &"z".repeat(4000)] {
         let (st, _) = node.request("GET", "secret/data/keep", Some(bad), None).await;
@@ -123,8 +164,14 @@ async fn slow_headers_are_cut_off() {
     })
     .await
     .unwrap();
-    assert!(elapsed < Duration::from_secs(30), "slow client held the connection for {elapsed:?}");
-    assert!(elapsed >= Duration::from_secs(5), "cut off only at the deadline, not at once: {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "slow client held the connection for {elapsed:?}"
+    );
+    assert!(
+        elapsed >= Duration::from_secs(5),
+        "cut off only at the deadline, not at once: {elapsed:?}"
+    );
     let (st, _) = node.request("GET", "sys/health", None, None).await;
     assert_ne!(st.as_u16(), 0, "node still serves");
 }

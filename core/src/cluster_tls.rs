@@ -54,7 +54,9 @@ pub fn server_name(uuid: &str) -> String {
 /// default once; every config below is built on it explicitly.
 pub fn provider() -> Arc<CryptoProvider> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    CryptoProvider::get_default().cloned().unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+    CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
 }
 
 /// One term's cluster identity.
@@ -67,7 +69,9 @@ pub struct ClusterIdentity {
 
 impl std::fmt::Debug for ClusterIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterIdentity").field("uuid", &self.uuid).finish_non_exhaustive()
+        f.debug_struct("ClusterIdentity")
+            .field("uuid", &self.uuid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -81,9 +85,15 @@ fn params_and_der(sk: &p521::SecretKey) -> Result<(Zeroizing<Vec<u8>>, ClusterKe
     let (Some(x), Some(y)) = (point.x(), point.y()) else {
         return Err(ClusterTlsError::Generate("public key is the identity".into()));
     };
-    let der = sk.to_pkcs8_der().map_err(|e| ClusterTlsError::Generate(e.to_string()))?;
-    let params =
-        ClusterKeyParams { kind: "p521".into(), x: x.to_vec(), y: y.to_vec(), d: sk.to_bytes().to_vec() };
+    let der = sk
+        .to_pkcs8_der()
+        .map_err(|e| ClusterTlsError::Generate(e.to_string()))?;
+    let params = ClusterKeyParams {
+        kind: "p521".into(),
+        x: x.to_vec(),
+        y: y.to_vec(),
+        d: sk.to_bytes().to_vec(),
+    };
     Ok((Zeroizing::new(der.as_bytes().to_vec()), params))
 }
 
@@ -100,27 +110,47 @@ impl ClusterIdentity {
         cp.distinguished_name = rcgen::DistinguishedName::new();
         cp.distinguished_name.push(rcgen::DnType::CommonName, name);
         cp.is_ca = rcgen::IsCa::ExplicitNoCa;
-        cp.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature, rcgen::KeyUsagePurpose::KeyAgreement];
-        cp.extended_key_usages =
-            vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth, rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        cp.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::KeyAgreement,
+        ];
+        cp.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         let now = time::OffsetDateTime::now_utc();
         cp.not_before = now - NOT_BEFORE_SKEW;
         cp.not_after = now + VALIDITY;
         let cert = cp.self_signed(&kp).map_err(gen)?;
-        Ok(ClusterIdentity { uuid: uuid.to_string(), cert_der: cert.der().to_vec(), key_pkcs8, params })
+        Ok(ClusterIdentity {
+            uuid: uuid.to_string(),
+            cert_der: cert.der().to_vec(),
+            key_pkcs8,
+            params,
+        })
     }
 
     /// Rebuilds the identity a standby uses from an advertisement (`uuid` = lock value).
     pub fn from_advertisement(uuid: &str, adv: &Advertisement) -> Result<ClusterIdentity, ClusterTlsError> {
-        let p = adv.cluster_key_params.as_ref().ok_or_else(|| ClusterTlsError::BadKey("no key params".into()))?;
+        let p = adv
+            .cluster_key_params
+            .as_ref()
+            .ok_or_else(|| ClusterTlsError::BadKey("no key params".into()))?;
         if p.kind != "p521" {
             return Err(ClusterTlsError::BadKey(format!("unsupported key type {:?}", p.kind)));
         }
         let (key_pkcs8, params) = key_from_scalar(&p.d)?;
         if params.x != p.x || params.y != p.y {
-            return Err(ClusterTlsError::BadKey("public point does not match the private scalar".into()));
+            return Err(ClusterTlsError::BadKey(
+                "public point does not match the private scalar".into(),
+            ));
         }
-        Ok(ClusterIdentity { uuid: uuid.to_string(), cert_der: adv.cluster_cert.clone(), key_pkcs8, params })
+        Ok(ClusterIdentity {
+            uuid: uuid.to_string(),
+            cert_der: adv.cluster_cert.clone(),
+            key_pkcs8,
+            params,
+        })
     }
 
     pub fn server_name(&self) -> String {
@@ -178,7 +208,10 @@ pub struct PinnedCert {
 
 impl PinnedCert {
     pub fn new(cert: CertificateDer<'static>, provider: &CryptoProvider) -> PinnedCert {
-        PinnedCert { cert, algs: provider.signature_verification_algorithms }
+        PinnedCert {
+            cert,
+            algs: provider.signature_verification_algorithms,
+        }
     }
 
     fn check(&self, presented: &CertificateDer<'_>) -> Result<(), rustls::Error> {
@@ -186,7 +219,9 @@ impl PinnedCert {
         if same {
             Ok(())
         } else {
-            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::ApplicationVerificationFailure))
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ))
         }
     }
 }
@@ -294,7 +329,14 @@ mod tests {
         assert!(bc.is_none_or(|b| !b.value.ca), "leaf must not be a CA");
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
-        let cn = cert.subject().iter_common_name().next().unwrap().as_str().unwrap().to_string();
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string();
         assert_eq!(cn, "fw-abc");
         assert!(id.server_config().is_ok());
         assert!(id.client_config(&[b"h2"]).is_ok());

@@ -9,9 +9,9 @@
 pub mod advert;
 pub mod barrier;
 pub mod cluster_tls;
-pub mod local;
 pub mod config;
 pub mod error;
+pub mod local;
 pub mod storage;
 
 pub use error::{BarrierError, StorageError};

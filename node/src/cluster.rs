@@ -45,7 +45,9 @@ impl ClusterListener {
         let addr = node.config().listener().cluster_address;
         let tcp = TcpListener::bind(addr).await?;
         let local_addr = tcp.local_addr()?;
-        let cfg = identity.server_config().map_err(|e| std::io::Error::other(e.to_string()))?;
+        let cfg = identity
+            .server_config()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
         let acceptor = TlsAcceptor::from(cfg);
         let stop = CancellationToken::new();
         let task = tokio::spawn(accept_loop(node, tcp, acceptor, stop.clone()));
@@ -101,12 +103,18 @@ async fn accept_loop(node: Arc<Node>, tcp: TcpListener, acceptor: TlsAcceptor, s
                 Ok(Ok(t)) => t,
                 Ok(Err(e)) => {
                     let reason = handshake_reason(&e);
-                    node.metrics().cluster_handshake_failures.with_label_values(&[reason]).inc();
+                    node.metrics()
+                        .cluster_handshake_failures
+                        .with_label_values(&[reason])
+                        .inc();
                     tracing::info!(%peer, reason, error = %e, "cluster handshake refused");
                     return;
                 }
                 Err(_) => {
-                    node.metrics().cluster_handshake_failures.with_label_values(&["timeout"]).inc();
+                    node.metrics()
+                        .cluster_handshake_failures
+                        .with_label_values(&["timeout"])
+                        .inc();
                     return;
                 }
             };
@@ -114,7 +122,10 @@ async fn accept_loop(node: Arc<Node>, tcp: TcpListener, acceptor: TlsAcceptor, s
                 let node = node.clone();
                 async move { Ok::<_, Infallible>(serve(&node, req, peer, limits).await) }
             });
-            if let Err(e) = crate::http::conn_builder().serve_connection(TokioIo::new(tls), svc).await {
+            if let Err(e) = crate::http::conn_builder()
+                .serve_connection(TokioIo::new(tls), svc)
+                .await
+            {
                 tracing::debug!(%peer, error = %e, "cluster connection ended with error");
             }
         });
@@ -123,7 +134,12 @@ async fn accept_loop(node: Arc<Node>, tcp: TcpListener, acceptor: TlsAcceptor, s
     conns.shutdown().await;
 }
 
-async fn serve(node: &Node, req: Request<Incoming>, peer: std::net::SocketAddr, limits: Limits) -> Response<Full<Bytes>> {
+async fn serve(
+    node: &Node,
+    req: Request<Incoming>,
+    peer: std::net::SocketAddr,
+    limits: Limits,
+) -> Response<Full<Bytes>> {
     if req.uri().path() == ECHO_PATH {
         return echo(node, req).await;
     }
@@ -140,7 +156,14 @@ async fn echo(node: &Node, req: Request<Incoming>) -> Response<Full<Bytes>> {
         Err(_) => return crate::http::error_response(StatusCode::BAD_REQUEST, "bad heartbeat"),
     };
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().chars().take(256).collect::<String>();
+    let field = |k: &str| {
+        v.get(k)
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .chars()
+            .take(256)
+            .collect::<String>()
+    };
     node.ha().record_echo(EchoRecord {
         hostname: field("hostname"),
         api_address: field("api_address"),
@@ -150,6 +173,9 @@ async fn echo(node: &Node, req: Request<Incoming>) -> Response<Full<Bytes>> {
         last_echo: String::new(),
     });
     let mut r = Response::new(Full::new(Bytes::from_static(b"{}")));
-    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
     r
 }

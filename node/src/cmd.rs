@@ -95,8 +95,15 @@ fn env(name: &str) -> Option<String> {
 
 impl Client {
     fn new(c: &Common) -> Result<Client, String> {
-        let addr = c.address.clone().or_else(|| env("VAULT_ADDR")).unwrap_or_else(|| DEFAULT_ADDR.to_string());
-        let skip = c.tls_skip_verify || env("VAULT_SKIP_VERIFY").and_then(|v| vha_core::config::parse_bool(&v)).unwrap_or(false);
+        let addr = c
+            .address
+            .clone()
+            .or_else(|| env("VAULT_ADDR"))
+            .unwrap_or_else(|| DEFAULT_ADDR.to_string());
+        let skip = c.tls_skip_verify
+            || env("VAULT_SKIP_VERIFY")
+                .and_then(|v| vha_core::config::parse_bool(&v))
+                .unwrap_or(false);
         let mut b = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .redirect(reqwest::redirect::Policy::limited(5))
@@ -107,7 +114,11 @@ impl Client {
             b = b.add_root_certificate(cert);
         }
         let http = b.build().map_err(|e| e.to_string())?;
-        Ok(Client { http, addr: addr.trim_end_matches('/').to_string(), token: env("VAULT_TOKEN") })
+        Ok(Client {
+            http,
+            addr: addr.trim_end_matches('/').to_string(),
+            token: env("VAULT_TOKEN"),
+        })
     }
 
     async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<(u16, Value), String> {
@@ -118,10 +129,17 @@ impl Client {
         if let Some(b) = body {
             rb = rb.json(&b);
         }
-        let resp = rb.send().await.map_err(|e| format!("error contacting {}: {e}", self.addr))?;
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| format!("error contacting {}: {e}", self.addr))?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
-        let v = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
         Ok((status, v))
     }
 
@@ -131,7 +149,9 @@ impl Client {
         if (200..300).contains(&st) {
             Ok(v)
         } else {
-            let errs = v["errors"].as_array().map(|a| a.iter().filter_map(|e| e.as_str()).collect::<Vec<_>>().join("; "));
+            let errs = v["errors"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|e| e.as_str()).collect::<Vec<_>>().join("; "));
             Err(format!("Error: {} (code {st}): {}", path, errs.unwrap_or_default()))
         }
     }
@@ -191,7 +211,11 @@ pub fn status(args: Vec<String>) -> ExitCode {
             return Err(format!("Error checking seal status: no answer from {}", c.addr));
         }
         let sealed = seal["sealed"] == true;
-        let leader = if sealed { Value::Null } else { c.call(reqwest::Method::GET, "sys/leader", None).await?.1 };
+        let leader = if sealed {
+            Value::Null
+        } else {
+            c.call(reqwest::Method::GET, "sys/leader", None).await?.1
+        };
         if a.common.format == "json" {
             let mut out = seal.clone();
             if !leader.is_null() {
@@ -220,10 +244,24 @@ pub fn status(args: Vec<String>) -> ExitCode {
                 rows.push(("Cluster Name", s(&seal["cluster_name"])));
                 rows.push(("Cluster ID", s(&seal["cluster_id"])));
             }
-            rows.push(("HA Enabled", if leader.is_null() { "n/a".into() } else { s(&leader["ha_enabled"]) }));
+            rows.push((
+                "HA Enabled",
+                if leader.is_null() {
+                    "n/a".into()
+                } else {
+                    s(&leader["ha_enabled"])
+                },
+            ));
             if leader["ha_enabled"] == true {
                 rows.push(("HA Cluster", s(&leader["leader_cluster_address"])));
-                rows.push(("HA Mode", if leader["is_self"] == true { "active".into() } else { "standby".into() }));
+                rows.push((
+                    "HA Mode",
+                    if leader["is_self"] == true {
+                        "active".into()
+                    } else {
+                        "standby".into()
+                    },
+                ));
                 if leader["is_self"] == true {
                     rows.push(("Active Since", s(&leader["active_time"])));
                 } else {
@@ -244,7 +282,11 @@ pub fn operator(args: Vec<String>) -> ExitCode {
     };
     run(async move {
         match a.cmd {
-            OperatorCmd::Init { common, key_shares, key_threshold } => {
+            OperatorCmd::Init {
+                common,
+                key_shares,
+                key_threshold,
+            } => {
                 let c = Client::new(&common)?;
                 let v = c
                     .must(
@@ -330,8 +372,22 @@ pub fn operator(args: Vec<String>) -> ExitCode {
                 if common.format == "json" {
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 } else {
-                    let cols = ["Host Name", "API Address", "Cluster Address", "Active Node", "Version", "Last Echo"];
-                    let keys = ["hostname", "api_address", "cluster_address", "active_node", "version", "last_echo"];
+                    let cols = [
+                        "Host Name",
+                        "API Address",
+                        "Cluster Address",
+                        "Active Node",
+                        "Version",
+                        "Last Echo",
+                    ];
+                    let keys = [
+                        "hostname",
+                        "api_address",
+                        "cluster_address",
+                        "active_node",
+                        "version",
+                        "last_echo",
+                    ];
                     let rows: Vec<Vec<String>> = v["nodes"]
                         .as_array()
                         .into_iter()
@@ -339,10 +395,21 @@ pub fn operator(args: Vec<String>) -> ExitCode {
                         .map(|n| keys.iter().map(|k| s(&n[*k])).collect())
                         .collect();
                     let widths: Vec<usize> = (0..cols.len())
-                        .map(|i| rows.iter().map(|r| r[i].len()).chain([cols[i].len()]).max().unwrap_or(0))
+                        .map(|i| {
+                            rows.iter()
+                                .map(|r| r[i].len())
+                                .chain([cols[i].len()])
+                                .max()
+                                .unwrap_or(0)
+                        })
                         .collect();
                     let line = |cells: Vec<String>| {
-                        cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("    ")
+                        cells
+                            .iter()
+                            .zip(&widths)
+                            .map(|(c, w)| format!("{c:<w$}"))
+                            .collect::<Vec<_>>()
+                            .join("    ")
                     };
                     println!("{}", line(cols.iter().map(|c| c.to_string()).collect()).trim_end());
                     println!(

@@ -49,6 +49,10 @@ struct DevArgs {
     /// base + 90, or a free port with --port-base 0), storing its data in `DIR/prometheus`.
     #[arg(long)]
     prometheus: bool,
+    /// Nodes only, without their proxies (each node serves its api_addr itself and a
+    /// standby answers 307 instead of forwarding).
+    #[arg(long)]
+    no_proxy: bool,
 }
 
 /// Members of the `--storage etcd` cluster: three, so it survives the loss of any one.
@@ -63,7 +67,12 @@ impl Proc {
         let exe = std::env::current_exe()?;
         let out = std::fs::File::create(log)?;
         let err = out.try_clone()?;
-        let child = Command::new(exe).args(args).stdin(Stdio::null()).stdout(out).stderr(err).spawn()?;
+        let child = Command::new(exe)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()?;
         Ok(Proc { child })
     }
 
@@ -71,7 +80,12 @@ impl Proc {
     fn spawn_program(program: &str, args: &[String], log: &Path) -> std::io::Result<Proc> {
         let out = std::fs::File::create(log)?;
         let err = out.try_clone()?;
-        let child = Command::new(program).args(args).stdin(Stdio::null()).stdout(out).stderr(err).spawn()?;
+        let child = Command::new(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()?;
         Ok(Proc { child })
     }
 
@@ -107,7 +121,11 @@ pub fn main(args: Vec<String>) -> ExitCode {
         eprintln!("vha dev: --nodes must be 1..=9");
         return ExitCode::from(2);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("vha dev: {e}");
@@ -133,7 +151,13 @@ pub fn main(args: Vec<String>) -> ExitCode {
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>;
 
-async fn call(http: &HttpClient, method: &str, url: &str, token: Option<&str>, body: Option<Value>) -> Result<(u16, Value), String> {
+async fn call(
+    http: &HttpClient,
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Result<(u16, Value), String> {
     let mut b = http::Request::builder().method(method).uri(url);
     if let Some(t) = token {
         b = b.header("X-Vault-Token", t);
@@ -146,7 +170,11 @@ async fn call(http: &HttpClient, method: &str, url: &str, token: Option<&str>, b
         .map_err(|e| format!("{method} {url}: {e}"))?;
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
-    let v = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+    let v = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+    };
     Ok((status, v))
 }
 
@@ -169,7 +197,12 @@ where
 
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(bytes)
 }
 
@@ -186,7 +219,9 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
                 .map(|a| a.port())
                 .map_err(|e| format!("no free port: {e}"))
         } else {
-            args.port_base.checked_add(offset).ok_or_else(|| "port out of range".to_string())
+            args.port_base
+                .checked_add(offset)
+                .ok_or_else(|| "port out of range".to_string())
         }
     };
     let etcd = args.storage == "etcd";
@@ -199,22 +234,40 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
         lockd_addr = format!("http://127.0.0.1:{lockd_port}");
         let lockd_data = dir.join("lockd");
         let lockd = Proc::spawn(
-            &["lockd", "--listen", &format!("127.0.0.1:{lockd_port}"), "--data-dir", &lockd_data.to_string_lossy()],
+            &[
+                "lockd",
+                "--listen",
+                &format!("127.0.0.1:{lockd_port}"),
+                "--data-dir",
+                &lockd_data.to_string_lossy(),
+            ],
             &dir.join("lockd.log"),
         )
         .map_err(|e| format!("starting lockd: {e}"))?;
         lockd_pid = lockd.pid();
         procs.push(lockd);
-        wait_for("lockd", || async { call(&http, "GET", &format!("{lockd_addr}/v1/health"), None, None).await.ok() }).await?;
+        wait_for("lockd", || async {
+            call(&http, "GET", &format!("{lockd_addr}/v1/health"), None, None)
+                .await
+                .ok()
+        })
+        .await?;
     }
     let storage_stanza = if etcd {
-        let addrs = etcd_members.iter().map(|(a, _)| a.as_str()).collect::<Vec<_>>().join(",");
+        let addrs = etcd_members
+            .iter()
+            .map(|(a, _)| a.as_str())
+            .collect::<Vec<_>>()
+            .join(",");
         format!(
             "storage \"etcd\" {{\n  address      = \"{addrs}\"\n  path         = \"vault/\"\n  ha_enabled   = \"true\"\n  lock_timeout = \"{}\"\n}}",
             args.lock_ttl
         )
     } else {
-        format!("storage \"lockd\" {{\n  address  = \"{lockd_addr}\"\n  lock_ttl = \"{}\"\n}}", args.lock_ttl)
+        format!(
+            "storage \"lockd\" {{\n  address  = \"{lockd_addr}\"\n  lock_ttl = \"{}\"\n}}",
+            args.lock_ttl
+        )
     };
 
     let mut nodes = Vec::new();
@@ -223,25 +276,47 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
         let cluster_port = if args.port_base == 0 { port(0)? } else { api_port + 1 };
         let api_addr = format!("http://127.0.0.1:{api_port}");
         let cluster_addr = format!("https://127.0.0.1:{cluster_port}");
+        // A pair: the proxy owns api_addr; the node serves it on a private socket and on a
+        // loopback node_address (the bench's "node" scenario).
+        let (node_addr, proxy_metrics, proxy_block) = if args.no_proxy {
+            (api_addr.clone(), None, String::new())
+        } else {
+            let node_port = if args.port_base == 0 { port(0)? } else { api_port + 2 };
+            let metrics_port = if args.port_base == 0 { port(0)? } else { api_port + 3 };
+            let sock = dir.join(format!("node-{i}.sock"));
+            (
+                format!("http://127.0.0.1:{node_port}"),
+                Some(format!("127.0.0.1:{metrics_port}")),
+                format!(
+                    "\nproxy {{\n  node_socket     = \"{}\"\n  node_address    = \"127.0.0.1:{node_port}\"\n  metrics_address = \"127.0.0.1:{metrics_port}\"\n}}\n",
+                    sock.display()
+                ),
+            )
+        };
         let cfg = format!(
-            "{storage_stanza}\n\nlistener \"tcp\" {{\n  address         = \"127.0.0.1:{api_port}\"\n  cluster_address = \"127.0.0.1:{cluster_port}\"\n  tls_disable     = true\n  telemetry {{\n    unauthenticated_metrics_access = true\n  }}\n}}\n\napi_addr     = \"{api_addr}\"\ncluster_addr = \"{cluster_addr}\"\ncluster_name = \"vha-dev\"\nstep_down_wait = \"2s\"\n"
+            "{storage_stanza}\n\nlistener \"tcp\" {{\n  address         = \"127.0.0.1:{api_port}\"\n  cluster_address = \"127.0.0.1:{cluster_port}\"\n  tls_disable     = true\n  telemetry {{\n    unauthenticated_metrics_access = true\n  }}\n}}\n\napi_addr     = \"{api_addr}\"\ncluster_addr = \"{cluster_addr}\"\ncluster_name = \"vha-dev\"\nstep_down_wait = \"2s\"\n{proxy_block}"
         );
         let cfg_path = dir.join(format!("node-{i}.hcl"));
         std::fs::write(&cfg_path, cfg).map_err(|e| e.to_string())?;
-        let p = Proc::spawn(&["server", "--config", &cfg_path.to_string_lossy()], &dir.join(format!("node-{i}.log")))
-            .map_err(|e| format!("starting node {i}: {e}"))?;
+        let p = Proc::spawn(
+            &["server", "--config", &cfg_path.to_string_lossy()],
+            &dir.join(format!("node-{i}.log")),
+        )
+        .map_err(|e| format!("starting node {i}: {e}"))?;
         nodes.push(json!({
             "name": format!("node-{i}"),
             "api_addr": api_addr,
             "cluster_addr": cluster_addr,
-            "node_addr": api_addr,
+            "node_addr": node_addr,
             "node_pid": p.pid(),
             "proxy_pid": Value::Null,
+            "proxy_metrics_addr": proxy_metrics,
+            "config": cfg_path.display().to_string(),
         }));
         procs.push(p);
     }
     for (i, n) in nodes.iter().enumerate() {
-        let url = format!("{}/v1/sys/seal-status", n["api_addr"].as_str().unwrap_or_default());
+        let url = format!("{}/v1/sys/seal-status", n["node_addr"].as_str().unwrap_or_default());
         // The answer must come from our node (on our store), not from whatever else owns the port.
         wait_for("node to answer", || async {
             let (_, v) = call(&http, "GET", &url, None, None).await.ok()?;
@@ -250,8 +325,31 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
         .await
         .map_err(|e| format!("node-{i}: {e}; see {}", dir.join(format!("node-{i}.log")).display()))?;
     }
+    if !args.no_proxy {
+        for (i, n) in nodes.iter_mut().enumerate() {
+            let cfg_path = n["config"].as_str().unwrap_or_default().to_string();
+            let p = Proc::spawn(&["proxy", "--config", &cfg_path], &dir.join(format!("proxy-{i}.log")))
+                .map_err(|e| format!("starting proxy {i}: {e}"))?;
+            n["proxy_pid"] = json!(p.pid());
+            procs.push(p);
+            let url = format!("{}/v1/sys/seal-status", n["api_addr"].as_str().unwrap_or_default());
+            wait_for("proxy to answer", || async {
+                let (_, v) = call(&http, "GET", &url, None, None).await.ok()?;
+                (v["storage_type"] == args.storage.as_str()).then_some(())
+            })
+            .await
+            .map_err(|e| format!("proxy-{i}: {e}; see {}", dir.join(format!("proxy-{i}.log")).display()))?;
+        }
+    }
     let first = nodes[0]["api_addr"].as_str().unwrap_or_default().to_string();
-    let (st, init) = call(&http, "PUT", &format!("{first}/v1/sys/init"), None, Some(json!({"secret_shares": 1, "secret_threshold": 1}))).await?;
+    let (st, init) = call(
+        &http,
+        "PUT",
+        &format!("{first}/v1/sys/init"),
+        None,
+        Some(json!({"secret_shares": 1, "secret_threshold": 1})),
+    )
+    .await?;
     if st != 200 {
         return Err(format!("init failed ({st}): {init}"));
     }
@@ -259,7 +357,14 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
     let root = init["root_token"].as_str().unwrap_or_default().to_string();
     for n in &nodes {
         let a = n["api_addr"].as_str().unwrap_or_default();
-        let (st, v) = call(&http, "PUT", &format!("{a}/v1/sys/unseal"), None, Some(json!({ "key": key }))).await?;
+        let (st, v) = call(
+            &http,
+            "PUT",
+            &format!("{a}/v1/sys/unseal"),
+            None,
+            Some(json!({ "key": key })),
+        )
+        .await?;
         if st != 200 || v["sealed"] != Value::Bool(false) {
             return Err(format!("unseal of {a} failed ({st}): {v}"));
         }
@@ -295,8 +400,11 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
         "nodes": nodes,
     });
     let path = dir.join("cluster.json");
-    write_private(&path, serde_json::to_string_pretty(&cluster).unwrap_or_default().as_bytes())
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    write_private(
+        &path,
+        serde_json::to_string_pretty(&cluster).unwrap_or_default().as_bytes(),
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))?;
     let prom_path = dir.join("prometheus.yml");
     std::fs::write(&prom_path, prometheus_config(&cluster)).map_err(|e| format!("{}: {e}", prom_path.display()))?;
     let mut prom_addr = None;
@@ -327,11 +435,18 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
     for n in cluster["nodes"].as_array().into_iter().flatten() {
         let a = n["api_addr"].as_str().unwrap_or_default();
         let role = if a == active { "active" } else { "standby" };
-        println!("    {}: {a} ({role}, pid {})", n["name"].as_str().unwrap_or_default(), n["node_pid"]);
+        println!(
+            "    {}: {a} ({role}, pid {})",
+            n["name"].as_str().unwrap_or_default(),
+            n["node_pid"]
+        );
     }
     println!("\n    export VAULT_ADDR={active}");
     println!("    export VAULT_TOKEN={root}");
-    println!("\n    cluster.json: {}  (root token and unseal key: dev only)", path.display());
+    println!(
+        "\n    cluster.json: {}  (root token and unseal key: dev only)",
+        path.display()
+    );
     let prom_shown = prom_path.display();
     println!("    prometheus.yml: {prom_shown}  (scrape config for this cluster)");
     if let Some(a) = &prom_addr {

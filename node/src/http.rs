@@ -44,7 +44,9 @@ pub fn conn_builder() -> auto::Builder<TokioExecutor> {
         .max_headers(MAX_HEADERS)
         // The same head-size bound as h2 (hyper's h1 default is ~400 KB): more is 431.
         .max_buf_size(MAX_HEADER_LIST_SIZE as usize);
-    b.http2().timer(hyper_util::rt::TokioTimer::new()).max_header_list_size(MAX_HEADER_LIST_SIZE);
+    b.http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_LIST_SIZE);
     b
 }
 
@@ -143,7 +145,11 @@ async fn read_request(
         Origin::Cluster | Origin::LocalProxy => forwarded_client.or(peer),
         Origin::Public => peer,
     };
-    let raw_path_query = parts.uri.path_and_query().map(|pq| pq.as_str().to_string()).unwrap_or_else(|| "/".into());
+    let raw_path_query = parts
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
     let path = parts
         .uri
         .path()

@@ -29,7 +29,10 @@ type Body = BoxBody<Bytes, Infallible>;
 /// The state line for the node as it is now.
 pub async fn current_state(node: &Node) -> LocalState {
     let initialized = node.barrier().initialized().await.unwrap_or(false);
-    let keyring = node.barrier().keyring().map(|k| base64::engine::general_purpose::STANDARD.encode(k.to_bytes().as_slice()));
+    let keyring = node
+        .barrier()
+        .keyring()
+        .map(|k| base64::engine::general_purpose::STANDARD.encode(k.to_bytes().as_slice()));
     let st = node.ha().status();
     let sealed = node.barrier().is_sealed();
     let role = match (sealed, st.role) {
@@ -51,7 +54,12 @@ pub async fn current_state(node: &Node) -> LocalState {
 
 /// Binds the socket (replacing a stale one), restricts it to 0600, and serves until
 /// `shutdown`, then drains (bounded).
-pub async fn serve_unix(node: Arc<Node>, path: PathBuf, limits: Limits, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve_unix(
+    node: Arc<Node>,
+    path: PathBuf,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let listener = bind_private(&path)?;
     tracing::info!(path = %path.display(), "serving the local proxy socket");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
@@ -73,7 +81,9 @@ pub async fn serve_unix(node: Arc<Node>, path: PathBuf, limits: Limits, shutdown
             let stop = stop.clone();
             async move { Ok::<_, Infallible>(serve(node, req, limits, stop).await) }
         });
-        let conn = crate::http::conn_builder().serve_connection(TokioIo::new(stream), svc).into_owned();
+        let conn = crate::http::conn_builder()
+            .serve_connection(TokioIo::new(stream), svc)
+            .into_owned();
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -108,7 +118,9 @@ async fn serve(node: Arc<Node>, req: Request<Incoming>, limits: Limits, stop: Ca
     if req.uri().path() == STATE_PATH && req.method() == http::Method::GET {
         return state_stream(node, stop);
     }
-    handle_http(&node, req, None, limits, Origin::LocalProxy).await.map(|b| b.boxed())
+    handle_http(&node, req, None, limits, Origin::LocalProxy)
+        .await
+        .map(|b| b.boxed())
 }
 
 /// The NDJSON state stream: a line now and on every HA status change.
@@ -138,6 +150,9 @@ fn state_stream(node: Arc<Node>, stop: CancellationToken) -> Response<Body> {
         rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
     let mut resp = Response::new(StreamBody::new(stream).boxed());
-    resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/x-ndjson"));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/x-ndjson"),
+    );
     resp
 }

@@ -6,8 +6,9 @@
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 /// Latency buckets (seconds): 100 µs .. 10 s, for request handling, echoes, lock waits.
-const LATENCY_BUCKETS: &[f64] =
-    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 /// Term-length buckets (seconds): 1 s .. 1 day, for `vault_core_leadership_lost`.
 const TERM_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0];
 
@@ -54,8 +55,16 @@ impl NodeMetrics {
                 "Times becoming active failed after the lock was won",
             )
             .expect("counter"),
-            step_down: hist("vault_core_step_down", "Time (seconds) taken to step down", LATENCY_BUCKETS),
-            handle_request: hist("vault_core_handle_request", "Time (seconds) to handle an API request", LATENCY_BUCKETS),
+            step_down: hist(
+                "vault_core_step_down",
+                "Time (seconds) taken to step down",
+                LATENCY_BUCKETS,
+            ),
+            handle_request: hist(
+                "vault_core_handle_request",
+                "Time (seconds) to handle an API request",
+                LATENCY_BUCKETS,
+            ),
             rpc_client_forward: hist(
                 "vault_ha_rpc_client_forward",
                 "Time (seconds) of requests forwarded by this node to the active",
@@ -81,15 +90,21 @@ impl NodeMetrics {
                 "Time from starting to contend for the HA lock to holding it",
                 &[0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0, 300.0, 3600.0],
             ),
-            term: IntGauge::new("vha_node_term", "Fencing token of this node's current term (0 when not active)")
-                .expect("gauge"),
+            term: IntGauge::new(
+                "vha_node_term",
+                "Fencing token of this node's current term (0 when not active)",
+            )
+            .expect("gauge"),
             fencing_rejections: IntCounter::new(
                 "vha_node_fencing_rejections_total",
                 "Writes the store rejected because this node's fencing token was stale",
             )
             .expect("counter"),
             cluster_handshake_failures: IntCounterVec::new(
-                Opts::new("vha_node_cluster_handshake_failures_total", "Refused cluster-listener TLS handshakes"),
+                Opts::new(
+                    "vha_node_cluster_handshake_failures_total",
+                    "Refused cluster-listener TLS handshakes",
+                ),
                 &["reason"],
             )
             .expect("counter vec"),

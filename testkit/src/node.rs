@@ -112,7 +112,10 @@ impl TestNodeBuilder {
     pub async fn start(self) -> TestNode {
         let dir = tempfile::Builder::new().prefix("vha-node-").tempdir().expect("tempdir");
         let (port, cluster_port) = self.ports.unwrap_or_else(|| (free_port(), free_port()));
-        let advertised = self.advertise_cluster.clone().unwrap_or_else(|| format!("https://127.0.0.1:{cluster_port}"));
+        let advertised = self
+            .advertise_cluster
+            .clone()
+            .unwrap_or_else(|| format!("https://127.0.0.1:{cluster_port}"));
         let storage = match &self.storage {
             Storage::File => format!(
                 "storage \"file\" {{\n  path = \"{}\"\n}}",
@@ -140,7 +143,11 @@ impl TestNodeBuilder {
         let config_path = dir.path().join("node.hcl");
         std::fs::write(&config_path, &config).expect("write config");
         let mut node = TestNode {
-            node_addr: if self.behind_proxy { format!("http://127.0.0.1:{node_port}") } else { format!("http://127.0.0.1:{port}") },
+            node_addr: if self.behind_proxy {
+                format!("http://127.0.0.1:{node_port}")
+            } else {
+                format!("http://127.0.0.1:{port}")
+            },
             socket: self.behind_proxy.then_some(socket),
             addr: format!("http://127.0.0.1:{port}"),
             port,
@@ -249,7 +256,13 @@ impl TestNode {
     }
 
     /// Like [`TestNode::request`], but `None` when the node cannot be reached.
-    pub async fn try_request(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> Option<(StatusCode, Value)> {
+    pub async fn try_request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Option<(StatusCode, Value)> {
         let m = Method::from_bytes(method.as_bytes()).ok()?;
         let url = format!("{}/v1/{}", self.addr, path.trim_start_matches('/'));
         let mut rb = self.http.request(m, url).timeout(Duration::from_secs(5));
@@ -262,7 +275,11 @@ impl TestNode {
         let resp = rb.send().await.ok()?;
         let status = resp.status();
         let bytes = resp.bytes().await.ok()?;
-        let v = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+        let v = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
         Some((status, v))
     }
 
@@ -661,8 +678,14 @@ impl TestClusterBuilder {
                 cluster_relays.push(r);
             }
             b = if self.split {
-                b.storage(Storage::Raw(format!("storage \"lockd\" {{\n  address = \"{}\"\n  ha_enabled = \"false\"\n}}", lockd.address())))
-                    .ha_storage(format!("ha_storage \"lockd\" {{\n  address = \"{lock_addr}\"\n  lock_ttl = \"{}\"\n}}", self.lock_ttl))
+                b.storage(Storage::Raw(format!(
+                    "storage \"lockd\" {{\n  address = \"{}\"\n  ha_enabled = \"false\"\n}}",
+                    lockd.address()
+                )))
+                .ha_storage(format!(
+                    "ha_storage \"lockd\" {{\n  address = \"{lock_addr}\"\n  lock_ttl = \"{}\"\n}}",
+                    self.lock_ttl
+                ))
             } else {
                 b.storage(Storage::Raw(format!(
                     "storage \"lockd\" {{\n  address = \"{lock_addr}\"\n  lock_ttl = \"{}\"\n}}",
@@ -671,12 +694,23 @@ impl TestClusterBuilder {
             };
             let node = b.start().await;
             if self.proxies {
-                proxies.push(crate::proxy::TestProxy::start(&node.config_path, ([127, 0, 0, 1], api).into()));
+                proxies.push(crate::proxy::TestProxy::start(
+                    &node.config_path,
+                    ([127, 0, 0, 1], api).into(),
+                ));
             }
             nodes.push(node);
         }
-        let mut c =
-            TestCluster { nodes, lockd: Some(lockd), ha_lockd, etcd: None, store_relays, cluster_relays, proxies, keys: None };
+        let mut c = TestCluster {
+            nodes,
+            lockd: Some(lockd),
+            ha_lockd,
+            etcd: None,
+            store_relays,
+            cluster_relays,
+            proxies,
+            keys: None,
+        };
         if self.init {
             let keys = c.nodes[0].init(1, 1).await;
             c.keys = Some(keys);
@@ -732,7 +766,10 @@ impl TestClusterBuilder {
             };
             let node = b.start().await;
             if self.proxies {
-                proxies.push(crate::proxy::TestProxy::start(&node.config_path, ([127, 0, 0, 1], api).into()));
+                proxies.push(crate::proxy::TestProxy::start(
+                    &node.config_path,
+                    ([127, 0, 0, 1], api).into(),
+                ));
             }
             nodes.push(node);
         }

@@ -52,18 +52,34 @@ impl Relay {
     pub async fn start(upstream: SocketAddr) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
         let listen = listener.local_addr().expect("relay addr");
-        let shared = Arc::new(Shared { fault: Mutex::new(Fault::None), conns: Mutex::new(JoinSet::new()) });
+        let shared = Arc::new(Shared {
+            fault: Mutex::new(Fault::None),
+            conns: Mutex::new(JoinSet::new()),
+        });
         let task = tokio::spawn(accept_loop(listener, upstream, shared.clone()));
-        Relay { listen, upstream, shared, task }
+        Relay {
+            listen,
+            upstream,
+            shared,
+            task,
+        }
     }
 
     /// Starts a relay on a given 127.0.0.1 port (to sit where a process expects its peer).
     pub async fn start_on(port: u16, upstream: SocketAddr) -> Relay {
         let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind relay port");
         let listen = listener.local_addr().expect("relay addr");
-        let shared = Arc::new(Shared { fault: Mutex::new(Fault::None), conns: Mutex::new(JoinSet::new()) });
+        let shared = Arc::new(Shared {
+            fault: Mutex::new(Fault::None),
+            conns: Mutex::new(JoinSet::new()),
+        });
         let task = tokio::spawn(accept_loop(listener, upstream, shared.clone()));
-        Relay { listen, upstream, shared, task }
+        Relay {
+            listen,
+            upstream,
+            shared,
+            task,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -97,7 +113,9 @@ impl Drop for Relay {
 
 async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Shared>) {
     loop {
-        let Ok((client, _)) = listener.accept().await else { continue };
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
         if shared.fault() == Fault::Drop {
             drop(client);
             continue;
@@ -107,7 +125,9 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
         // Reap finished connections.
         while conns.try_join_next().is_some() {}
         conns.spawn(async move {
-            let Ok(server) = TcpStream::connect(upstream).await else { return };
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                return;
+            };
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
             let (cr, cw) = client.into_split();

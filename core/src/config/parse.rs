@@ -19,8 +19,7 @@ use hcl_edit::Span;
 use url::Url;
 
 use super::{
-    ProxyConfig,
-    parse_bool, parse_duration, Config, ConfigError, Env, IpNet, Listener, LogLevel, Stanza, StanzaValue,
+    parse_bool, parse_duration, Config, ConfigError, Env, IpNet, Listener, LogLevel, ProxyConfig, Stanza, StanzaValue,
     DEFAULT_MAX_REQUEST_DURATION, DEFAULT_MAX_REQUEST_SIZE,
 };
 
@@ -510,12 +509,20 @@ impl<'a> Ctx<'a> {
                 "node_socket" => {
                     let v = self.string(&key, attr)?;
                     let path = PathBuf::from(v.trim());
-                    p.node_socket = if path.is_relative() { self.file.parent().unwrap_or(Path::new(".")).join(path) } else { path };
+                    p.node_socket = if path.is_relative() {
+                        self.file.parent().unwrap_or(Path::new(".")).join(path)
+                    } else {
+                        path
+                    };
                 }
                 "node_address" => {
                     let a = self.socket_addr(&key, attr)?;
                     if !a.ip().is_loopback() {
-                        return Err(self.invalid(line, &key, "node_address must be a loopback address (127.0.0.0/8 or ::1)"));
+                        return Err(self.invalid(
+                            line,
+                            &key,
+                            "node_address must be a loopback address (127.0.0.0/8 or ::1)",
+                        ));
                     }
                     p.node_address = Some(a);
                 }

@@ -45,9 +45,16 @@ fn open_one(st: &Stanza) -> Result<Opened, ConfigError> {
         }
         "lockd" => {
             let b = Arc::new(LockdBackend::from_stanza(st)?);
-            let ha: Option<Arc<dyn HaBackend>> =
-                if st.get_bool("ha_enabled", true)? { Some(b.clone() as Arc<dyn HaBackend>) } else { None };
-            Ok(Opened { data: b, ha, ha_capable: true })
+            let ha: Option<Arc<dyn HaBackend>> = if st.get_bool("ha_enabled", true)? {
+                Some(b.clone() as Arc<dyn HaBackend>)
+            } else {
+                None
+            };
+            Ok(Opened {
+                data: b,
+                ha,
+                ha_capable: true,
+            })
         }
         "etcd" => {
             // Vault's semantics: HA only with `ha_enabled = "true"` (default off).

@@ -220,7 +220,13 @@ impl HaBackend for InmemBackend {
     }
 
     async fn force_release(&self, key: &str, token: u64) -> Result<(), StorageError> {
-        InmemRelease { backend: self.clone(), key: key.to_string(), token }.release().await
+        InmemRelease {
+            backend: self.clone(),
+            key: key.to_string(),
+            token,
+        }
+        .release()
+        .await
     }
 }
 

@@ -173,7 +173,10 @@ pub trait HaBackend: Send + Sync + 'static {
     /// the current grant, so a stale call can never release a newer holder's lock.
     async fn force_release(&self, key: &str, token: u64) -> Result<(), StorageError> {
         let _ = (key, token);
-        Err(StorageError::Unsupported { backend: self.kind(), what: "force_release" })
+        Err(StorageError::Unsupported {
+            backend: self.kind(),
+            what: "force_release",
+        })
     }
 }
 

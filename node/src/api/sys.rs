@@ -174,7 +174,9 @@ async fn seal(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     }
     if node.ha().role() == Role::Standby {
         // Vault's rule: only the active node seals through the API; a standby is restarted.
-        return Err(ApiError::Internal("cannot seal when in standby mode; please restart instead".into()));
+        return Err(ApiError::Internal(
+            "cannot seal when in standby mode; please restart instead".into(),
+        ));
     }
     // sys/seal needs update + sudo on the path (Vault).
     super::logical::authorize(node, req, "sys/seal", crate::policy::Operation::Update, true).await?;
@@ -225,7 +227,8 @@ async fn health(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> 
     })();
     // Performance-standby and DR codes are validated (a bad one is 400, as Vault) but never
     // chosen: vha has no performance standbys or DR secondaries.
-    let (standby_ok, _perf_ok, active, standby_code, sealed_code, uninit, ha_unhealthy_code, _perf, _dr) = match params {
+    let (standby_ok, _perf_ok, active, standby_code, sealed_code, uninit, ha_unhealthy_code, _perf, _dr) = match params
+    {
         Ok(p) => p,
         Err(e) => return Ok(health_err(e)),
     };
@@ -236,7 +239,9 @@ async fn health(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> 
     // 474: a standby that knows an active node but has not reached it for two heartbeats.
     let ha_unhealthy = standby
         && status.leader.is_some()
-        && status.last_echo.is_none_or(|t| t.elapsed() > 2 * crate::ha::leader::ECHO_INTERVAL);
+        && status
+            .last_echo
+            .is_none_or(|t| t.elapsed() > 2 * crate::ha::leader::ECHO_INTERVAL);
     let code = if !initialized {
         uninit
     } else if sealed {
@@ -268,7 +273,12 @@ async fn health(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> 
     }
     let status = StatusCode::from_u16(code).map_err(|e| ApiError::Internal(e.to_string()))?;
     if req.method == Method::HEAD {
-        return Ok(ApiResponse { status, headers: Default::default(), body: None, raw: None });
+        return Ok(ApiResponse {
+            status,
+            headers: Default::default(),
+            body: None,
+            raw: None,
+        });
     }
     Ok(ApiResponse::json(status, body))
 }

@@ -28,7 +28,12 @@ pub fn standby_fallback(node: &Node, req: &ApiRequest) -> ApiResponse {
 /// A 307 to `base` + `path_query`, empty body.
 pub fn redirect_to(base: &str, path_query: &str) -> ApiResponse {
     let location = format!("{}{}", base.trim_end_matches('/'), path_query);
-    let mut resp = ApiResponse { status: StatusCode::TEMPORARY_REDIRECT, headers: Default::default(), body: None, raw: None };
+    let mut resp = ApiResponse {
+        status: StatusCode::TEMPORARY_REDIRECT,
+        headers: Default::default(),
+        body: None,
+        raw: None,
+    };
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers.insert(header::LOCATION, v);
     }
@@ -167,8 +172,16 @@ pub async fn metrics(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiEr
         Some("prometheus") | None => {}
         Some(other) => return Err(ApiError::BadRequest(format!("unsupported metrics format {other:?}"))),
     }
-    let mut resp = ApiResponse { status: StatusCode::OK, headers: Default::default(), body: None, raw: None };
-    resp.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    let mut resp = ApiResponse {
+        status: StatusCode::OK,
+        headers: Default::default(),
+        body: None,
+        raw: None,
+    };
+    resp.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
     resp.raw = Some(bytes::Bytes::from(node.metrics().render()));
     Ok(resp)
 }

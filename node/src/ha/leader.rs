@@ -43,8 +43,12 @@ pub async fn standby_tasks(node: Arc<Node>, stop: CancellationToken) {
 /// The active node as storage says now: the lock holder's advertisement, decrypted.
 /// `Err` when storage could not be asked (the caller keeps what it knew).
 pub async fn current_leader(node: &Node) -> Result<Option<Arc<LeaderInfo>>, StorageError> {
-    let Some(ha) = node.stores().ha.clone() else { return Ok(None) };
-    let Some(holder) = ha.holder(LOCK_KEY).await? else { return Ok(None) };
+    let Some(ha) = node.stores().ha.clone() else {
+        return Ok(None);
+    };
+    let Some(holder) = ha.holder(LOCK_KEY).await? else {
+        return Ok(None);
+    };
     let bytes = match node.barrier().get(&leader_path(&holder.value)).await {
         Ok(Some(b)) => b,
         Ok(None) => return Ok(None),
@@ -55,7 +59,10 @@ pub async fn current_leader(node: &Node) -> Result<Option<Arc<LeaderInfo>>, Stor
         }
     };
     match serde_json::from_slice::<Advertisement>(&bytes) {
-        Ok(adv) => Ok(Some(Arc::new(LeaderInfo { uuid: holder.value, adv }))),
+        Ok(adv) => Ok(Some(Arc::new(LeaderInfo {
+            uuid: holder.value,
+            adv,
+        }))),
         Err(e) => {
             tracing::warn!(error = %e, "ignoring malformed advertisement");
             Ok(None)
@@ -99,7 +106,8 @@ async fn watch_leader(node: Arc<Node>, stop: CancellationToken) {
     }
 }
 
-type EchoClient = Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Full<bytes::Bytes>>;
+type EchoClient =
+    Client<hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>, Full<bytes::Bytes>>;
 
 fn echo_client(identity: &ClusterIdentity) -> Option<EchoClient> {
     // hyper-rustls sets ALPN itself (http/1.1 here) and refuses a preset list.
@@ -124,7 +132,9 @@ async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        let Some(leader) = node.ha().status().leader else { continue };
+        let Some(leader) = node.ha().status().leader else {
+            continue;
+        };
         if client.as_ref().is_none_or(|(u, _)| *u != leader.uuid) {
             client = ClusterIdentity::from_advertisement(&leader.uuid, &leader.adv)
                 .ok()

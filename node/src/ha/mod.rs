@@ -114,7 +114,13 @@ pub struct HaHandle {
 
 impl HaHandle {
     pub fn new(enabled: bool) -> HaHandle {
-        let status = HaStatus { role: Role::Sealed, fence: None, active_since: None, leader: None, last_echo: None };
+        let status = HaStatus {
+            role: Role::Sealed,
+            fence: None,
+            active_since: None,
+            leader: None,
+            last_echo: None,
+        };
         HaHandle {
             status: watch::channel(status).0,
             sealed: watch::channel(true).0,
@@ -195,7 +201,9 @@ impl HaHandle {
             return true;
         }
         let mut rx = self.subscribe();
-        let ok = tokio::time::timeout(timeout, rx.wait_for(|s| s.role == Role::Sealed)).await.is_ok();
+        let ok = tokio::time::timeout(timeout, rx.wait_for(|s| s.role == Role::Sealed))
+            .await
+            .is_ok();
         ok
     }
 
@@ -241,7 +249,10 @@ impl HaHandle {
     /// Standbys heard from recently.
     pub fn echoes(&self) -> Vec<EchoRecord> {
         let e = self.echoes.lock().unwrap_or_else(|e| e.into_inner());
-        e.values().filter(|r| r.seen.is_some_and(|t| t.elapsed() < ECHO_RETENTION)).cloned().collect()
+        e.values()
+            .filter(|r| r.seen.is_some_and(|t| t.elapsed() < ECHO_RETENTION))
+            .cloned()
+            .collect()
     }
 
     /// Reports that the store refused a write as fenced: the term ends as lost at once.
@@ -256,14 +267,18 @@ impl HaHandle {
     pub async fn step_down(&self, timeout: Duration) -> bool {
         let mut rx = self.subscribe();
         self.step_down.notify_one();
-        let ok = tokio::time::timeout(timeout, rx.wait_for(|s| s.role != Role::Active)).await.is_ok();
+        let ok = tokio::time::timeout(timeout, rx.wait_for(|s| s.role != Role::Active))
+            .await
+            .is_ok();
         ok
     }
 }
 
 /// The lock loop. Runs for the life of the process when HA is enabled.
 pub async fn run(node: Arc<Node>) {
-    let Some(ha_backend) = node.stores().ha.clone() else { return };
+    let Some(ha_backend) = node.stores().ha.clone() else {
+        return;
+    };
     let handle = node.ha();
     let mut sealed_rx = handle.sealed.subscribe();
     let shutdown = node.shutdown.clone();
@@ -306,7 +321,9 @@ pub async fn run(node: Arc<Node>) {
                 continue;
             }
         };
-        node.metrics().lock_acquire.observe(contend_start.elapsed().as_secs_f64());
+        node.metrics()
+            .lock_acquire
+            .observe(contend_start.elapsed().as_secs_f64());
         if *sealed_rx.borrow() || shutdown.is_cancelled() {
             let _ = guard.release().await;
             if shutdown.is_cancelled() {
@@ -371,7 +388,9 @@ async fn active_term(
     let listener = if node.config().disable_clustering {
         None
     } else {
-        let l = ClusterListener::start(node.clone(), identity.clone()).await.map_err(SetupError::Listener);
+        let l = ClusterListener::start(node.clone(), identity.clone())
+            .await
+            .map_err(SetupError::Listener);
         match l {
             Ok(l) => Some(l),
             Err(e) => {
@@ -414,7 +433,10 @@ async fn active_term(
         s.role = Role::Active;
         s.fence = Some(fence.clone());
         s.active_since = Some(SystemTime::now());
-        s.leader = Some(Arc::new(LeaderInfo { uuid: uuid.to_string(), adv: adv.clone() }));
+        s.leader = Some(Arc::new(LeaderInfo {
+            uuid: uuid.to_string(),
+            adv: adv.clone(),
+        }));
         s.last_echo = None;
     });
     node.metrics().core_active.set(1);
@@ -464,7 +486,9 @@ async fn active_term(
                 tracing::warn!(error = %e, "releasing the HA lock failed");
             }
             if end == TermEnd::StepDown {
-                node.metrics().step_down.observe(step_down_started.elapsed().as_secs_f64());
+                node.metrics()
+                    .step_down
+                    .observe(step_down_started.elapsed().as_secs_f64());
             }
             tracing::info!(reason = ?end, ?term_len, "stepped down from active");
         }
