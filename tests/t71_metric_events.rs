@@ -123,6 +123,11 @@ async fn forward_redirect_and_local_move_metrics() {
         v(&p1, "vha_proxy_forward_duration_seconds_count") - v(&p0, "vha_proxy_forward_duration_seconds_count"),
         1.0
     );
+    // Vault's name for the same observation, exported by the forwarding proxy.
+    assert_eq!(
+        v(&p1, "vault_ha_rpc_client_forward_count") - v(&p0, "vault_ha_rpc_client_forward_count"),
+        1.0
+    );
     assert!(
         v(&n1, "vault_core_handle_request_count") > v(&n0, "vault_core_handle_request_count"),
         "active handled it"

@@ -1,5 +1,7 @@
 //! The node's Prometheus metrics, with Vault's names where the meaning is the same
-//! (design.md section 5) and `vha_node_*` for our own. Served by `sys/metrics`.
+//! (design.md section 5) and `vha_node_*` for our own. Served by `sys/metrics`. The node
+//! never forwards (its proxy does), so `vault_ha_rpc_client_forward{,_errors}` are the
+//! proxy's.
 //! Histograms stand where Vault has summaries; buckets span sub-millisecond request handling
 //! to multi-minute terms. No label carries a path or a token.
 
@@ -23,8 +25,6 @@ pub struct NodeMetrics {
     /// Time (seconds) a step-down took.
     pub step_down: Histogram,
     pub handle_request: Histogram,
-    pub rpc_client_forward: Histogram,
-    pub rpc_client_forward_errors: IntCounter,
     /// Round-trip (seconds) of a standby's heartbeat to the active.
     pub rpc_client_echo: Histogram,
     pub rpc_client_echo_errors: IntCounter,
@@ -65,16 +65,6 @@ impl NodeMetrics {
                 "Time (seconds) to handle an API request",
                 LATENCY_BUCKETS,
             ),
-            rpc_client_forward: hist(
-                "vault_ha_rpc_client_forward",
-                "Time (seconds) of requests forwarded by this node to the active",
-                LATENCY_BUCKETS,
-            ),
-            rpc_client_forward_errors: IntCounter::new(
-                "vault_ha_rpc_client_forward_errors",
-                "Requests this node failed to forward to the active",
-            )
-            .expect("counter"),
             rpc_client_echo: hist(
                 "vault_ha_rpc_client_echo",
                 "Round-trip time (seconds) of standby heartbeats to the active",
@@ -116,8 +106,6 @@ impl NodeMetrics {
             Box::new(m.leadership_setup_failed.clone()),
             Box::new(m.step_down.clone()),
             Box::new(m.handle_request.clone()),
-            Box::new(m.rpc_client_forward.clone()),
-            Box::new(m.rpc_client_forward_errors.clone()),
             Box::new(m.rpc_client_echo.clone()),
             Box::new(m.rpc_client_echo_errors.clone()),
             Box::new(m.lock_acquire.clone()),

@@ -26,6 +26,10 @@ pub struct Metrics {
     pub holds: IntCounterVec,
     pub advert_rejected: IntCounter,
     pub active_known: IntGauge,
+    /// Vault's names for the same forwarding observations (in Vault the standby node
+    /// forwards; in vha its proxy does, so the proxy exports them).
+    pub vault_forward: Histogram,
+    pub vault_forward_errors: IntCounter,
 }
 
 impl Metrics {
@@ -44,9 +48,7 @@ impl Metrics {
                 "vha_proxy_forward_duration_seconds",
                 "Latency of requests forwarded to the active node",
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-            ]),
+            .buckets(forward_latency_buckets()),
         )
         .expect("metric");
         let forward_errors = IntCounterVec::new(
@@ -74,8 +76,23 @@ impl Metrics {
         .expect("metric");
         let active_known =
             IntGauge::new("vha_proxy_active_known", "1 when an authenticated active node is known").expect("metric");
+        let vault_forward = Histogram::with_opts(
+            HistogramOpts::new(
+                "vault_ha_rpc_client_forward",
+                "Time (seconds) of requests forwarded by this standby to the active (Vault's name)",
+            )
+            .buckets(forward_latency_buckets()),
+        )
+        .expect("metric");
+        let vault_forward_errors = IntCounter::new(
+            "vault_ha_rpc_client_forward_errors",
+            "Requests this standby failed to forward to the active (Vault's name)",
+        )
+        .expect("metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(vault_forward.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(vault_forward_errors.clone()),
+            Box::new(requests.clone()),
             Box::new(forward_latency.clone()),
             Box::new(forward_errors.clone()),
             Box::new(redirects.clone()),
@@ -94,7 +111,21 @@ impl Metrics {
             holds,
             advert_rejected,
             active_known,
+            vault_forward,
+            vault_forward_errors,
         }
+    }
+
+    /// A forwarded request finished after `secs`.
+    pub fn observe_forward(&self, secs: f64) {
+        self.forward_latency.observe(secs);
+        self.vault_forward.observe(secs);
+    }
+
+    /// A forward failed (`kind`: tls | unreachable | not_active | broken).
+    pub fn forward_error(&self, kind: &str) {
+        self.forward_errors.with_label_values(&[kind]).inc();
+        self.vault_forward_errors.inc();
     }
 
     pub fn set_active_known(&self, known: bool) {
@@ -113,6 +144,14 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics::new()
     }
+}
+
+/// Forward latency buckets (seconds): 0.5 ms .. 10 s, sub-millisecond loopback hops to
+/// multi-second waits behind a failover.
+fn forward_latency_buckets() -> Vec<f64> {
+    vec![
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+    ]
 }
 
 /// The status class label of a status code.

@@ -399,7 +399,7 @@ impl ProxyHttp for VhaProxy {
                 match after_failure(f, &t.redirect_addr, &path_and_query(session)) {
                     Route::Redirect(loc) => {
                         tracing::warn!(error = %e, active = %t.addr, "forward failed in TLS; falling back to 307");
-                        self.metrics.forward_errors.with_label_values(&["tls"]).inc();
+                        self.metrics.forward_error("tls");
                         self.metrics.redirects.with_label_values(&["tls_fallback"]).inc();
                         ctx.route = "redirect";
                         ctx.fallback = Some(Fallback::Redirect(loc));
@@ -407,7 +407,7 @@ impl ProxyHttp for VhaProxy {
                     }
                     _ => {
                         tracing::info!(error = %e, active = %t.addr, "active node unreachable; holding for a new one");
-                        self.metrics.forward_errors.with_label_values(&["unreachable"]).inc();
+                        self.metrics.forward_error("unreachable");
                         ctx.failed_seq = Some(t.seq);
                         e.set_retry(true);
                     }
@@ -481,7 +481,7 @@ impl ProxyHttp for VhaProxy {
         let already = session.response_written().is_some();
         let fallback = ctx.fallback.take().or_else(|| match (e.esource(), &ctx.upstream) {
             (ErrorSource::Upstream, Upstream::Active(_)) => {
-                self.metrics.forward_errors.with_label_values(&["broken"]).inc();
+                self.metrics.forward_error("broken");
                 Some(Fallback::Error(ProxyError::ForwardBroken(e.to_string())))
             }
             (ErrorSource::Upstream, Upstream::Local) => Some(Fallback::Error(ProxyError::LocalUnavailable)),
@@ -530,9 +530,7 @@ impl ProxyHttp for VhaProxy {
             .with_label_values(&[ctx.route, class(status)])
             .inc();
         if matches!(ctx.upstream, Upstream::Active(_)) && ctx.route == "forward" {
-            self.metrics
-                .forward_latency
-                .observe(ctx.started.elapsed().as_secs_f64());
+            self.metrics.observe_forward(ctx.started.elapsed().as_secs_f64());
         }
     }
 }
