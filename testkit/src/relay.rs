@@ -50,24 +50,13 @@ pub struct Relay {
 impl Relay {
     /// Starts a relay on a free 127.0.0.1 port towards `upstream`.
     pub async fn start(upstream: SocketAddr) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind relay");
-        let listen = listener.local_addr().expect("relay addr");
-        let shared = Arc::new(Shared {
-            fault: Mutex::new(Fault::None),
-            conns: Mutex::new(JoinSet::new()),
-        });
-        let task = tokio::spawn(accept_loop(listener, upstream, shared.clone()));
-        Relay {
-            listen,
-            upstream,
-            shared,
-            task,
-        }
+        Self::start_on(0, upstream).await
     }
 
-    /// Starts a relay on a given 127.0.0.1 port (to sit where a process expects its peer).
+    /// Starts a relay on a given 127.0.0.1 port (0: any free one), to sit where a process
+    /// expects its peer.
     pub async fn start_on(port: u16, upstream: SocketAddr) -> Relay {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind relay port");
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.expect("bind relay");
         let listen = listener.local_addr().expect("relay addr");
         let shared = Arc::new(Shared {
             fault: Mutex::new(Fault::None),
