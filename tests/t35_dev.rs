@@ -6,18 +6,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use vha_testkit::{vha_binary, wait_until, ChildProc};
-
-fn alive(pid: u64) -> bool {
-    let pid = pid as i32;
-    kill(Pid::from_raw(pid), None).is_ok()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
-            .unwrap_or(false)
-}
+use vha_testkit::{pid_alive, vha_binary, wait_until, ChildProc};
 
 /// The dev cluster comes up complete and valid, serves KV v2 through its active node, and
 /// Ctrl-C stops lockd and every node.
@@ -46,7 +37,7 @@ async fn dev_cluster_end_to_end() {
     assert!(cluster["lockd"]["addr"]
         .as_str()
         .is_some_and(|a| a.starts_with("http://127.0.0.1:")));
-    assert!(alive(lockd_pid));
+    assert!(pid_alive(lockd_pid));
     let nodes = cluster["nodes"].as_array().expect("nodes").clone();
     assert_eq!(nodes.len(), 3);
     let http = reqwest::Client::new();
@@ -55,8 +46,8 @@ async fn dev_cluster_end_to_end() {
         for f in ["name", "api_addr", "cluster_addr", "node_addr", "node_pid"] {
             assert!(!n[f].is_null(), "node entry lacks {f}: {n}");
         }
-        assert!(alive(n["node_pid"].as_u64().unwrap()));
-        assert!(alive(
+        assert!(pid_alive(n["node_pid"].as_u64().unwrap()));
+        assert!(pid_alive(
             n["proxy_pid"].as_u64().expect("proxy_pid: each pair runs its proxy")
         ));
         assert_ne!(
@@ -172,7 +163,7 @@ async fn dev_cluster_end_to_end() {
     pids.extend(nodes.iter().map(|n| n["proxy_pid"].as_u64().unwrap()));
     pids.push(lockd_pid);
     for pid in pids {
-        assert!(!alive(pid), "process {pid} still running after vha dev stopped");
+        assert!(!pid_alive(pid), "process {pid} still running after vha dev stopped");
     }
 }
 

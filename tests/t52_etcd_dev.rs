@@ -5,21 +5,12 @@
 use std::process::Command;
 use std::time::Duration;
 
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 use vha_core::advert::LOCK_KEY;
 use vha_core::storage::etcd::EtcdBackend;
 use vha_core::storage::HaBackend;
-use vha_testkit::{vha_binary, wait_until, ChildProc};
-
-fn alive(pid: u64) -> bool {
-    let pid = pid as i32;
-    kill(Pid::from_raw(pid), None).is_ok()
-        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
-            .unwrap_or(false)
-}
+use vha_testkit::{pid_alive, vha_binary, wait_until, ChildProc};
 
 /// The dev cluster on etcd comes up with three etcd members and no lockd, the nodes report
 /// `storage_type = etcd`, the HA lock is held in etcd by the active, KV v2 works through it,
@@ -56,7 +47,7 @@ async fn dev_cluster_on_etcd() {
     let members = cluster["etcd"].as_array().expect("etcd members").clone();
     assert_eq!(members.len(), 3, "a 3-member etcd cluster");
     for m in &members {
-        assert!(alive(m["pid"].as_u64().unwrap()), "etcd member running: {m}");
+        assert!(pid_alive(m["pid"].as_u64().unwrap()), "etcd member running: {m}");
     }
     let token = cluster["root_token"].as_str().unwrap().to_string();
     let nodes = cluster["nodes"].as_array().unwrap().clone();
@@ -111,6 +102,6 @@ async fn dev_cluster_on_etcd() {
         .map(|n| n["node_pid"].as_u64().unwrap())
         .chain(members.iter().map(|m| m["pid"].as_u64().unwrap()));
     for pid in pids {
-        assert!(!alive(pid), "process {pid} still running after vha dev stopped");
+        assert!(!pid_alive(pid), "process {pid} still running after vha dev stopped");
     }
 }

@@ -22,7 +22,7 @@ pub mod wait;
 pub use etcd::TestEtcd;
 pub use lockd::TestLockd;
 pub use node::{TestCluster, TestNode};
-pub use process::{free_port, vha_binary, ChildProc};
+pub use process::{free_port, pid_alive, vha_binary, ChildProc};
 pub use prometheus::{ScrapeJob, TestPrometheus};
 pub use proxy::TestProxy;
 pub use relay::{Fault, Relay};

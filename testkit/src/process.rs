@@ -39,6 +39,16 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// Whether process `pid` exists and is not a zombie (a zombie still accepts signal 0, so
+/// its /proc state is checked too). For processes the test did not spawn itself.
+pub fn pid_alive(pid: u64) -> bool {
+    let Ok(raw) = i32::try_from(pid) else { return false };
+    kill(Pid::from_raw(raw), None).is_ok()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+            .unwrap_or(false)
+}
+
 /// A running child process with its output captured to `log`.
 pub struct ChildProc {
     pub name: String,
@@ -67,14 +77,7 @@ impl ChildProc {
     /// Whether the process is still alive (without reaping it): signal 0 by PID.
     pub fn is_running_shared(&self) -> bool {
         match &self.child {
-            Some(c) => {
-                // A zombie still accepts signal 0; check /proc state too.
-                let pid = c.id();
-                kill(Pid::from_raw(pid as i32), None).is_ok()
-                    && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                        .map(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
-                        .unwrap_or(false)
-            }
+            Some(c) => pid_alive(u64::from(c.id())),
             None => false,
         }
     }

@@ -14,6 +14,7 @@ pub mod inmem;
 pub mod lockd;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
@@ -177,6 +178,37 @@ pub trait HaBackend: Send + Sync + 'static {
             backend: self.kind(),
             what: "force_release",
         })
+    }
+}
+
+/// Holder-side lease timing shared by the lock clients (lockd, etcd): renew every TTL/10 so
+/// many attempts fit before the deadline, and give up TTL/5 before the store's earliest
+/// possible re-grant (time for the node to stop acting after `lost()` fires, plus
+/// clock-rate slack). The holder's deadline is *last renewal sent + TTL - margin*.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LockTiming {
+    /// The lease TTL asked of the store.
+    pub ttl: Duration,
+    /// How often a held lease is renewed (TTL/10).
+    pub renew_interval: Duration,
+    /// How long before the store's earliest possible re-grant the holder gives up (TTL/5).
+    pub margin: Duration,
+}
+
+impl LockTiming {
+    /// Timing derived from a TTL (renew every TTL/10, margin TTL/5).
+    pub fn from_ttl(ttl: Duration) -> LockTiming {
+        LockTiming {
+            ttl,
+            renew_interval: ttl / 10,
+            margin: ttl / 5,
+        }
+    }
+
+    /// The TTL in whole seconds, rounded up, at least 1 (for stores that count seconds).
+    pub fn ttl_secs(&self) -> i64 {
+        let ms = self.ttl.as_millis().max(1);
+        i64::try_from(ms.div_ceil(1000)).unwrap_or(i64::MAX)
     }
 }
 

@@ -30,35 +30,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{first_get, map_err, to_u64, EtcdBackend, BACKOFF_MAX, BACKOFF_MIN};
-use crate::storage::{validate_key, Fence, HaBackend, Holder, LockGuard, LockRelease, StorageError, WatchStream};
-
-/// Lease timing on the holder side (see the module docs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LockTiming {
-    /// The lease TTL asked of etcd (etcd counts whole seconds; sub-second parts round up).
-    pub ttl: Duration,
-    /// How often the lease is kept alive: TTL/10, so many attempts fit before the deadline.
-    pub renew_interval: Duration,
-    /// How long before etcd's earliest possible expiry the holder gives up: TTL/5 — time for
-    /// the node to stop acting after `lost()` fires, plus clock-rate slack.
-    pub margin: Duration,
-}
-
-impl LockTiming {
-    pub fn from_ttl(ttl: Duration) -> LockTiming {
-        LockTiming {
-            ttl,
-            renew_interval: ttl / 10,
-            margin: ttl / 5,
-        }
-    }
-
-    /// The TTL in etcd's unit (seconds, rounded up, at least 1).
-    pub(crate) fn ttl_secs(&self) -> i64 {
-        let ms = self.ttl.as_millis().max(1);
-        i64::try_from(ms.div_ceil(1000)).unwrap_or(i64::MAX)
-    }
-}
+use crate::storage::{
+    validate_key, Fence, HaBackend, Holder, LockGuard, LockRelease, LockTiming, StorageError, WatchStream,
+};
 
 /// How long one wait for the holder's key to go away lasts before the contender re-reads
 /// (a safety net: the watch normally wakes it within milliseconds).

@@ -47,7 +47,7 @@ use crate::storage::{
     MAX_VALUE_LEN,
 };
 
-pub use lock::LockTiming;
+pub use crate::storage::LockTiming;
 /// Re-exported for callers of [`EtcdBackend::acquire_lease`].
 pub use tokio_util::sync::CancellationToken;
 

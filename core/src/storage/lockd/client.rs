@@ -34,8 +34,8 @@ use super::protocol::{
 };
 use crate::config::{ConfigError, Stanza};
 use crate::storage::{
-    validate_key, validate_value, Backend, Entry, Fence, HaBackend, Holder, LockGuard, LockRelease, StorageError,
-    WatchEvent, WatchStream,
+    validate_key, validate_value, Backend, Entry, Fence, HaBackend, Holder, LockGuard, LockRelease, LockTiming,
+    StorageError, WatchEvent, WatchStream,
 };
 
 /// Default lease TTL: 10 s. Renewals every TTL/10 (1 s) mean a holder loses the lock only
@@ -62,28 +62,6 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 const MAX_LEASE_TTL_MS: u64 = 86_400_000;
 /// Watch event queue towards the consumer; overflow turns into `Resync`.
 const WATCH_QUEUE: usize = 1024;
-
-/// Lease timing on the holder side (see the module docs).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LockTiming {
-    pub ttl: Duration,
-    /// How often a held lease is renewed: TTL/10, so many attempts fit before the deadline.
-    pub renew_interval: Duration,
-    /// How long before lockd's earliest possible re-grant the holder gives up: TTL/5 — time
-    /// for the node to stop acting after `lost()` fires, plus clock-rate slack.
-    pub margin: Duration,
-}
-
-impl LockTiming {
-    /// Timing derived from a TTL (renew every TTL/10, margin TTL/5).
-    pub fn from_ttl(ttl: Duration) -> LockTiming {
-        LockTiming {
-            ttl,
-            renew_interval: ttl / 10,
-            margin: ttl / 5,
-        }
-    }
-}
 
 impl Default for LockTiming {
     fn default() -> Self {

@@ -11,4 +11,5 @@ pub mod protocol;
 /// Re-exported so callers of `acquire` need no direct tokio-util dependency.
 pub use tokio_util::sync::CancellationToken;
 
-pub use client::{LockTiming, LockdBackend, DEFAULT_LOCK_TTL, DEFAULT_REQUEST_TIMEOUT};
+pub use crate::storage::LockTiming;
+pub use client::{LockdBackend, DEFAULT_LOCK_TTL, DEFAULT_REQUEST_TIMEOUT};
