@@ -16,5 +16,10 @@ pub mod storage;
 
 pub use error::{BarrierError, StorageError};
 
+/// A client must send its whole request head within this, or the connection is closed, at
+/// the node's listeners and at the proxy (slowloris-style dribbling cannot pin connections).
+/// Vault's `http_read_header_timeout` default.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The version every vha binary reports (`sys/health`, `sys/seal-status`, banner).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -25,9 +25,7 @@ use crate::node::Node;
 /// enough for any normal request, short enough for a rolling restart to stay quick.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A client must send its whole request head within this, or the connection is closed
-/// (slowloris-style dribbling cannot pin connections).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub use vha_core::HEADER_READ_TIMEOUT;
 /// Most header fields accepted in one request (hyper's default, explicit here); more is 431.
 pub const MAX_HEADERS: usize = 100;
 /// Largest request head accepted (bytes): the HTTP/2 header list, and the HTTP/1.1 read

@@ -11,12 +11,14 @@ use clap::Parser;
 use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
+use pingora::services::listening::Service;
 use tokio::sync::watch;
 
 use vha_core::config::{Config, ProcessEnv};
 
 use crate::advert::View;
 use crate::error::ProxyError;
+use crate::head::HeadDeadlineApp;
 use crate::metrics::Metrics;
 use crate::service::{Settings, VhaProxy};
 use crate::tls::ForwardProtocol;
@@ -155,7 +157,11 @@ fn run(cfg: Config) -> Result<(), ProxyError> {
         xff_trusted: listener.x_forwarded_for_authorized_addrs.clone(),
         forward_protocol,
     };
-    let mut svc = pingora::proxy::http_proxy_service(&server.configuration, VhaProxy::new(view_rx, settings, metrics));
+    let app = pingora::proxy::http_proxy(&server.configuration, VhaProxy::new(view_rx, settings, metrics));
+    let mut svc = Service::new(
+        "vha proxy".to_string(),
+        HeadDeadlineApp::new(app, vha_core::HEADER_READ_TIMEOUT),
+    );
     let addr = listener.address.to_string();
     if listener.tls_disable {
         svc.add_tcp(&addr);

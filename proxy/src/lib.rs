@@ -10,11 +10,13 @@
 //! - [`local`]: the node's state stream; early lock release on proof of the node's death.
 //! - [`advert`]: the controller: storage watches, advertisement authentication, [`advert::View`].
 //! - [`service`]: the thin Pingora `ProxyHttp`.
+//! - [`head`]: the whole-request-head deadline (slowloris) around Pingora's HTTP/1.1 loop.
 //! - [`tls`]: listener TLS and upstream peers. [`metrics`], [`error`], [`cli`].
 
 pub mod advert;
 pub mod cli;
 pub mod error;
+pub mod head;
 pub mod local;
 pub mod metrics;
 pub mod route;
