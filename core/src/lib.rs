@@ -21,5 +21,10 @@ pub use error::{BarrierError, StorageError};
 /// Vault's `http_read_header_timeout` default.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Response header a node sets on its loop guard's 503 "node not active" to a forwarded
+/// request: the request was refused before anything ran, so the forwarding proxy may send
+/// it again to the next active.
+pub const NOT_ACTIVE_HEADER: &str = "x-vha-not-active";
+
 /// The version every vha binary reports (`sys/health`, `sys/seal-status`, banner).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,8 +1,13 @@
 //! The cluster listener: runs only while this node is active, on the listener's
 //! `cluster_address`. Mutual TLS 1.2 with the term's pinned P-521 certificate (see
 //! `vha_core::cluster_tls`); ALPN h2 and http/1.1. It serves forwarded API requests (the
-//! client-address header is trusted here) and standby heartbeats. Stopping it closes every
-//! open connection: a deposed active must not keep answering on old connections.
+//! client-address header is trusted here) and standby heartbeats.
+//!
+//! Stopping it (the role is already standby and the term's requests drained by then)
+//! stops accepting and returns; the open connections linger for [`LINGER`] in the
+//! background, where every request gets the loop guard's 503 marked "not active" (nothing
+//! runs), which proxies hold and send to the next active, and are then closed. A node that
+//! is not active runs nothing that arrives on them.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -29,6 +34,11 @@ use crate::node::Node;
 /// A TLS handshake must finish within this, or the connection is dropped (slow or stuck
 /// peers cannot pin sockets on the active).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stopped listener's connections keep answering "not active" before they are
+/// closed: longer than a proxy needs to see the next advertisement (a watch event, ~ms), so
+/// requests a proxy sends on pooled connections meanwhile are refused cleanly rather than
+/// reset (a reset POST cannot be retried: it may have run).
+const LINGER: Duration = Duration::from_secs(3);
 /// Largest heartbeat body accepted.
 const MAX_ECHO_BODY: usize = 16 * 1024;
 
@@ -55,7 +65,8 @@ impl ClusterListener {
         Ok(ClusterListener { stop, task, local_addr })
     }
 
-    /// Stops accepting and closes every open connection.
+    /// Stops accepting; open connections answer "not active" for [`LINGER`], then close
+    /// (see the module header).
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
@@ -131,7 +142,11 @@ async fn accept_loop(node: Arc<Node>, tcp: TcpListener, acceptor: TlsAcceptor, s
         });
     }
     drop(tcp);
-    conns.shutdown().await;
+    tokio::spawn(async move {
+        // Bounded linger (see LINGER), then every connection is closed.
+        let _ = tokio::time::timeout(LINGER, async { while conns.join_next().await.is_some() {} }).await;
+        conns.shutdown().await;
+    });
 }
 
 async fn serve(

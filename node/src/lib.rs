@@ -15,6 +15,7 @@ pub mod dev;
 pub mod error;
 pub mod ha;
 pub mod http;
+pub mod inflight;
 pub mod local;
 pub mod metrics;
 pub mod mounts;

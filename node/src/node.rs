@@ -60,6 +60,7 @@ pub struct Node {
     audit: AuditBroker,
     /// Serializes KV writes (check-and-set is a read-modify-write).
     kv_lock: tokio::sync::Mutex<()>,
+    in_flight: crate::inflight::InFlight,
     ha: HaHandle,
     metrics: NodeMetrics,
     /// Fires when the process is shutting down.
@@ -81,6 +82,7 @@ impl Node {
             mounts: MountTable::new(),
             audit: AuditBroker::new(),
             kv_lock: tokio::sync::Mutex::new(()),
+            in_flight: Default::default(),
             ha: HaHandle::new(ha_enabled),
             metrics: NodeMetrics::new(),
             shutdown: CancellationToken::new(),
@@ -108,6 +110,10 @@ impl Node {
     pub fn audit(&self) -> &AuditBroker {
         &self.audit
     }
+    /// Logical requests running now (drained at the end of a term).
+    pub fn in_flight(&self) -> &crate::inflight::InFlight {
+        &self.in_flight
+    }
     pub fn kv_lock(&self) -> &tokio::sync::Mutex<()> {
         &self.kv_lock
     }
@@ -125,8 +131,13 @@ impl Node {
         &self.metrics
     }
     /// The barrier with this node's fence: the one path for secret-handling storage I/O.
+    /// On a node that is no longer active (HA on) the view refuses writes with
+    /// [`ApiError::NotActive`] instead of writing without a fence.
     pub fn view(&self) -> View<'_> {
-        View::new(&self.barrier, self.storage_fence())
+        match self.ha.write_fence() {
+            Ok(fence) => View::new(&self.barrier, fence),
+            Err(_) => View::read_only(&self.barrier),
+        }
     }
     /// Drops cached policies, mounts, audit devices and the token salt (on seal, and for HA
     /// when another node may have changed them).

@@ -14,6 +14,8 @@ pub struct View<'a> {
     barrier: &'a Barrier,
     fence: Option<Fence>,
     prefix: String,
+    /// Writes fail with [`ApiError::NotActive`] (a node that stepped down).
+    read_only: bool,
 }
 
 impl<'a> View<'a> {
@@ -22,6 +24,24 @@ impl<'a> View<'a> {
             barrier,
             fence,
             prefix: String::new(),
+            read_only: false,
+        }
+    }
+
+    /// A view whose writes fail with [`ApiError::NotActive`]: for a node that is not (or no
+    /// longer) active, so nothing it still runs can write without a fence.
+    pub fn read_only(barrier: &'a Barrier) -> Self {
+        View {
+            read_only: true,
+            ..View::new(barrier, None)
+        }
+    }
+
+    fn writable(&self) -> Result<(), ApiError> {
+        if self.read_only {
+            Err(ApiError::NotActive)
+        } else {
+            Ok(())
         }
     }
 
@@ -31,6 +51,7 @@ impl<'a> View<'a> {
             barrier: self.barrier,
             fence: self.fence.clone(),
             prefix: format!("{}{prefix}", self.prefix),
+            read_only: self.read_only,
         }
     }
 
@@ -53,6 +74,7 @@ impl<'a> View<'a> {
     }
 
     pub async fn put(&self, k: &str, v: &[u8]) -> Result<(), ApiError> {
+        self.writable()?;
         Ok(self.barrier.put(&self.key(k), v, self.fence.as_ref()).await?)
     }
 
@@ -62,6 +84,7 @@ impl<'a> View<'a> {
     }
 
     pub async fn delete(&self, k: &str) -> Result<(), ApiError> {
+        self.writable()?;
         Ok(self.barrier.delete(&self.key(k), self.fence.as_ref()).await?)
     }
 

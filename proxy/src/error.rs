@@ -41,6 +41,10 @@ pub enum ProxyError {
     /// The body is larger than `max_request_size`.
     #[error("http: request body too large")]
     PayloadTooLarge,
+    /// The advertised active refused a forwarded request as not active (it was deposed) and
+    /// the request's body was too large to send again to the next active. Nothing ran.
+    #[error("active node stepped down before running the request; nothing was applied, retry it")]
+    NotActive,
     /// The request took longer than `max_request_duration`.
     #[error("context deadline exceeded")]
     Timeout,
@@ -51,7 +55,7 @@ impl ProxyError {
     /// a client).
     pub fn status(&self) -> u16 {
         match self {
-            ProxyError::Sealed | ProxyError::NoActiveNode | ProxyError::LocalUnavailable => 503,
+            ProxyError::Sealed | ProxyError::NoActiveNode | ProxyError::LocalUnavailable | ProxyError::NotActive => 503,
             ProxyError::ForwardBroken(_) => 502,
             ProxyError::BadFraming => 400,
             ProxyError::PayloadTooLarge => 413,

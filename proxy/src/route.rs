@@ -157,6 +157,10 @@ pub enum HoldEnd<'a> {
     SameAtBound { redirect_addr: &'a str },
     /// The bound passed with no active known.
     NoneAtBound,
+    /// The bound passed and the same advertisement is still current, but its node refused
+    /// the forward as not active (a deposed active whose term is not yet replaced): a 307
+    /// there would only bounce, so this is a 503 like [`HoldEnd::NoneAtBound`].
+    RefusedAtBound,
 }
 
 /// The decision once a post-failure hold ends: forward to the new active, Vault's 307 to
@@ -165,7 +169,7 @@ pub fn after_hold(end: HoldEnd<'_>, path_and_query: &str) -> Option<Route> {
     match end {
         HoldEnd::NewActive => Some(Route::Forward),
         HoldEnd::SameAtBound { redirect_addr } => Some(Route::Redirect(location(redirect_addr, path_and_query))),
-        HoldEnd::NoneAtBound => None,
+        HoldEnd::NoneAtBound | HoldEnd::RefusedAtBound => None,
     }
 }
 
@@ -276,6 +280,7 @@ mod tests {
             Some(Route::Redirect("http://10.0.0.1:8200/v1/a?x=1".into()))
         );
         assert_eq!(after_hold(HoldEnd::NoneAtBound, "/v1/a"), None);
+        assert_eq!(after_hold(HoldEnd::RefusedAtBound, "/v1/a"), None);
     }
 
     fn role() -> impl Strategy<Value = LocalRole> {

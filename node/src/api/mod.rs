@@ -143,9 +143,16 @@ pub async fn handle(node: &Node, req: ApiRequest) -> ApiResponse {
             return Ok(resp);
         }
         let role = node.ha().role();
-        if req.origin == Origin::Cluster && role != crate::ha::Role::Active {
-            // Loop guard: a forwarded request is never forwarded or redirected again.
-            return Err(ApiError::NotActive);
+        // The same for a request from this node's own proxy that still thought it active
+        // (it decides again on this answer).
+        let stale_local = req.origin == Origin::LocalProxy && role == crate::ha::Role::Standby;
+        if (req.origin == Origin::Cluster && role != crate::ha::Role::Active) || stale_local {
+            // Loop guard: a forwarded request is never forwarded or redirected again. Marked
+            // as refused-before-running, so the forwarding proxy may send it to the next active.
+            let mut resp = ApiResponse::error(&ApiError::NotActive);
+            resp.headers
+                .insert(vha_core::NOT_ACTIVE_HEADER, http::HeaderValue::from_static("1"));
+            return Ok(resp);
         }
         if role == crate::ha::Role::Standby {
             return Ok(sys_ha::standby_fallback(node, &req));
@@ -153,6 +160,9 @@ pub async fn handle(node: &Node, req: ApiRequest) -> ApiResponse {
         if let Some(resp) = sys_ha::handle(node, &req).await? {
             return Ok(resp);
         }
+        // Counted so a step-down lets it finish with the term's fence (not sys/step-down
+        // itself, above, which waits for the term to end).
+        let _running = node.in_flight().enter();
         route(node, &req).await
     }
     .await;

@@ -35,6 +35,10 @@ use vha_core::BarrierError;
 use crate::cluster::ClusterListener;
 use crate::node::Node;
 
+/// Longest wait at the end of a term for logical requests already running to finish with
+/// the term's fence (normal requests take milliseconds; a request still running after this
+/// has its writes refused).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after a failed lock attempt (storage unreachable) before trying again: short
 /// enough to take over quickly once the store is back, long enough not to hammer it.
 const ACQUIRE_RETRY: Duration = Duration::from_millis(250);
@@ -160,6 +164,19 @@ impl HaHandle {
     /// The fencing token every write of this node must carry (`None` without HA).
     pub fn fence(&self) -> Option<Fence> {
         self.status.borrow().fence.clone()
+    }
+
+    /// The fence for a write, or `Err` when this node must not write at all: HA is on, the
+    /// barrier is open, and the node holds no fence (not active, or its term ended and its
+    /// last requests were drained): nothing may fall back to unfenced writes.
+    pub fn write_fence(&self) -> Result<Option<Fence>, crate::error::ApiError> {
+        let st = self.status.borrow();
+        match (self.enabled, st.role, &st.fence) {
+            // A standby with a fence is an active draining its last requests (see the lock
+            // loop); without one, it must not write.
+            (true, Role::Standby | Role::Active, None) => Err(crate::error::ApiError::NotActive),
+            (_, _, f) => Ok(f.clone()),
+        }
     }
 
     /// This term's cluster identity (active only).
@@ -453,14 +470,25 @@ async fn active_term(
         _ = node.shutdown.cancelled() => TermEnd::Shutdown,
     };
     let step_down_started = Instant::now();
-    // Stop serving at once: the role flips before anything else. (Standby even when
-    // sealing: `Sealed` is reported only once the teardown below is done.)
+    // Stop serving at once: the role flips before anything else, so no new request is
+    // admitted. (Standby even when sealing: `Sealed` is reported only once the teardown
+    // below is done.) Requests already running keep the term's fence until they finish
+    // (bounded), then the fence goes: nothing this node runs later can write.
     handle.update(|s| {
         s.role = Role::Standby;
-        s.fence = None;
         s.active_since = None;
         s.leader = None;
     });
+    if tokio::time::timeout(DRAIN_TIMEOUT, node.in_flight().wait_idle())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            running = node.in_flight().count(),
+            "requests still running {DRAIN_TIMEOUT:?} after the term ended; their writes are refused from now on"
+        );
+    }
+    handle.update(|s| s.fence = None);
     *handle.identity.write().unwrap_or_else(|e| e.into_inner()) = None;
     node.metrics().core_active.set(0);
     node.metrics().term.set(0);
