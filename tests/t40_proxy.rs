@@ -359,6 +359,102 @@ async fn previous_term_cert_never_used_after_step_down() {
     );
 }
 
+/// Step-downs under write load fail no request: writers through all three pairs keep
+/// writing while the active steps down three times. Requests in flight at a step-down
+/// finish (the cluster listener drains them before the lock is released); requests that
+/// reach a node which is no longer active (on a pooled cluster connection, or at the old
+/// active's own pair before its proxy saw the role change) are refused by the node's loop
+/// guard as "not active", held by the proxy and sent to the next active. So every request
+/// gets its 200 within the hold bound, and every acknowledged write is readable afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_downs_under_write_load_fail_no_request() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (c, mut a) = cluster().await;
+    let token = c.root_token().to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked_total = Arc::new(AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in 0..3 {
+        let addr = c.nodes[w].addr.clone();
+        let token = token.clone();
+        let stop = stop.clone();
+        let acked_total = acked_total.clone();
+        let http = reqwest::Client::builder().timeout(REQUEST_BOUND).build().unwrap();
+        writers.push(tokio::spawn(async move {
+            let (mut acked, mut failed, mut max_latency) = (Vec::new(), Vec::new(), Duration::ZERO);
+            let mut i = 0usize;
+            while !stop.load(Ordering::SeqCst) && i < 4000 {
+                let started = Instant::now();
+                let r = http
+                    .post(format!("{addr}/v1/secret/data/w{w}-{i}"))
+                    .header("X-Vault-Token", &token)
+                    .json(&json!({"data": {"i": i}}))
+                    .send()
+                    .await;
+                max_latency = max_latency.max(started.elapsed());
+                match r {
+                    Ok(resp) if resp.status() == StatusCode::OK => {
+                        acked.push(i);
+                        acked_total.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(resp) => failed.push((i, resp.status().as_u16(), resp.text().await.unwrap_or_default())),
+                    Err(e) => failed.push((i, 0, e.to_string())),
+                }
+                i += 1;
+            }
+            (w, acked, failed, max_latency)
+        }));
+    }
+    for round in 0..3 {
+        let before = acked_total.load(Ordering::SeqCst);
+        wait_until_async(
+            || async { (acked_total.load(Ordering::SeqCst) >= before + 30).then_some(()) },
+            "30 more writes before the step-down",
+            ELECTION_BOUND,
+        )
+        .await;
+        let (st, v) = c.nodes[a].request("PUT", "sys/step-down", Some(&token), None).await;
+        assert_eq!(st, StatusCode::NO_CONTENT, "step-down {round}: {v}");
+        a = c.wait_new_active(a, ELECTION_BOUND).await;
+    }
+    let before = acked_total.load(Ordering::SeqCst);
+    wait_until_async(
+        || async { (acked_total.load(Ordering::SeqCst) >= before + 30).then_some(()) },
+        "30 more writes after the last step-down",
+        ELECTION_BOUND,
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut refusals = 0.0;
+    for p in &c.proxies {
+        refusals += p.metric("vha_proxy_forward_errors_total{kind=\"not_active\"}").await;
+    }
+    for writer in writers {
+        let (w, acked, failed, max_latency) = writer.await.unwrap();
+        eprintln!(
+            "writer {w}: {} acked, {} failed, max latency {max_latency:?}; not-active refusals held and resent (all proxies): {refusals}",
+            acked.len(),
+            failed.len()
+        );
+        assert!(
+            failed.is_empty(),
+            "writer {w}: requests failed across step-downs: {failed:?}"
+        );
+        assert!(
+            max_latency < REQUEST_BOUND,
+            "writer {w}: a request took {max_latency:?}"
+        );
+        for i in acked {
+            let (st, v) = c.nodes[a]
+                .request("GET", &format!("secret/data/w{w}-{i}"), Some(&token), None)
+                .await;
+            assert_eq!(st, StatusCode::OK, "acknowledged write w{w}-{i} lost: {v}");
+            assert_eq!(v["data"]["data"]["i"], json!(i));
+        }
+    }
+}
+
 /// An advertisement written straight into storage without the barrier key (here: sealed
 /// with another keyring, pointing at a listener the test owns) is ignored: proxies that
 /// authenticated the real one keep forwarding to it, a freshly started proxy refuses the

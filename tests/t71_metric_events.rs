@@ -3,7 +3,9 @@
 //! listener, lockd's `/metrics`) before and after the event: a forward, a redirect, a hold
 //! during a kill -9 failover, a step-down, and a leadership loss (the active cut from its
 //! store). Also: the endpoint needs a token unless the listener's `telemetry` allows
-//! token-less scrapes, and no label carries a path or a token.
+//! token-less scrapes, and no label carries a path or a token. Issue 7: every proxy metric
+//! (requests, forward latency, upstream connections, redirects, forward errors, holds and
+//! hold time, advertisement term and age) moves with its event.
 
 use std::time::Duration;
 
@@ -72,7 +74,9 @@ fn v(text: &str, name: &str) -> f64 {
 
 /// Label names every exported series may carry: a fixed, bounded set (no path, no token,
 /// no client address).
-const ALLOWED_LABELS: [&str; 8] = ["le", "route", "class", "kind", "reason", "outcome", "op", "quantile"];
+const ALLOWED_LABELS: [&str; 10] = [
+    "le", "route", "class", "kind", "reason", "outcome", "op", "quantile", "reused", "upstream",
+];
 
 fn assert_bounded_labels(what: &str, text: &str, token: &str) {
     for s in parse_exposition(text) {
@@ -345,4 +349,272 @@ async fn metrics_endpoint_token_rules() {
     .await;
     assert_eq!(st, StatusCode::OK, "{body}");
     assert!(body.contains("# TYPE vault_core_handle_request histogram"), "{body}");
+}
+
+/// Proxy `i`'s metrics once they satisfy `pred`.
+async fn wait_proxy(c: &TestCluster, i: usize, why: &str, pred: impl Fn(&str) -> bool) -> String {
+    wait_until_async(
+        || async {
+            let m = c.proxies[i].metrics().await;
+            (!m.is_empty() && pred(&m)).then_some(m)
+        },
+        why,
+        BOUND,
+    )
+    .await
+}
+
+/// The sum over every label set of `name` (0 if absent).
+fn total(text: &str, name: &str) -> f64 {
+    series_value(text, name, &[])
+}
+
+/// Issue 7: each proxy metric moves when its event happens, on two proxy + node pairs.
+/// - a forward through the standby's pair: `vha_proxy_requests_total{route="forward"}`, the
+///   forward-latency count and `vha_proxy_upstream_connections_total{upstream="active"}`
+///   grow by one, and an upstream connection to the active is open
+///   (`vha_proxy_upstream_open_connections{upstream="active"}`); the second forward reuses a
+///   pooled connection. A request through the active's pair counts a local connection.
+/// - `X-Vault-No-Request-Forwarding`: a redirect by reason `header`.
+/// - every proxy reports the advertisement in use: `vha_proxy_advertisement_term` equal to
+///   the active's `vha_node_term` (its fencing token), `vha_proxy_advertisement_age_seconds`
+///   between 0 and the test's age.
+/// - kill -9 of the active's proxy and node (so its lock lasts until the TTL), then a request
+///   through the standby's pair: `vha_proxy_forward_errors_total{kind="unreachable"}` grows,
+///   the request is held until its own node takes over (`holds_total{outcome="resolved"}`
+///   and one `vha_proxy_hold_seconds` observation with a positive sum), the connections to
+///   the dead active are no longer counted open, and the term grows to the new active's
+///   with a fresh age.
+/// - a proxy whose node is down while no node holds the lock knows no active: a request
+///   through it is held (`vha_proxy_holding` 1) until a node is unsealed and takes the lock,
+///   then forwarded: `holds_total{outcome="resolved"}` + 1, `hold_seconds` count + 1, sum
+///   grows by the time held, `vha_proxy_holding` back to 0, term grows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_metrics_move_with_their_events() {
+    let began = std::time::Instant::now();
+    let mut c = TestCluster::builder()
+        .nodes(2)
+        .lock_ttl("3s")
+        .proxies()
+        .template(template())
+        .start()
+        .await;
+    let a = c.wait_one_active(BOUND).await;
+    let s = 1 - a;
+    let token = c.root_token().to_string();
+
+    // The advertisement in use: the active's term, accepted within the test's lifetime.
+    let term1 = v(
+        &wait_node(&c, a, "active reports its term", |t| v(t, "vha_node_term") > 0.0).await,
+        "vha_node_term",
+    );
+    for i in [a, s] {
+        let m = wait_proxy(&c, i, "proxy uses the active's advertisement", |m| {
+            v(m, "vha_proxy_advertisement_term") == term1
+        })
+        .await;
+        let age = v(&m, "vha_proxy_advertisement_age_seconds");
+        assert!(
+            (0.0..=began.elapsed().as_secs_f64()).contains(&age),
+            "proxy {i}: advertisement age {age} not within the test's {:?}:\n{m}",
+            began.elapsed()
+        );
+        assert_eq!(v(&m, "vha_proxy_holding"), 0.0);
+    }
+
+    // Forward: requests, latency, a new then a reused upstream connection to the active.
+    let fwd = [("route", "forward"), ("class", "2xx")];
+    let active_up = [("upstream", "active")];
+    let p0 = c.proxies[s].metrics().await;
+    let (st, body) = c.nodes[s].request("GET", "sys/mounts", Some(&token), None).await;
+    assert_eq!(st, StatusCode::OK, "forwarded read: {body}");
+    let p1 = c.proxies[s].metrics().await;
+    assert_eq!(
+        series_value(&p1, "vha_proxy_requests_total", &fwd) - series_value(&p0, "vha_proxy_requests_total", &fwd),
+        1.0
+    );
+    assert_eq!(
+        v(&p1, "vha_proxy_forward_duration_seconds_count") - v(&p0, "vha_proxy_forward_duration_seconds_count"),
+        1.0
+    );
+    assert_eq!(
+        series_value(&p1, "vha_proxy_upstream_connections_total", &active_up)
+            - series_value(&p0, "vha_proxy_upstream_connections_total", &active_up),
+        1.0,
+        "one request sent to the active:\n{p1}"
+    );
+    assert!(
+        series_value(&p1, "vha_proxy_upstream_open_connections", &active_up) >= 1.0,
+        "the forward's connection is open (pooled):\n{p1}"
+    );
+    let (st, _) = c.nodes[s].request("GET", "sys/mounts", Some(&token), None).await;
+    assert_eq!(st, StatusCode::OK);
+    let p2 = c.proxies[s].metrics().await;
+    let reused = [("reused", "true"), ("upstream", "active")];
+    assert!(
+        series_value(&p2, "vha_proxy_upstream_connections_total", &reused)
+            > series_value(&p1, "vha_proxy_upstream_connections_total", &reused),
+        "the second forward reuses a pooled connection:\n{p2}"
+    );
+
+    // Local: the active's pair sends to its node over the pair's socket.
+    let local_up = [("upstream", "local")];
+    let l0 = c.proxies[a].metrics().await;
+    let (st, _) = c.nodes[a].request("GET", "sys/mounts", Some(&token), None).await;
+    assert_eq!(st, StatusCode::OK);
+    let l1 = c.proxies[a].metrics().await;
+    assert_eq!(
+        series_value(&l1, "vha_proxy_upstream_connections_total", &local_up)
+            - series_value(&l0, "vha_proxy_upstream_connections_total", &local_up),
+        1.0,
+        "{l1}"
+    );
+    assert!(
+        series_value(&l1, "vha_proxy_upstream_open_connections", &local_up) >= 1.0,
+        "{l1}"
+    );
+
+    // Redirect.
+    let (st, _, _) = c.nodes[s]
+        .request_full(
+            "GET",
+            "sys/mounts",
+            Some(&token),
+            None,
+            &[("X-Vault-No-Request-Forwarding", "true")],
+        )
+        .await;
+    assert_eq!(st, StatusCode::TEMPORARY_REDIRECT);
+    let p3 = c.proxies[s].metrics().await;
+    let hdr = [("reason", "header")];
+    assert_eq!(
+        series_value(&p3, "vha_proxy_redirects_total", &hdr) - series_value(&p2, "vha_proxy_redirects_total", &hdr),
+        1.0
+    );
+
+    // Forward error and a hold after it: the active's proxy and node die by kill -9, so
+    // nobody releases the lock and the standby's proxy still forwards to the dead active
+    // until the lease ends.
+    let unreachable = [("kind", "unreachable")];
+    let resolved = [("outcome", "resolved")];
+    c.proxies[a].kill();
+    c.nodes[a].kill();
+    let killed = std::time::Instant::now();
+    let (st, body) = c.nodes[s].request("GET", "sys/mounts", Some(&token), None).await;
+    assert_eq!(
+        st,
+        StatusCode::OK,
+        "held request answered once the standby takes over: {body}"
+    );
+    let p4 = c.proxies[s].metrics().await;
+    assert!(
+        series_value(&p4, "vha_proxy_forward_errors_total", &unreachable)
+            > series_value(&p3, "vha_proxy_forward_errors_total", &unreachable),
+        "forward error counted:\n{p4}"
+    );
+    assert!(
+        series_value(&p4, "vha_proxy_holds_total", &resolved) > series_value(&p3, "vha_proxy_holds_total", &resolved),
+        "hold counted:\n{p4}"
+    );
+    let holds = total(&p4, "vha_proxy_holds_total") - total(&p3, "vha_proxy_holds_total");
+    assert!(holds >= 1.0);
+    assert_eq!(
+        v(&p4, "vha_proxy_hold_seconds_count") - v(&p3, "vha_proxy_hold_seconds_count"),
+        holds,
+        "one hold_seconds observation per hold:\n{p4}"
+    );
+    assert!(v(&p4, "vha_proxy_hold_seconds_sum") > v(&p3, "vha_proxy_hold_seconds_sum"));
+    assert_eq!(v(&p4, "vha_proxy_holding"), 0.0);
+
+    // The new term: the standby is active now; its proxy uses its advertisement.
+    let n = c.wait_new_active(a, BOUND).await;
+    assert_eq!(n, s);
+    let term2 = v(
+        &wait_node(&c, s, "new active reports its term", |t| v(t, "vha_node_term") > term1).await,
+        "vha_node_term",
+    );
+    let m = wait_proxy(&c, s, "proxy uses the new advertisement", |m| {
+        v(m, "vha_proxy_advertisement_term") == term2
+    })
+    .await;
+    let age = v(&m, "vha_proxy_advertisement_age_seconds");
+    assert!(
+        (0.0..=killed.elapsed().as_secs_f64()).contains(&age),
+        "age {age} of the new advertisement, accepted after the kill {:?} ago",
+        killed.elapsed()
+    );
+    wait_proxy(&c, s, "connections to the dead active no longer open", |m| {
+        series_value(m, "vha_proxy_upstream_open_connections", &active_up) == 0.0
+    })
+    .await;
+
+    // A hold while no active is known: node a back as a standby (its proxy learns the
+    // keyring and the advertisement), then node a down and the active restarted sealed: no
+    // node can take the lock, and proxy a (its node down) knows no active.
+    c.nodes[a].restart().await;
+    c.proxies[a].restart();
+    c.unseal(a).await;
+    wait_proxy(&c, a, "proxy a uses the current advertisement", |m| {
+        v(m, "vha_proxy_advertisement_term") == term2 && v(m, "vha_proxy_active_known") == 1.0
+    })
+    .await;
+    c.nodes[a].kill();
+    c.nodes[s].restart().await;
+    let q0 = wait_proxy(&c, a, "proxy a knows no active", |m| {
+        v(m, "vha_proxy_active_known") == 0.0
+    })
+    .await;
+    assert_eq!(
+        v(&q0, "vha_proxy_advertisement_term"),
+        0.0,
+        "no advertisement in use:\n{q0}"
+    );
+    assert!(
+        !q0.contains("\nvha_proxy_advertisement_age_seconds "),
+        "no age without an advertisement:\n{q0}"
+    );
+    let url = format!("{}/v1/sys/mounts", c.nodes[a].addr);
+    let held = tokio::spawn({
+        let token = token.clone();
+        async move {
+            let r = reqwest::Client::new()
+                .get(url)
+                .header("X-Vault-Token", token)
+                .timeout(Duration::from_secs(30))
+                .send()
+                .await
+                .expect("held request");
+            (r.status(), r.text().await.unwrap_or_default())
+        }
+    });
+    wait_proxy(&c, a, "the request is held", |m| v(m, "vha_proxy_holding") == 1.0).await;
+    c.unseal(s).await;
+    let (st, body) = held.await.expect("join");
+    assert_eq!(st, StatusCode::OK, "held request forwarded to the new active: {body}");
+    let q1 = c.proxies[a].metrics().await;
+    assert_eq!(
+        series_value(&q1, "vha_proxy_holds_total", &resolved) - series_value(&q0, "vha_proxy_holds_total", &resolved),
+        1.0,
+        "{q1}"
+    );
+    assert_eq!(
+        v(&q1, "vha_proxy_hold_seconds_count") - v(&q0, "vha_proxy_hold_seconds_count"),
+        1.0
+    );
+    assert!(
+        v(&q1, "vha_proxy_hold_seconds_sum") > v(&q0, "vha_proxy_hold_seconds_sum"),
+        "time held recorded:\n{q1}"
+    );
+    assert_eq!(v(&q1, "vha_proxy_holding"), 0.0);
+    assert_eq!(
+        series_value(&q1, "vha_proxy_requests_total", &fwd) - series_value(&q0, "vha_proxy_requests_total", &fwd),
+        1.0
+    );
+    let term3 = v(&q1, "vha_proxy_advertisement_term");
+    assert!(
+        term3 > term2,
+        "term grows after the new acquisition: {term2} -> {term3}"
+    );
+    assert_eq!(term3, v(&node_metrics(&c, s).await, "vha_node_term"));
+    assert_bounded_labels("proxy a", &q1, &token);
 }

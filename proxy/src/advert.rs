@@ -16,7 +16,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use pingora::protocols::tls::CaType;
@@ -44,6 +44,10 @@ pub struct Target {
     pub seq: u64,
     /// The lock value (term UUID) the advertisement was stored under.
     pub uuid: String,
+    /// The lock holder's fencing token when the advertisement was accepted (the term).
+    pub term: u64,
+    /// When this proxy accepted the advertisement (the advertisement carries no timestamp).
+    pub accepted: Instant,
     /// The active's `api_addr` (307 target).
     pub redirect_addr: String,
     /// The active's cluster listener.
@@ -63,6 +67,7 @@ impl std::fmt::Debug for Target {
         f.debug_struct("Target")
             .field("seq", &self.seq)
             .field("uuid", &self.uuid)
+            .field("term", &self.term)
             .field("addr", &self.addr)
             .field("redirect_addr", &self.redirect_addr)
             .finish_non_exhaustive()
@@ -72,8 +77,9 @@ impl std::fmt::Debug for Target {
 static SEQ: AtomicU64 = AtomicU64::new(1);
 
 impl Target {
-    /// Builds the forwarding material from an authenticated advertisement.
-    pub fn from_advertisement(uuid: &str, adv: &Advertisement) -> Result<Target, ProxyError> {
+    /// Builds the forwarding material from an authenticated advertisement of the lock holder
+    /// `uuid` whose fencing token is `term`.
+    pub fn from_advertisement(uuid: &str, term: u64, adv: &Advertisement) -> Result<Target, ProxyError> {
         let bad = |m: String| ProxyError::BadAdvertisement(m);
         let id = ClusterIdentity::from_advertisement(uuid, adv).map_err(|e| bad(e.to_string()))?;
         if x509_parser::parse_x509_certificate(&adv.cluster_cert).is_err() {
@@ -93,6 +99,8 @@ impl Target {
         Ok(Target {
             seq: SEQ.fetch_add(1, Ordering::Relaxed),
             uuid: uuid.to_string(),
+            term,
+            accepted: Instant::now(),
             redirect_addr: adv.redirect_addr.trim_end_matches('/').to_string(),
             addr,
             sni: id.server_name(),
@@ -189,6 +197,7 @@ pub async fn run(stores: Stores, socket: std::path::PathBuf, tx: watch::Sender<A
         if changed {
             tracing::info!(local = ?view.local, active = ?view.active, "view changed");
             metrics.set_active_known(view.active.is_some());
+            metrics.set_advertisement(view.active.as_ref().map(|t| (t.term, t.accepted)));
             tx.send_replace(Arc::new(view.clone()));
         }
     }
@@ -263,9 +272,9 @@ async fn resolve(
             return None;
         }
     };
-    match Target::from_advertisement(&holder.value, &adv) {
+    match Target::from_advertisement(&holder.value, holder.token, &adv) {
         Ok(t) => {
-            tracing::info!(uuid = %t.uuid, addr = %t.addr, "new active node advertisement");
+            tracing::info!(uuid = %t.uuid, term = t.term, addr = %t.addr, "new active node advertisement");
             Some(Arc::new(t))
         }
         Err(e) => {

@@ -1,35 +1,185 @@
 //! Prometheus metrics of the proxy (`vha_proxy_*`), served as text on
 //! `proxy.metrics_address`: requests by route decision and status class, forward latency,
-//! forward errors by kind, redirects by reason, holds by outcome, rejected advertisements
+//! forward errors by kind, redirects by reason, holds by outcome and how long each held
+//! request waited, requests held right now, the advertisement in use (term and age),
+//! upstream connections (established or reused, and open now), rejected advertisements
 //! and whether an active node is known.
+//!
+//! Values that are a function of time or of the process's file descriptors (advertisement
+//! age, open upstream connections) are computed when scraped ([`ScrapeTime`]), not by a
+//! ticking task.
+//!
+//! Pingora's connection pool exposes no statistics, so the proxy observes its upstream
+//! connections from the outside: Pingora calls `connected_to_upstream` with `reused` and the
+//! connection's file descriptor for every request sent upstream, which gives
+//! `vha_proxy_upstream_connections_total{reused,upstream}`; a connection seen new is
+//! remembered by (fd, socket inode), and at scrape time those whose fd still names the same
+//! socket are counted in `vha_proxy_upstream_open_connections{upstream}` (idle in the pool
+//! or in use; Linux `/proc/self/fd`).
+//!
+//! Why our own listener and not Pingora's Prometheus service: in Pingora 0.9 that service
+//! lives in the separate `pingora-prometheus` crate (not in our dependency graph) and serves
+//! only the process-global default registry, whereas [`Metrics`] owns its registry (several
+//! can coexist, e.g. in unit tests). It would also run inside the Pingora server, so metrics
+//! would only answer once the proxy service is up and would share its worker threads; this
+//! listener runs on the controller's small runtime and answers even while the proxy is
+//! saturated.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 /// The proxy's metric handles (cheap to clone).
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Registry,
-    /// `route` = local | forward | redirect | sealed | unavailable; `class` = 2xx..5xx.
+    /// `route` = local | forward | redirect | sealed | unavailable | rejected; `class` = 2xx..5xx.
     pub requests: IntCounterVec,
     pub forward_latency: Histogram,
     /// `kind` = tls | unreachable | not_active | broken.
     pub forward_errors: IntCounterVec,
     /// `reason` = header | disable_clustering | tls_fallback | hold_bound.
     pub redirects: IntCounterVec,
-    /// `outcome` = resolved | no_active | same_active.
+    /// `outcome` = resolved | no_active | same_active | sealed.
     pub holds: IntCounterVec,
+    /// Seconds each held request waited (observed when its hold ends, any outcome).
+    pub hold_seconds: Histogram,
+    /// Requests held right now.
+    pub holding: IntGauge,
+    /// `reused` = true | false; `upstream` = local | active.
+    pub upstream_connections: IntCounterVec,
     pub advert_rejected: IntCounter,
     pub active_known: IntGauge,
     /// Vault's names for the same forwarding observations (in Vault the standby node
     /// forwards; in vha its proxy does, so the proxy exports them).
     pub vault_forward: Histogram,
     pub vault_forward_errors: IntCounter,
+    scrape: ScrapeTime,
+}
+
+/// The advertisement in use, as the scrape-time gauges report it.
+#[derive(Clone, Copy, Debug)]
+struct InUse {
+    term: u64,
+    accepted: Instant,
+}
+
+/// Gauges computed when scraped: the advertisement's term and age, and the upstream
+/// connections still open.
+#[derive(Clone)]
+pub struct ScrapeTime {
+    advert: Arc<Mutex<Option<InUse>>>,
+    /// fd -> (socket inode, upstream label) of upstream connections seen established.
+    conns: Arc<Mutex<HashMap<i32, (u64, &'static str)>>>,
+    term: IntGauge,
+    age: Gauge,
+    open: IntGaugeVec,
+}
+
+impl ScrapeTime {
+    fn new() -> ScrapeTime {
+        ScrapeTime {
+            advert: Arc::default(),
+            conns: Arc::default(),
+            term: IntGauge::new(
+                "vha_proxy_advertisement_term",
+                "Term (fencing token of the lock holder) of the active node advertisement in use; 0 when none",
+            )
+            .expect("metric"),
+            age: Gauge::new(
+                "vha_proxy_advertisement_age_seconds",
+                "Seconds since this proxy accepted the advertisement in use (absent when none is in use)",
+            )
+            .expect("metric"),
+            open: IntGaugeVec::new(
+                Opts::new(
+                    "vha_proxy_upstream_open_connections",
+                    "Upstream connections this proxy established that are still open (pooled or in use)",
+                ),
+                &["upstream"],
+            )
+            .expect("metric"),
+        }
+    }
+
+    /// Counts the remembered connections whose fd still names the same socket, forgetting
+    /// the others.
+    fn open_counts(&self) -> [(&'static str, i64); 2] {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.retain(|fd, (inode, _)| socket_inode(*fd) == Some(*inode));
+        let mut out = [("local", 0), ("active", 0)];
+        for (_, up) in conns.values() {
+            if let Some(slot) = out.iter_mut().find(|(l, _)| l == up) {
+                slot.1 += 1;
+            }
+        }
+        out
+    }
+}
+
+impl Collector for ScrapeTime {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut d = self.term.desc();
+        d.extend(self.age.desc());
+        d.extend(self.open.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let in_use = *self.advert.lock().unwrap_or_else(|e| e.into_inner());
+        self.term
+            .set(in_use.map(|a| i64::try_from(a.term).unwrap_or(i64::MAX)).unwrap_or(0));
+        let mut out = self.term.collect();
+        if let Some(a) = in_use {
+            self.age.set(a.accepted.elapsed().as_secs_f64());
+            out.extend(self.age.collect());
+        }
+        for (up, n) in self.open_counts() {
+            self.open.with_label_values(&[up]).set(n);
+        }
+        out.extend(self.open.collect());
+        out
+    }
+}
+
+/// The inode of the socket `fd` names in this process, if it names a socket.
+fn socket_inode(fd: i32) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+    let s = link.to_str()?;
+    s.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// A hold in progress: counted in `vha_proxy_holding` until dropped; [`Hold::end`] records
+/// its outcome and how long it waited.
+pub struct Hold {
+    metrics: Metrics,
+    started: Instant,
+}
+
+impl Hold {
+    /// The hold ended with `outcome` (resolved | no_active | same_active | sealed).
+    pub fn end(self, outcome: &str) {
+        self.metrics.holds.with_label_values(&[outcome]).inc();
+        self.metrics.hold_seconds.observe(self.started.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.metrics.holding.dec();
+    }
 }
 
 impl Metrics {
@@ -69,6 +219,27 @@ impl Metrics {
             &["outcome"],
         )
         .expect("metric");
+        let hold_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "vha_proxy_hold_seconds",
+                "Seconds each held request waited for an active node (any outcome)",
+            )
+            .buckets(hold_buckets()),
+        )
+        .expect("metric");
+        let holding = IntGauge::new(
+            "vha_proxy_holding",
+            "Requests held right now waiting for an active node",
+        )
+        .expect("metric");
+        let upstream_connections = IntCounterVec::new(
+            Opts::new(
+                "vha_proxy_upstream_connections_total",
+                "Requests sent upstream, by whether their connection was reused from the pool and by upstream",
+            ),
+            &["reused", "upstream"],
+        )
+        .expect("metric");
         let advert_rejected = IntCounter::new(
             "vha_proxy_advertisement_rejected_total",
             "Advertisements ignored because they did not authenticate or were unusable",
@@ -89,16 +260,21 @@ impl Metrics {
             "Requests this standby failed to forward to the active (Vault's name)",
         )
         .expect("metric");
+        let scrape = ScrapeTime::new();
         for c in [
-            Box::new(vault_forward.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(vault_forward.clone()) as Box<dyn Collector>,
             Box::new(vault_forward_errors.clone()),
             Box::new(requests.clone()),
             Box::new(forward_latency.clone()),
             Box::new(forward_errors.clone()),
             Box::new(redirects.clone()),
             Box::new(holds.clone()),
+            Box::new(hold_seconds.clone()),
+            Box::new(holding.clone()),
+            Box::new(upstream_connections.clone()),
             Box::new(advert_rejected.clone()),
             Box::new(active_known.clone()),
+            Box::new(scrape.clone()),
         ] {
             registry.register(c).expect("register metric");
         }
@@ -109,10 +285,14 @@ impl Metrics {
             forward_errors,
             redirects,
             holds,
+            hold_seconds,
+            holding,
+            upstream_connections,
             advert_rejected,
             active_known,
             vault_forward,
             vault_forward_errors,
+            scrape,
         }
     }
 
@@ -130,6 +310,39 @@ impl Metrics {
 
     pub fn set_active_known(&self, known: bool) {
         self.active_known.set(i64::from(known));
+    }
+
+    /// A request starts waiting for an active node.
+    pub fn hold_started(&self) -> Hold {
+        self.holding.inc();
+        Hold {
+            metrics: self.clone(),
+            started: Instant::now(),
+        }
+    }
+
+    /// The advertisement now in use: its term (fencing token) and when it was accepted;
+    /// `None` when no active node is known.
+    pub fn set_advertisement(&self, in_use: Option<(u64, Instant)>) {
+        *self.scrape.advert.lock().unwrap_or_else(|e| e.into_inner()) =
+            in_use.map(|(term, accepted)| InUse { term, accepted });
+    }
+
+    /// A request is about to be sent on an upstream connection (`upstream`: local |
+    /// active); `fd` is the connection's file descriptor, remembered when it is new.
+    pub fn upstream_connection(&self, upstream: &'static str, reused: bool, fd: i32) {
+        self.upstream_connections
+            .with_label_values(&[if reused { "true" } else { "false" }, upstream])
+            .inc();
+        if !reused {
+            if let Some(inode) = socket_inode(fd) {
+                self.scrape
+                    .conns
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(fd, (inode, upstream));
+            }
+        }
     }
 
     /// The text exposition.
@@ -151,6 +364,14 @@ impl Default for Metrics {
 fn forward_latency_buckets() -> Vec<f64> {
     vec![
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
+    ]
+}
+
+/// Hold time buckets (seconds): an advertisement change seen within milliseconds up to the
+/// default 10 s hold bound and beyond (a configured `hold_timeout` may be longer).
+fn hold_buckets() -> Vec<f64> {
+    vec![
+        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
     ]
 }
 
@@ -191,5 +412,90 @@ pub async fn serve(addr: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    fn text(m: &Metrics) -> String {
+        String::from_utf8(m.render()).expect("utf-8")
+    }
+
+    fn value(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
+            .map(|v| v.parse().expect("number"))
+    }
+
+    #[test]
+    fn hold_counts_while_held_and_records_its_time() {
+        let m = Metrics::new();
+        let h = m.hold_started();
+        assert_eq!(value(&text(&m), "vha_proxy_holding"), Some(1.0));
+        h.end("resolved");
+        let t = text(&m);
+        assert_eq!(value(&t, "vha_proxy_holding"), Some(0.0));
+        assert_eq!(value(&t, "vha_proxy_holds_total{outcome=\"resolved\"}"), Some(1.0));
+        assert_eq!(value(&t, "vha_proxy_hold_seconds_count"), Some(1.0));
+        // A hold dropped without an outcome (request abandoned) is no longer in progress.
+        drop(m.hold_started());
+        assert_eq!(value(&text(&m), "vha_proxy_holding"), Some(0.0));
+    }
+
+    #[test]
+    fn advertisement_term_and_age_follow_the_one_in_use() {
+        let m = Metrics::new();
+        let t = text(&m);
+        assert_eq!(value(&t, "vha_proxy_advertisement_term"), Some(0.0));
+        assert_eq!(value(&t, "vha_proxy_advertisement_age_seconds"), None, "{t}");
+        let accepted = Instant::now() - std::time::Duration::from_secs(5);
+        m.set_advertisement(Some((42, accepted)));
+        let t = text(&m);
+        assert_eq!(value(&t, "vha_proxy_advertisement_term"), Some(42.0));
+        let age = value(&t, "vha_proxy_advertisement_age_seconds").expect("age");
+        assert!((5.0..60.0).contains(&age), "{age}");
+        m.set_advertisement(None);
+        assert_eq!(value(&text(&m), "vha_proxy_advertisement_age_seconds"), None);
+    }
+
+    #[test]
+    fn open_connections_count_sockets_still_open() {
+        let m = Metrics::new();
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("pair");
+        m.upstream_connection("active", false, a.as_raw_fd());
+        m.upstream_connection("active", true, a.as_raw_fd());
+        let t = text(&m);
+        assert_eq!(
+            value(
+                &t,
+                "vha_proxy_upstream_connections_total{reused=\"false\",upstream=\"active\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                &t,
+                "vha_proxy_upstream_connections_total{reused=\"true\",upstream=\"active\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "vha_proxy_upstream_open_connections{upstream=\"active\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&t, "vha_proxy_upstream_open_connections{upstream=\"local\"}"),
+            Some(0.0)
+        );
+        drop(a);
+        drop(b);
+        assert_eq!(
+            value(&text(&m), "vha_proxy_upstream_open_connections{upstream=\"active\"}"),
+            Some(0.0)
+        );
     }
 }

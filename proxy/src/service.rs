@@ -98,6 +98,12 @@ pub struct Ctx {
     /// The advertisement whose forward could not be sent: hold for a different one.
     failed_seq: Option<u64>,
     hold_deadline: Option<tokio::time::Instant>,
+    /// The upstream (the advertised active, or the local node the view still thought
+    /// active) refused the request as not active (loop guard): nothing ran there and it may
+    /// be sent again (see `error_while_proxy`).
+    refused: bool,
+    /// The local node refused: hold until the view changes, then decide again.
+    local_refused: bool,
     started: Instant,
     body_bytes: u64,
 }
@@ -237,6 +243,8 @@ impl ProxyHttp for VhaProxy {
             fallback: None,
             failed_seq: None,
             hold_deadline: None,
+            refused: false,
+            local_refused: false,
             started: Instant::now(),
             body_bytes: 0,
         }
@@ -265,26 +273,29 @@ impl ProxyHttp for VhaProxy {
         }
         let pq = path_and_query(session);
         let mut rx = self.view.clone();
-        let mut held = false;
+        let mut hold: Option<crate::metrics::Hold> = None;
         loop {
             let view = rx.borrow_and_update().clone();
             match self.decide(&view, session, &pq) {
                 Route::Local => {
+                    if let Some(h) = hold.take() {
+                        h.end("resolved");
+                    }
                     ctx.route = "local";
                     ctx.upstream = Upstream::Local;
                     return Ok(false);
                 }
                 Route::Forward => {
-                    if held {
-                        self.metrics.holds.with_label_values(&["resolved"]).inc();
+                    if let Some(h) = hold.take() {
+                        h.end("resolved");
                     }
                     ctx.route = "forward";
                     ctx.upstream = Upstream::Active(view.active.clone().expect("forward implies an active node"));
                     return Ok(false);
                 }
                 Route::Redirect(loc) => {
-                    if held {
-                        self.metrics.holds.with_label_values(&["resolved"]).inc();
+                    if let Some(h) = hold.take() {
+                        h.end("resolved");
                     }
                     ctx.route = "redirect";
                     let reason = if view.disable_clustering {
@@ -297,17 +308,22 @@ impl ProxyHttp for VhaProxy {
                     return Ok(true);
                 }
                 Route::Sealed => {
+                    if let Some(h) = hold.take() {
+                        h.end("sealed");
+                    }
                     ctx.route = "sealed";
                     write_error(session, &ProxyError::Sealed).await?;
                     return Ok(true);
                 }
                 Route::Hold => {
-                    held = true;
+                    hold.get_or_insert_with(|| self.metrics.hold_started());
                     let deadline = *ctx
                         .hold_deadline
                         .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.hold_timeout);
                     if !wait_change(&mut rx, deadline).await {
-                        self.metrics.holds.with_label_values(&["no_active"]).inc();
+                        if let Some(h) = hold.take() {
+                            h.end("no_active");
+                        }
                         ctx.route = "unavailable";
                         write_error(session, &ProxyError::NoActiveNode).await?;
                         return Ok(true);
@@ -318,51 +334,70 @@ impl ProxyHttp for VhaProxy {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
-        if let Some(failed) = ctx.failed_seq.take() {
+        // `Some(Some(seq))`: the forward to that advertisement failed; `Some(None)`: the local
+        // node refused as not active (the view was stale).
+        let failed = match (ctx.failed_seq.take(), std::mem::take(&mut ctx.local_refused)) {
+            (Some(seq), _) => Some(Some(seq)),
+            (None, true) => Some(None),
+            (None, false) => None,
+        };
+        let refused = std::mem::take(&mut ctx.refused);
+        if let Some(failed) = failed {
+            let mut changed = false;
             let pq = path_and_query(session);
             let deadline = *ctx
                 .hold_deadline
                 .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.hold_timeout);
+            let hold = self.metrics.hold_started();
             let mut rx = self.view.clone();
             loop {
                 let view = rx.borrow_and_update().clone();
-                let fresh = view.active.as_ref().filter(|t| t.seq != failed).cloned();
+                let fresh = view.active.as_ref().filter(|t| Some(t.seq) != failed).cloned();
                 match self.decide(&view, session, &pq) {
-                    Route::Local => {
+                    // After a local refusal, only a changed view may route locally again.
+                    Route::Local if failed.is_some() || changed => {
+                        hold.end("resolved");
                         ctx.upstream = Upstream::Local;
                         ctx.route = "local";
                         break;
                     }
                     Route::Forward if fresh.is_some() => {
-                        self.metrics.holds.with_label_values(&["resolved"]).inc();
+                        hold.end("resolved");
                         ctx.upstream = Upstream::Active(fresh.expect("checked"));
                         break;
                     }
                     Route::Redirect(loc) => {
+                        hold.end("resolved");
                         ctx.route = "redirect";
                         self.metrics.redirects.with_label_values(&["header"]).inc();
                         ctx.fallback = Some(Fallback::Redirect(loc));
                         return Err(stop("redirect after a failed forward"));
                     }
                     Route::Sealed => {
+                        hold.end("sealed");
                         ctx.route = "sealed";
                         ctx.fallback = Some(Fallback::Error(ProxyError::Sealed));
                         return Err(stop("sealed"));
                     }
-                    Route::Forward | Route::Hold => {}
+                    Route::Local | Route::Forward | Route::Hold => {}
                 }
-                if !wait_change(&mut rx, deadline).await {
+                if wait_change(&mut rx, deadline).await {
+                    changed = true;
+                } else {
                     let view = rx.borrow().clone();
                     let end = match view.active.as_ref() {
-                        Some(t) if t.seq == failed => HoldEnd::SameAtBound {
+                        Some(t) if Some(t.seq) == failed && refused => HoldEnd::RefusedAtBound,
+                        Some(t) if Some(t.seq) == failed => HoldEnd::SameAtBound {
                             redirect_addr: &t.redirect_addr,
                         },
+                        // The local node refused and the view still routes to it.
+                        Some(_) if failed.is_none() => HoldEnd::RefusedAtBound,
                         Some(_) => HoldEnd::NewActive,
                         None => HoldEnd::NoneAtBound,
                     };
                     match after_hold(end, &pq) {
                         Some(Route::Redirect(loc)) => {
-                            self.metrics.holds.with_label_values(&["same_active"]).inc();
+                            hold.end("same_active");
                             self.metrics.redirects.with_label_values(&["hold_bound"]).inc();
                             ctx.route = "redirect";
                             ctx.fallback = Some(Fallback::Redirect(loc));
@@ -370,7 +405,7 @@ impl ProxyHttp for VhaProxy {
                         }
                         Some(_) => continue,
                         None => {
-                            self.metrics.holds.with_label_values(&["no_active"]).inc();
+                            hold.end("no_active");
                             ctx.route = "unavailable";
                             ctx.fallback = Some(Fallback::Error(ProxyError::NoActiveNode));
                             return Err(stop("no active node"));
@@ -418,6 +453,66 @@ impl ProxyHttp for VhaProxy {
                 e.set_retry(false);
             }
             Upstream::None => e.set_retry(false),
+        }
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        if upstream_response.status != http::StatusCode::SERVICE_UNAVAILABLE
+            || !upstream_response.headers.contains_key(vha_core::NOT_ACTIVE_HEADER)
+        {
+            return Ok(());
+        }
+        // A node that is not active refused before running anything (its loop guard): hold
+        // for the next term and send the request there (`error_while_proxy` decides whether
+        // its body can be replayed).
+        match &ctx.upstream {
+            Upstream::Active(t) => {
+                tracing::info!(active = %t.addr, "advertised active refused the forward as not active; holding for a new one");
+                self.metrics.forward_error("not_active");
+                ctx.failed_seq = Some(t.seq);
+            }
+            Upstream::Local => {
+                tracing::info!("local node is no longer active; deciding again");
+                ctx.local_refused = true;
+            }
+            Upstream::None => return Ok(()),
+        }
+        ctx.refused = true;
+        Err(Error::explain(
+            ErrorType::Custom("vha-not-active"),
+            "the node is not active",
+        ))
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if ctx.refused {
+            // Refused before running, so any method may go again, if its body is still
+            // whole in Pingora's retry buffer (64 KiB); otherwise 503, never half a body.
+            let whole = !session.as_ref().retry_buffer_truncated();
+            e.set_retry(whole);
+            if !whole {
+                ctx.fallback = Some(Fallback::Error(ProxyError::NotActive));
+            }
+        } else if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
+            // Pingora's default: only idempotent requests whose body is still whole, and
+            // only when a reused (possibly stale) pooled connection failed.
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
         }
         e
     }
@@ -521,6 +616,26 @@ impl ProxyHttp for VhaProxy {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    /// Counts the request's upstream connection (new or reused from Pingora's pool) and
+    /// remembers a new one for the open-connections gauge.
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> pingora::Result<()> {
+        let upstream = match ctx.upstream {
+            Upstream::Local => "local",
+            Upstream::Active(_) => "active",
+            Upstream::None => return Ok(()),
+        };
+        self.metrics.upstream_connection(upstream, reused, fd);
+        Ok(())
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
