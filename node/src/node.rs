@@ -59,7 +59,7 @@ pub struct Node {
     mounts: MountTable,
     audit: AuditBroker,
     /// Serializes KV writes (check-and-set is a read-modify-write).
-    kv_lock: tokio::sync::Mutex<()>,
+    kv_locks: crate::mounts::kv::KeyLocks,
     in_flight: crate::inflight::InFlight,
     ha: HaHandle,
     metrics: NodeMetrics,
@@ -81,7 +81,7 @@ impl Node {
             policies: PolicyStore::new(),
             mounts: MountTable::new(),
             audit: AuditBroker::new(),
-            kv_lock: tokio::sync::Mutex::new(()),
+            kv_locks: Default::default(),
             in_flight: Default::default(),
             ha: HaHandle::new(ha_enabled),
             metrics: NodeMetrics::new(),
@@ -114,8 +114,9 @@ impl Node {
     pub fn in_flight(&self) -> &crate::inflight::InFlight {
         &self.in_flight
     }
-    pub fn kv_lock(&self) -> &tokio::sync::Mutex<()> {
-        &self.kv_lock
+    /// Per-key write locks of the KV mounts.
+    pub fn kv_locks(&self) -> &crate::mounts::kv::KeyLocks {
+        &self.kv_locks
     }
     /// The fencing token every storage write of this node carries: `None` until HA hands
     /// the active node its lock's fence (then: that fence, so a deposed leader's writes are

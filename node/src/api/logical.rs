@@ -409,7 +409,7 @@ async fn dispatch(ctx: &Ctx<'_>, target: Target) -> Result<LogicalResponse, ApiE
                 req: ctx.req,
                 op: ctx.op,
             };
-            kv::handle(r, ctx.node.kv_lock()).await
+            kv::handle(r, ctx.node.kv_locks()).await
         }
         Target::NoRoute => Err(ApiError::NotFound(format!(
             "no handler for route {:?}. route entry not found.",

@@ -212,14 +212,19 @@ pub async fn exists(view: &View<'_>, rel: &str) -> Result<bool, ApiError> {
     }
 }
 
-pub async fn handle(r: KvRequest<'_>, lock: &tokio::sync::Mutex<()>) -> Result<LogicalResponse, ApiError> {
+pub async fn handle(r: KvRequest<'_>, lock: &super::KeyLocks) -> Result<LogicalResponse, ApiError> {
     let (kind, key) = split(r.rel);
     let write = matches!(
         r.op,
         Operation::Create | Operation::Update | Operation::Patch | Operation::Delete
     );
-    // Serialize writers per node; reads need no lock (every write leaves a readable state).
-    let _guard = if write { Some(lock.lock().await) } else { None };
+    // Serialize writers per key (a key's versions and metadata change together; the mount
+    // config is its own key, ""); reads need no lock (every write leaves a readable state).
+    let _guard = if write {
+        Some(lock.lock(&r.mount.data_prefix(), key).await)
+    } else {
+        None
+    };
     let v = &r.view;
     match (kind, r.op) {
         ("config", Operation::Read) if key.is_empty() => {
