@@ -380,3 +380,63 @@ async fn slow_headers_through_proxy_are_cut_off() {
     let (st, _) = c.nodes[0].request("GET", "sys/health", None, None).await;
     assert_eq!(st, StatusCode::OK);
 }
+
+/// `max_request_duration` bounds a whole forwarded request, not each read: a client that
+/// sends a head and part of its body through a standby's proxy, then stalls (the proxy's
+/// per-read timeout alone would wait 60 s), gets 503 "context deadline exceeded" from the
+/// active node soon after the 2 s bound, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_forwarded_body_ends_at_max_request_duration() {
+    let template = TestNode::builder().listener_extra("max_request_duration = \"2s\"");
+    let c = TestCluster::builder()
+        .nodes(2)
+        .lock_ttl("2s")
+        .template(template)
+        .proxies()
+        .start()
+        .await;
+    let a = c.wait_one_active(ELECTION_BOUND).await;
+    let s = 1 - a;
+    let root = c.root_token().to_string();
+    let (st, v) = c.nodes[a]
+        .request(
+            "POST",
+            "sys/mounts/secret",
+            Some(&root),
+            Some(json!({"type": "kv", "options": {"version": "2"}})),
+        )
+        .await;
+    assert!(st.is_success(), "{v}");
+    let addr = c.proxies[s].listen;
+    let head = format!(
+        "POST /v1/secret/data/stalled HTTP/1.1\r\nHost: x\r\nX-Vault-Token: {root}\r\nContent-Length: 100\r\n\r\n{{\"data\":"
+    );
+    let (status, took) = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let start = Instant::now();
+        s.write_all(head.as_bytes()).unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while let Ok(n) = s.read(&mut chunk) {
+            if n == 0 {
+                break;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if String::from_utf8_lossy(&buf).contains("deadline") {
+                break;
+            }
+        }
+        (String::from_utf8_lossy(&buf).into_owned(), start.elapsed())
+    })
+    .await
+    .unwrap();
+    eprintln!("stalled body answered after {took:?}: {status:?}");
+    assert!(status.starts_with("HTTP/1.1 503"), "{status:?}");
+    assert!(status.contains("context deadline exceeded"), "{status:?}");
+    assert!(took < Duration::from_secs(10), "took {took:?} (bound 2 s)");
+    let (st, _) = c.nodes[a]
+        .request("GET", "secret/data/stalled", Some(&root), None)
+        .await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+}
