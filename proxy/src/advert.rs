@@ -36,6 +36,9 @@ use crate::route::LocalRole;
 
 /// Delay before re-opening a storage watch that closed or could not be opened.
 const WATCH_RETRY: Duration = Duration::from_millis(200);
+/// Poll period for a store that cannot watch: a new advertisement must be in use within
+/// 100 ms; a poll is one lock-holder read (the advertisement is read only when it changed).
+const POLL_UNWATCHABLE: Duration = Duration::from_millis(100);
 
 /// An authenticated active node, ready to forward to.
 pub struct Target {
@@ -286,6 +289,8 @@ async fn resolve(
 }
 
 /// Keeps one storage watch open, signalling `dirty` on every event and on every (re)open.
+/// A store that cannot watch (`file`, `inmem` as a shared data store) is polled instead,
+/// every [`POLL_UNWATCHABLE`].
 async fn follow_watch<F, Fut>(open: F, dirty: mpsc::Sender<()>, what: &'static str)
 where
     F: Fn() -> Fut,
@@ -293,6 +298,18 @@ where
 {
     loop {
         match open().await {
+            Err(vha_core::storage::StorageError::Unsupported { backend, .. }) => {
+                tracing::info!(
+                    what,
+                    backend,
+                    "this store cannot watch; polling it every {POLL_UNWATCHABLE:?}"
+                );
+                while !dirty.is_closed() {
+                    tokio::time::sleep(POLL_UNWATCHABLE).await;
+                    let _ = dirty.try_send(());
+                }
+                return;
+            }
             Ok(mut s) => {
                 let _ = dirty.try_send(());
                 while let Some(ev) = s.recv().await {

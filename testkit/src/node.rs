@@ -470,6 +470,8 @@ pub struct TestClusterBuilder {
     stores: Option<(Store, Store)>,
     /// Run each node behind its own `vha proxy`.
     proxies: bool,
+    /// Data in a `file` store on this directory, shared by the nodes; the HA lock in lockd.
+    file_data: Option<PathBuf>,
 }
 
 /// A store kind for [`TestClusterBuilder::split_stores`].
@@ -492,6 +494,7 @@ impl TestCluster {
             etcd_members: None,
             stores: None,
             proxies: false,
+            file_data: None,
         }
     }
 
@@ -607,6 +610,13 @@ impl TestClusterBuilder {
         self.relay_cluster = true;
         self
     }
+    /// Split mode with data in a `file` store on `dir` (shared by the nodes: a test setup,
+    /// the file store cannot fence across processes) and the HA lock in lockd. The file
+    /// store has no watches: proxies poll it.
+    pub fn file_data(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.file_data = Some(dir.into());
+        self
+    }
     /// Split mode: data on one lockd, the HA lock on a second lockd.
     pub fn split(mut self) -> Self {
         self.split = true;
@@ -677,7 +687,16 @@ impl TestClusterBuilder {
                 b = b.advertise_cluster(format!("https://{}", r.addr()));
                 cluster_relays.push(r);
             }
-            b = if self.split {
+            b = if let Some(dir) = &self.file_data {
+                b.storage(Storage::Raw(format!(
+                    "storage \"file\" {{\n  path = \"{}\"\n}}",
+                    dir.display()
+                )))
+                .ha_storage(format!(
+                    "ha_storage \"lockd\" {{\n  address = \"{lock_addr}\"\n  lock_ttl = \"{}\"\n}}",
+                    self.lock_ttl
+                ))
+            } else if self.split {
                 b.storage(Storage::Raw(format!(
                     "storage \"lockd\" {{\n  address = \"{}\"\n  ha_enabled = \"false\"\n}}",
                     lockd.address()

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::Mutex;
 
-use super::{validate_key, validate_value, Backend, Entry, Fence, StorageError};
+use super::{validate_key, validate_value_len, Backend, Entry, Fence, StorageError, MAX_LOCAL_VALUE_LEN};
 
 /// First byte of every value file: lets a future format change be detected instead of
 /// misread.
@@ -168,7 +168,7 @@ impl Backend for FileBackend {
 
     async fn put(&self, key: &str, value: Vec<u8>, fence: Option<&Fence>) -> Result<(), StorageError> {
         validate_key(key)?;
-        validate_value(&value)?;
+        validate_value_len(&value, MAX_LOCAL_VALUE_LEN)?;
         let mut fences = self.fences.lock().await;
         self.check_fence(&mut fences, fence)?;
         let path = self.file_for(key);
@@ -305,6 +305,17 @@ mod tests {
             b.put("a/b", b"w".to_vec(), Some(&stale)).await,
             Err(StorageError::Fenced { .. })
         ));
+    }
+
+    /// The file store takes values over the network stores' `MAX_VALUE_LEN` (an operator may
+    /// raise `max_request_size`), up to its own `MAX_LOCAL_VALUE_LEN`.
+    #[tokio::test]
+    async fn values_over_the_network_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = FileBackend::open(dir.path()).unwrap();
+        let big = vec![7u8; crate::storage::MAX_VALUE_LEN + 1];
+        b.put("big", big.clone(), None).await.unwrap();
+        assert_eq!(b.get("big").await.unwrap().unwrap().value, big);
     }
 
     /// A key and a folder with the same name coexist (Vault's `_` file prefix).

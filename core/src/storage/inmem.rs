@@ -12,8 +12,8 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    list_children, validate_key, validate_value, Backend, Entry, Fence, HaBackend, Holder, LockGuard, LockRelease,
-    StorageError, WatchEvent, WatchStream,
+    list_children, validate_key, validate_value_len, Backend, Entry, Fence, HaBackend, Holder, LockGuard, LockRelease,
+    StorageError, WatchEvent, WatchStream, MAX_LOCAL_VALUE_LEN,
 };
 
 /// Capacity of a watcher's queue; a watcher that falls further behind gets `Resync`.
@@ -104,7 +104,7 @@ impl Backend for InmemBackend {
 
     async fn put(&self, key: &str, value: Vec<u8>, fence: Option<&Fence>) -> Result<(), StorageError> {
         validate_key(key)?;
-        validate_value(&value)?;
+        validate_value_len(&value, MAX_LOCAL_VALUE_LEN)?;
         let mut st = self.lock_state();
         st.check_fence(fence)?;
         st.data.insert(key.to_string(), (value, fence.map(|f| f.token)));

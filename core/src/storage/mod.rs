@@ -26,8 +26,15 @@ pub use crate::error::StorageError;
 /// hostile client from making the store index huge keys.
 pub const MAX_KEY_LEN: usize = 1024;
 /// Largest value a backend must accept: 32 MiB (Vault's default `max_request_size`) plus
-/// room for the barrier's envelope.
+/// room for the barrier's envelope. The limit of the network stores (lockd, etcd), whose
+/// protocols and logs are sized for it.
 pub const MAX_VALUE_LEN: usize = 32 * 1024 * 1024 + 4096;
+/// Largest value the local stores (`file`, `inmem`) accept: 1 GiB plus envelope room, so an
+/// operator who raises `max_request_size` (e.g. to 256 MiB) can store such secrets there. A
+/// write holds the value in memory a few times over (JSON, ciphertext, file image), so the
+/// bound keeps one request with `max_request_size = -1` from exhausting the node's memory.
+pub const MAX_LOCAL_VALUE_LEN: usize = 1024 * 1024 * 1024 + 4096;
+const _: () = assert!(MAX_LOCAL_VALUE_LEN > MAX_VALUE_LEN);
 
 /// A fencing token: which lock it was granted for, and the grant number. Grant numbers for one
 /// lock strictly increase, also across store restarts. A store rejects a write whose token is
@@ -94,11 +101,16 @@ pub fn validate_key(key: &str) -> Result<(), StorageError> {
     Ok(())
 }
 
-/// Checks a value against [`MAX_VALUE_LEN`].
+/// Checks a value against [`MAX_VALUE_LEN`] (the network stores' limit).
 pub fn validate_value(value: &[u8]) -> Result<(), StorageError> {
-    if value.len() > MAX_VALUE_LEN {
+    validate_value_len(value, MAX_VALUE_LEN)
+}
+
+/// Checks a value against a backend's own limit (`MAX_VALUE_LEN` or [`MAX_LOCAL_VALUE_LEN`]).
+pub fn validate_value_len(value: &[u8], limit: usize) -> Result<(), StorageError> {
+    if value.len() > limit {
         return Err(StorageError::Invalid(format!(
-            "value of {} bytes exceeds the {MAX_VALUE_LEN}-byte limit",
+            "value of {} bytes exceeds the {limit}-byte limit of this storage backend",
             value.len()
         )));
     }
@@ -292,4 +304,19 @@ pub struct Stores {
     pub ha: Option<Arc<dyn HaBackend>>,
     /// True when `ha_storage` was configured separately (split data/HA mode).
     pub split: bool,
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    /// Each backend's value limit: the network stores keep `MAX_VALUE_LEN`, the local ones
+    /// allow more; one byte over a limit is a clear `Invalid` error naming it.
+    #[test]
+    fn value_limits() {
+        assert!(validate_value_len(&[0; 10], 10).is_ok());
+        let e = validate_value_len(&[0; 11], 10).unwrap_err().to_string();
+        assert!(e.contains("value of 11 bytes exceeds the 10-byte limit"), "{e}");
+        assert!(validate_value(&[]).is_ok());
+    }
 }

@@ -858,6 +858,21 @@ mod tests {
         }
     }
 
+    /// lockd keeps the protocol limit: a value over `MAX_VALUE_LEN` is refused with a clear
+    /// error before anything is sent (the address here does not answer).
+    #[tokio::test]
+    async fn value_over_protocol_limit_refused() {
+        let b = LockdBackend::from_stanza(&stanza(&[("address", "http://127.0.0.1:1")])).unwrap();
+        let e = b
+            .put("big", vec![0u8; crate::storage::MAX_VALUE_LEN + 1], None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, StorageError::Invalid(m) if m.contains("exceeds the")),
+            "{e}"
+        );
+    }
+
     /// Stanza options: defaults, required address, unknown keys and bad values are
     /// positioned errors.
     #[tokio::test]
