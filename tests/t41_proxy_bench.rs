@@ -6,7 +6,7 @@
 //! Run with a release binary: `cargo build --release && VHA_BIN=target/release/vha cargo
 //! test --release --test t41_proxy_bench -- --ignored --nocapture`. Knobs: `BENCH_DURATION`
 //! (default 10s), `BENCH_CONNS` (64), `BENCH_PATH` (`secret/data/bench`),
-//! `VHA_PROXY_FORWARD_PROTOCOL` (`h2` default, or `h1`), inherited by the proxies.
+//! `VHA_PROXY_FORWARD_PROTOCOL` (`h1` default, or `h2`), inherited by the proxies.
 
 use std::process::Command;
 
