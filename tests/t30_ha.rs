@@ -45,18 +45,6 @@ async fn advertisements(b: &Barrier) -> Vec<(String, Advertisement)> {
     out
 }
 
-async fn mount_kv(c: &TestCluster, active: usize) {
-    let (st, v) = c.nodes[active]
-        .request(
-            "POST",
-            "sys/mounts/secret",
-            Some(c.root_token()),
-            Some(json!({"type": "kv", "options": {"version": "2"}})),
-        )
-        .await;
-    assert!(st.is_success(), "mount: {st} {v}");
-}
-
 /// Exactly one node is active, every node's `sys/leader` names it, standbys answer 429 on
 /// `sys/health` (200 with `standbyok`), report the active in `sys/ha-status` through their
 /// heartbeats, redirect with 307 keeping path and query, and refuse `sys/seal`.
@@ -208,7 +196,7 @@ async fn step_down_moves_leadership() {
 async fn sigterm_active_no_failed_reads() {
     let mut c = TestCluster::builder().nodes(3).start().await;
     let a = c.wait_one_active(FAILOVER_BOUND).await;
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     let (st, v) = c.nodes[a]
         .request(
             "POST",
@@ -410,7 +398,7 @@ async fn cluster_listener_mtls() {
 async fn deposed_active_cannot_write() {
     let c = TestCluster::builder().nodes(3).lock_ttl("2s").start().await;
     let a = c.wait_one_active(FAILOVER_BOUND).await;
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     let write = |i: usize, v: &'static str| {
         c.nodes[i].request(
             "POST",
@@ -536,7 +524,7 @@ async fn split_mode_two_lockds() {
     let out = c.nodes[a].output();
     assert!(out.contains("Storage: lockd\n"), "{out}");
     assert!(out.contains("HA Storage: lockd\n"), "{out}");
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     let (st, _) = c.nodes[a]
         .request(
             "POST",

@@ -26,20 +26,8 @@ const REQUEST_BOUND: Duration = Duration::from_secs(14);
 async fn cluster() -> (TestCluster, usize) {
     let c = TestCluster::builder().nodes(3).proxies().start().await;
     let a = c.wait_one_active(ELECTION_BOUND).await;
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     (c, a)
-}
-
-async fn mount_kv(c: &TestCluster, active: usize) {
-    let (st, v) = c.nodes[active]
-        .request(
-            "POST",
-            "sys/mounts/secret",
-            Some(c.root_token()),
-            Some(json!({"type": "kv", "options": {"version": "2"}})),
-        )
-        .await;
-    assert!(st.is_success(), "mount: {st} {v}");
 }
 
 /// Refused TLS handshakes counted by node `i`'s cluster listener (all reasons).
@@ -222,7 +210,7 @@ async fn redirect_307_exact_location_and_follow() {
 async fn failover_sigkill_active_while_writing_through_standby() {
     let mut c = TestCluster::builder().nodes(3).proxies().lock_ttl("10s").start().await;
     let a = c.wait_one_active(ELECTION_BOUND).await;
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     // Write through a standby's proxy (its node may or may not become the next active).
     let s = standby(a);
     let writer_addr = c.nodes[s].addr.clone();
@@ -541,7 +529,7 @@ async fn forged_advertisement_ignored() {
 async fn cluster_tls_failure_falls_back_to_307() {
     let c = TestCluster::builder().nodes(3).proxies().relay_cluster().start().await;
     let a = c.wait_one_active(ELECTION_BOUND).await;
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     let s = standby(a);
     c.cluster_relays[a].set(Fault::Drop);
     let started = Instant::now();

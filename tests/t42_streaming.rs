@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use reqwest::StatusCode;
-use serde_json::{json, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use vha_testkit::{TestCluster, TestNode};
@@ -60,15 +60,7 @@ async fn cluster(max: u64, data: &tempfile::TempDir) -> (TestCluster, usize) {
         .start()
         .await;
     let a = c.wait_one_active(ELECTION_BOUND).await;
-    let (st, v) = c.nodes[a]
-        .request(
-            "POST",
-            "sys/mounts/big",
-            Some(c.root_token()),
-            Some(json!({"type": "kv", "options": {"version": "1"}})),
-        )
-        .await;
-    assert!(st.is_success(), "mount: {st} {v}");
+    c.nodes[a].mount_kv(c.root_token(), "big", "1").await;
     (c, a)
 }
 
@@ -425,15 +417,7 @@ async fn value_over_network_store_limit_is_a_clear_400() {
     let a = c.wait_one_active(ELECTION_BOUND).await;
     let s = (a + 1) % 3;
     let root = c.root_token().to_string();
-    let (st, v) = c.nodes[a]
-        .request(
-            "POST",
-            "sys/mounts/big",
-            Some(&root),
-            Some(json!({"type": "kv", "options": {"version": "1"}})),
-        )
-        .await;
-    assert!(st.is_success(), "mount: {st} {v}");
+    c.nodes[a].mount_kv(&root, "big", "1").await;
     let mut body = b"{\"v\":\"".to_vec();
     body.resize(body.len() + 40 * 1024 * 1024, b'a');
     body.extend_from_slice(b"\"}");

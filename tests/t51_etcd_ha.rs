@@ -28,18 +28,6 @@ const KILL_FAILOVER_BOUND: Duration = Duration::from_secs(5 + 7);
 /// Wide bound for waits that are not the property under test.
 const BOUND: Duration = Duration::from_secs(30);
 
-async fn mount_kv(c: &TestCluster, active: usize) {
-    let (st, v) = c.nodes[active]
-        .request(
-            "POST",
-            "sys/mounts/secret",
-            Some(c.root_token()),
-            Some(json!({"type": "kv", "options": {"version": "2"}})),
-        )
-        .await;
-    assert!(st.is_success(), "mount: {st} {v}");
-}
-
 /// Writes `secret/data/<key>` through node `i`; `Some(status)` if it answered.
 async fn write(c: &TestCluster, i: usize, key: &str, v: &str) -> Option<StatusCode> {
     c.nodes[i]
@@ -87,7 +75,7 @@ async fn active_time(c: &TestCluster, i: usize) -> Option<String> {
 async fn kill_active_node_fails_over_within_bound() {
     let mut c = TestCluster::builder().etcd(3).nodes(3).start().await;
     let a = c.wait_one_active(BOUND).await;
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     assert!(write(&c, a, "before", "1").await.unwrap().is_success());
     let t0 = Instant::now();
     c.nodes[a].kill();
@@ -106,7 +94,7 @@ async fn kill_active_node_fails_over_within_bound() {
 async fn pairs_kill_active_node_released_by_proxy() {
     let mut c = TestCluster::builder().etcd(3).nodes(3).proxies().start().await;
     let a = c.wait_one_active(BOUND).await;
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     assert!(write(&c, a, "before", "1").await.unwrap().is_success());
     let t0 = Instant::now();
     c.nodes[a].kill();
@@ -125,7 +113,7 @@ async fn pairs_kill_active_node_released_by_proxy() {
 async fn etcd_leader_crash_keeps_vha_active() {
     let mut c = TestCluster::builder().etcd(3).nodes(3).start().await;
     let a = c.wait_one_active(BOUND).await;
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     let term = active_time(&c, a).await.expect("active_time");
     let etcd = c.etcd.as_mut().unwrap();
     let old = etcd.wait_leader(BOUND);
@@ -177,7 +165,7 @@ async fn etcd_leader_crash_keeps_vha_active() {
 async fn quorum_loss_steps_down_and_loses_no_acknowledged_write() {
     let mut c = TestCluster::builder().etcd(3).nodes(3).start().await;
     let a = c.wait_one_active(BOUND).await;
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     let leader = c.etcd.as_ref().unwrap().wait_leader(BOUND);
     // The leader and one follower: no quorum left.
     let gone = [leader, (leader + 1) % 3];
@@ -265,7 +253,7 @@ fn log_time(line: &str) -> Option<std::time::SystemTime> {
 async fn deposed_active_cannot_write() {
     let c = TestCluster::builder().etcd(3).nodes(3).start().await;
     let a = c.wait_one_active(BOUND).await;
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     assert!(write(&c, a, "fence", "old-1").await.unwrap().is_success());
     let old_token = {
         let e = c.etcd.as_ref().unwrap();
@@ -313,7 +301,7 @@ async fn split_pairs() {
     ] {
         let mut c = TestCluster::builder().split_stores(data, ha).nodes(2).start().await;
         let a = c.wait_one_active(BOUND).await;
-        mount_kv(&c, a).await;
+        c.mount_secret(a).await;
         assert!(write(&c, a, "x", "1").await.unwrap().is_success(), "{data:?}+{ha:?}");
         let e = c.etcd.as_ref().unwrap();
         let etcd_ha = EtcdBackend::connect(&e.address())

@@ -48,15 +48,7 @@ fn write_cluster_json(c: &TestCluster, dir: &Path) -> std::path::PathBuf {
 
 async fn mount_kv(c: &TestCluster) {
     let a = c.wait_one_active(Duration::from_secs(30)).await;
-    let (st, v) = c.nodes[a]
-        .request(
-            "POST",
-            "sys/mounts/secret",
-            Some(c.root_token()),
-            Some(json!({"type": "kv", "options": {"version": "2"}})),
-        )
-        .await;
-    assert!(st.is_success(), "mount: {st} {v}");
+    c.mount_secret(a).await;
 }
 
 /// Runs `vha bench ARGS` to completion (bounded) and returns the parsed JSON report.

@@ -226,15 +226,7 @@ async fn dashboards_evaluate_on_live_prometheus() {
     assert_eq!(c.proxies.len(), 3, "a 3-pair cluster");
     let a = c.wait_one_active(BOUND).await;
     let token = c.root_token().to_string();
-    let (st, v) = c.nodes[a]
-        .request(
-            "POST",
-            "sys/mounts/secret",
-            Some(&token),
-            Some(json!({"type": "kv", "options": {"version": "2"}})),
-        )
-        .await;
-    assert!(st.is_success(), "mount kv: {st} {v}");
+    c.mount_secret(a).await;
 
     let since = Instant::now();
     let prom = TestPrometheus::start(&scrape_jobs(&c), "1s").await;
@@ -288,15 +280,7 @@ async fn etcd_dashboard_evaluates_on_live_prometheus() {
         .await;
     let a = c.wait_one_active(BOUND).await;
     let token = c.root_token().to_string();
-    let (st, v) = c.nodes[a]
-        .request(
-            "POST",
-            "sys/mounts/secret",
-            Some(&token),
-            Some(json!({"type": "kv", "options": {"version": "2"}})),
-        )
-        .await;
-    assert!(st.is_success(), "mount kv: {st} {v}");
+    c.mount_secret(a).await;
 
     let since = Instant::now();
     let prom = TestPrometheus::start(&scrape_jobs(&c), "1s").await;

@@ -179,15 +179,7 @@ async fn chaos_loses_no_acknowledged_write() {
     let mut c = TestCluster::builder().nodes(3).lock_ttl("2s").proxies().start().await;
     let a = c.wait_one_active(ELECTION_BOUND).await;
     let token = c.root_token().to_string();
-    let (st, v) = c.nodes[a]
-        .request(
-            "POST",
-            "sys/mounts/secret",
-            Some(&token),
-            Some(json!({"type": "kv", "options": {"version": "2"}})),
-        )
-        .await;
-    assert!(st.is_success(), "mount: {st} {v}");
+    c.mount_secret(a).await;
     // Keep every version (Vault's default keeps 10), so each acknowledged one stays readable.
     let (st, v) = c.nodes[a]
         .request(

@@ -32,18 +32,6 @@ const MAX_REQUEST_DURATION: Duration = Duration::from_secs(12);
 /// `MAX_REQUEST_DURATION`, plus slack for a debug build.
 const REQUEST_BOUND: Duration = Duration::from_secs(20);
 
-async fn mount_kv(c: &TestCluster, i: usize) {
-    let (st, v) = c.nodes[i]
-        .request(
-            "POST",
-            "sys/mounts/secret",
-            Some(c.root_token()),
-            Some(json!({"type": "kv", "options": {"version": "2"}})),
-        )
-        .await;
-    assert!(st.is_success(), "mount: {st} {v}");
-}
-
 fn no_redirect_client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -78,7 +66,7 @@ async fn standby_cut_from_active_proxy_falls_back() {
         .start()
         .await;
     let a = c.wait_one_active(ELECTION_BOUND).await;
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     let root = c.root_token().to_string();
     let s = (a + 1) % 3;
     let (st, v) = c.nodes[a]
@@ -181,7 +169,7 @@ async fn active_cut_one_way_from_store_steps_down_first() {
         .start()
         .await;
     let a = c.wait_one_active(ELECTION_BOUND).await;
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     let root = c.root_token().to_string();
 
     c.store_relays[a].set(Fault::CutDownstream);
@@ -245,7 +233,7 @@ async fn slow_store_below_threshold_no_false_failover() {
         .start()
         .await;
     let a = c.wait_one_active(ELECTION_BOUND).await;
-    mount_kv(&c, a).await;
+    c.mount_secret(a).await;
     let root = c.root_token().to_string();
     // A direct (not relayed) view of the lock.
     let store = LockdBackend::connect(&c.lockd.as_ref().unwrap().address()).unwrap();

@@ -22,23 +22,7 @@ fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let _ = s.write_all(bytes);
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    // Stop at the end of the head: some answers keep the connection open.
-    while let Ok(n) = s.read(&mut chunk) {
-        if n == 0 {
-            break;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            break;
-        }
-    }
-    String::from_utf8_lossy(&buf)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string()
+    read_head(&mut s)
 }
 
 /// Attacks one pair (the proxy at `addr`); `keep` must stay at version 1 = "original".
@@ -253,15 +237,7 @@ async fn hostile_input_through_proxies() {
     let a = c.wait_one_active(ELECTION_BOUND).await;
     let s = (a + 1) % 3;
     let root = c.root_token().to_string();
-    let (st, v) = c.nodes[a]
-        .request(
-            "POST",
-            "sys/mounts/secret",
-            Some(&root),
-            Some(json!({"type": "kv", "options": {"version": "2"}})),
-        )
-        .await;
-    assert!(st.is_success(), "{v}");
+    c.mount_secret(a).await;
     let (st, v) = c.nodes[a]
         .request(
             "POST",
@@ -286,7 +262,8 @@ async fn hostile_input_through_proxies() {
     }
 }
 
-/// Reads a response head from `s` (until the empty line or EOF); returns its status line.
+/// Reads a response head from `s` (until the empty line or EOF: some answers keep the
+/// connection open); returns its status line.
 fn read_head(s: &mut TcpStream) -> String {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -353,15 +330,7 @@ async fn slow_headers_through_proxy_are_cut_off() {
     let c = TestCluster::builder().nodes(1).lock_ttl("2s").proxies().start().await;
     let addr = c.proxies[0].listen;
     let token = c.root_token().to_string();
-    let (st, v) = c.nodes[0]
-        .request(
-            "POST",
-            "sys/mounts/secret",
-            Some(&token),
-            Some(json!({"type": "kv", "options": {"version": "2"}})),
-        )
-        .await;
-    assert!(st.is_success(), "{v}");
+    c.mount_secret(0).await;
     let first = tokio::task::spawn_blocking(move || slow_headers(addr));
     let second = tokio::task::spawn_blocking(move || slow_second_head(addr));
     let body = tokio::task::spawn_blocking(move || slow_body(addr, &token));
@@ -398,15 +367,7 @@ async fn stalled_forwarded_body_ends_at_max_request_duration() {
     let a = c.wait_one_active(ELECTION_BOUND).await;
     let s = 1 - a;
     let root = c.root_token().to_string();
-    let (st, v) = c.nodes[a]
-        .request(
-            "POST",
-            "sys/mounts/secret",
-            Some(&root),
-            Some(json!({"type": "kv", "options": {"version": "2"}})),
-        )
-        .await;
-    assert!(st.is_success(), "{v}");
+    c.mount_secret(a).await;
     let addr = c.proxies[s].listen;
     let head = format!(
         "POST /v1/secret/data/stalled HTTP/1.1\r\nHost: x\r\nX-Vault-Token: {root}\r\nContent-Length: 100\r\n\r\n{{\"data\":"

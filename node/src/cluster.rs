@@ -109,6 +109,7 @@ async fn accept_loop(node: Arc<Node>, tcp: TcpListener, acceptor: TlsAcceptor, s
         let _ = stream.set_nodelay(true);
         let acceptor = acceptor.clone();
         let node = node.clone();
+        let stopped = stop.clone();
         conns.spawn(async move {
             let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(t)) => t,
@@ -131,7 +132,8 @@ async fn accept_loop(node: Arc<Node>, tcp: TcpListener, acceptor: TlsAcceptor, s
             };
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let node = node.clone();
-                async move { Ok::<_, Infallible>(serve(&node, req, peer, limits).await) }
+                let stopped = stopped.clone();
+                async move { Ok::<_, Infallible>(serve(&node, req, peer, limits, &stopped).await) }
             });
             if let Err(e) = crate::http::conn_builder()
                 .serve_connection(TokioIo::new(tls), svc)
@@ -154,7 +156,16 @@ async fn serve(
     req: Request<Incoming>,
     peer: std::net::SocketAddr,
     limits: Limits,
+    stopped: &CancellationToken,
 ) -> Response<Full<Bytes>> {
+    if stopped.is_cancelled() {
+        // A stopped listener's lingering connection (even if this node is active again in
+        // a later term): refused, nothing runs.
+        let mut resp = crate::http::error_response(StatusCode::SERVICE_UNAVAILABLE, "node not active");
+        resp.headers_mut()
+            .insert(vha_core::NOT_ACTIVE_HEADER, http::HeaderValue::from_static("1"));
+        return resp;
+    }
     if req.uri().path() == ECHO_PATH {
         return echo(node, req).await;
     }

@@ -82,7 +82,7 @@ impl Node {
             mounts: MountTable::new(),
             audit: AuditBroker::new(),
             kv_locks: Default::default(),
-            in_flight: Default::default(),
+            in_flight: crate::inflight::InFlight::new(!ha_enabled),
             ha: HaHandle::new(ha_enabled),
             metrics: NodeMetrics::new(),
             shutdown: CancellationToken::new(),
@@ -187,7 +187,8 @@ impl Node {
             };
             let bytes = serde_json::to_vec(&info).map_err(|e| ApiError::Internal(e.to_string()))?;
             self.barrier.put(CLUSTER_INFO_PATH, &bytes, None).await?;
-            let view = self.view();
+            // Init is the one unfenced writer (no term exists yet; the store is empty).
+            let view = View::new(&self.barrier, None);
             let root = self.tokens.create_root(&view).await?;
             self.policies.create_default(&view).await?;
             self.barrier.commit_init(&seal_config).await?;
@@ -235,13 +236,23 @@ impl Node {
         self.barrier.unseal(&root).await.map_err(|_| {
             ApiError::BadRequest("unable to retrieve stored keys: invalid key: failed to decrypt keys from storage: cipher: message authentication failed".into())
         })?;
-        match self.barrier.get(CLUSTER_INFO_PATH).await? {
-            Some(bytes) => {
-                let info: ClusterInfo =
-                    serde_json::from_slice(&bytes).map_err(|e| ApiError::Internal(e.to_string()))?;
-                *self.cluster.write().unwrap_or_else(|e| e.into_inner()) = Some(info);
+        let info = async {
+            match self.barrier.get(CLUSTER_INFO_PATH).await? {
+                Some(bytes) => serde_json::from_slice::<ClusterInfo>(&bytes)
+                    .map(Some)
+                    .map_err(|e| ApiError::Internal(e.to_string())),
+                None => Ok(None),
             }
-            None => tracing::warn!("cluster info missing from storage"),
+        }
+        .await;
+        match info {
+            Ok(Some(info)) => *self.cluster.write().unwrap_or_else(|e| e.into_inner()) = Some(info),
+            Ok(None) => tracing::warn!("cluster info missing from storage"),
+            Err(e) => {
+                // Never stay half unsealed (barrier open, HA still sealed): seal again.
+                self.barrier.seal();
+                return Err(e);
+            }
         }
         self.metrics.core_unsealed.set(1);
         self.ha.set_sealed(false);

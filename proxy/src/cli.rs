@@ -157,7 +157,12 @@ fn run(cfg: Config) -> Result<(), ProxyError> {
         xff_trusted: listener.x_forwarded_for_authorized_addrs.clone(),
         forward_protocol,
     };
-    let app = pingora::proxy::http_proxy(&server.configuration, VhaProxy::new(view_rx, settings, metrics));
+    let mut app = pingora::proxy::http_proxy(&server.configuration, VhaProxy::new(view_rx, settings, metrics));
+    let mut opts = pingora::apps::HttpServerOptions::default();
+    // An h2 client connection with no stream open is closed after this (as HTTP/1.1's
+    // keep-alive timeout); its preface is bounded by the head deadline below.
+    opts.h2_idle_timeout = Some(std::time::Duration::from_secs(60));
+    app.server_options = Some(opts);
     let mut svc = Service::new(
         "vha proxy".to_string(),
         HeadDeadlineApp::new(app, vha_core::HEADER_READ_TIMEOUT),

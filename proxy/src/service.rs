@@ -334,6 +334,10 @@ impl ProxyHttp for VhaProxy {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<Box<HttpPeer>> {
+        // Each attempt starts afresh: Pingora replays the buffered body through the body
+        // filter again, and an earlier attempt's fallback no longer applies.
+        ctx.body_bytes = 0;
+        ctx.fallback = None;
         // `Some(Some(seq))`: the forward to that advertisement failed; `Some(None)`: the local
         // node refused as not active (the view was stale).
         let failed = match (ctx.failed_seq.take(), std::mem::take(&mut ctx.local_refused)) {
@@ -502,11 +506,9 @@ impl ProxyHttp for VhaProxy {
         if ctx.refused {
             // Refused before running, so any method may go again, if its body is still
             // whole in Pingora's retry buffer (64 KiB); otherwise 503, never half a body.
-            let whole = !session.as_ref().retry_buffer_truncated();
-            e.set_retry(whole);
-            if !whole {
-                ctx.fallback = Some(Fallback::Error(ProxyError::NotActive));
-            }
+            // The fallback stands if this was the last attempt (or the body cannot go again).
+            e.set_retry(!session.as_ref().retry_buffer_truncated());
+            ctx.fallback = Some(Fallback::Error(ProxyError::NotActive));
         } else if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
             // Pingora's default: only idempotent requests whose body is still whole, and
             // only when a reused (possibly stale) pooled connection failed.

@@ -322,6 +322,19 @@ impl TestNode {
         (st, v)
     }
 
+    /// Mounts a KV engine (`version` "1" or "2") at `path`; panics unless it succeeds.
+    pub async fn mount_kv(&self, token: &str, path: &str, version: &str) {
+        let (st, v) = self
+            .request(
+                "POST",
+                &format!("sys/mounts/{path}"),
+                Some(token),
+                Some(serde_json::json!({"type": "kv", "options": {"version": version}})),
+            )
+            .await;
+        assert!(st.is_success(), "mount {path}: {st} {v}");
+    }
+
     /// Any request with extra headers; returns status, headers and JSON body.
     pub async fn request_full(
         &self,
@@ -518,6 +531,11 @@ impl TestCluster {
 
     pub fn root_token(&self) -> &str {
         &self.keys.as_ref().expect("cluster initialized").root_token
+    }
+
+    /// Mounts KV v2 at `secret/` through node `i` with the root token.
+    pub async fn mount_secret(&self, i: usize) {
+        self.nodes[i].mount_kv(self.root_token(), "secret", "2").await;
     }
 
     /// `sys/leader` of node `i` (`None` if it does not answer 200).

@@ -138,6 +138,8 @@ impl ApiResponse {
 /// forwarded requests; a standby's fallback (307 / 503); HA endpoints; then routing.
 pub async fn handle(node: &Node, req: ApiRequest) -> ApiResponse {
     let start = std::time::Instant::now();
+    // The term this request was admitted in (its fencing token), if any.
+    let mut admitted_in = None;
     let res = async {
         if let Some(resp) = sys::handle_local(node, &req).await? {
             return Ok(resp);
@@ -147,12 +149,8 @@ pub async fn handle(node: &Node, req: ApiRequest) -> ApiResponse {
         // (it decides again on this answer).
         let stale_local = req.origin == Origin::LocalProxy && role == crate::ha::Role::Standby;
         if (req.origin == Origin::Cluster && role != crate::ha::Role::Active) || stale_local {
-            // Loop guard: a forwarded request is never forwarded or redirected again. Marked
-            // as refused-before-running, so the forwarding proxy may send it to the next active.
-            let mut resp = ApiResponse::error(&ApiError::NotActive);
-            resp.headers
-                .insert(vha_core::NOT_ACTIVE_HEADER, http::HeaderValue::from_static("1"));
-            return Ok(resp);
+            // Loop guard: a forwarded request is never forwarded or redirected again.
+            return Ok(not_active_refusal());
         }
         if role == crate::ha::Role::Standby {
             return Ok(sys_ha::standby_fallback(node, &req));
@@ -160,9 +158,16 @@ pub async fn handle(node: &Node, req: ApiRequest) -> ApiResponse {
         if let Some(resp) = sys_ha::handle(node, &req).await? {
             return Ok(resp);
         }
-        // Counted so a step-down lets it finish with the term's fence (not sys/step-down
-        // itself, above, which waits for the term to end).
-        let _running = node.in_flight().enter();
+        // Admitted and counted so a step-down lets it finish with the term's fence (not
+        // sys/step-down itself, above, which waits for the term to end). Refused, with
+        // nothing run, once the term is ending (or on an HA node that is not active).
+        let Some(_running) = node.in_flight().enter() else {
+            if node.barrier().is_sealed() {
+                return Err(ApiError::Sealed);
+            }
+            return Ok(not_active_refusal());
+        };
+        admitted_in = node.ha().fence().map(|f| f.token);
         route(node, &req).await
     }
     .await;
@@ -172,11 +177,24 @@ pub async fn handle(node: &Node, req: ApiRequest) -> ApiResponse {
         Err(e) => {
             if matches!(e, ApiError::Fenced) {
                 node.metrics().fencing_rejections.inc();
-                node.ha().fenced();
+                // Only a rejection of the current term's token ends the current term (a
+                // request of an earlier term that outlived its drain must not).
+                if admitted_in.is_some() && node.ha().fence().map(|f| f.token) == admitted_in {
+                    node.ha().fenced();
+                }
             }
             ApiResponse::error(&e)
         }
     }
+}
+
+/// The loop guard's 503 "node not active", marked as refused before anything ran, so the
+/// forwarding proxy may send the request to the next active.
+fn not_active_refusal() -> ApiResponse {
+    let mut resp = ApiResponse::error(&ApiError::NotActive);
+    resp.headers
+        .insert(vha_core::NOT_ACTIVE_HEADER, http::HeaderValue::from_static("1"));
+    resp
 }
 
 async fn route(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {

@@ -173,8 +173,8 @@ impl HaHandle {
         let st = self.status.borrow();
         match (self.enabled, st.role, &st.fence) {
             // A standby with a fence is an active draining its last requests (see the lock
-            // loop); without one, it must not write.
-            (true, Role::Standby | Role::Active, None) => Err(crate::error::ApiError::NotActive),
+            // loop); without one, no HA node writes (init uses its own unfenced view).
+            (true, _, None) => Err(crate::error::ApiError::NotActive),
             (_, _, f) => Ok(f.clone()),
         }
     }
@@ -192,8 +192,8 @@ impl HaHandle {
         if sealed {
             self.update(|s| {
                 if s.role != Role::Active {
+                    // The fence stays with the lock loop (it may be draining a term).
                     s.role = Role::Sealed;
-                    s.fence = None;
                     s.active_since = None;
                     s.leader = None;
                     s.last_echo = None;
@@ -446,6 +446,8 @@ async fn active_term(
     *handle.identity.write().unwrap_or_else(|e| e.into_inner()) = Some(identity.clone());
     // The previous active may have changed policies, mounts, tokens: read them afresh.
     node.clear_caches();
+    // The gate opens before the role flips, so whatever passes the role check is admitted.
+    node.in_flight().set_open(true);
     handle.update(|s| {
         s.role = Role::Active;
         s.fence = Some(fence.clone());
@@ -479,24 +481,25 @@ async fn active_term(
         s.active_since = None;
         s.leader = None;
     });
-    if tokio::time::timeout(DRAIN_TIMEOUT, node.in_flight().wait_idle())
+    node.in_flight().set_open(false);
+    node.metrics().core_active.set(0);
+    node.metrics().term.set(0);
+    let term_len = started.elapsed();
+    if end == TermEnd::Lost {
+        // Not drained: the fence is stale, the store refuses the term's writes anyway.
+        node.metrics().leadership_lost.observe(term_len.as_secs_f64());
+        tracing::warn!(?term_len, "leadership lost, stopping active operation");
+    } else if tokio::time::timeout(DRAIN_TIMEOUT, node.in_flight().wait_idle())
         .await
         .is_err()
     {
         tracing::warn!(
             running = node.in_flight().count(),
-            "requests still running {DRAIN_TIMEOUT:?} after the term ended; their writes are refused from now on"
+            "requests still running {DRAIN_TIMEOUT:?} after the term ended; the store refuses their writes once the lock is released"
         );
     }
     handle.update(|s| s.fence = None);
     *handle.identity.write().unwrap_or_else(|e| e.into_inner()) = None;
-    node.metrics().core_active.set(0);
-    node.metrics().term.set(0);
-    let term_len = started.elapsed();
-    if end == TermEnd::Lost {
-        node.metrics().leadership_lost.observe(term_len.as_secs_f64());
-        tracing::warn!(?term_len, "leadership lost, stopping active operation");
-    }
     if let Some(l) = listener {
         l.stop().await;
     }
