@@ -720,3 +720,75 @@ async fn local_paths_and_node_down() {
     )
     .await;
 }
+
+/// The client-facing listener with TLS (`tls_cert_file`/`tls_key_file`): a standby's proxy
+/// serves HTTPS and forwards over the cluster channel, and its 307 points at the active's
+/// https `api_addr`; a client that opens a connection and never finishes the TLS handshake
+/// (half a ClientHello) is cut off soon after the 10 s deadline (Pingora alone would wait
+/// forever); plain HTTP sent to the TLS port only gets a closed connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_listener_serves_https_and_bounds_handshakes() {
+    let c = TestCluster::builder()
+        .nodes(2)
+        .template(vha_testkit::TestNode::builder().listener_tls())
+        .proxies()
+        .start()
+        .await;
+    let a = c.wait_one_active(ELECTION_BOUND).await;
+    let s = 1 - a;
+    let listen = c.proxies[s].listen;
+    let stalled = tokio::task::spawn_blocking(move || {
+        let mut tcp = std::net::TcpStream::connect(listen).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let start = Instant::now();
+        // A TLS record header announcing a ClientHello that never comes.
+        tcp.write_all(&[0x16, 0x03, 0x01, 0x00, 0x50]).unwrap();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = tcp.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+        }
+        start.elapsed()
+    });
+    c.mount_secret(a).await;
+    assert!(c.nodes[s].addr.starts_with("https://"), "{}", c.nodes[s].addr);
+    let (st, v) = c.nodes[s]
+        .request(
+            "POST",
+            "secret/data/tls",
+            Some(c.root_token()),
+            Some(json!({"data": {"x": 1}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::OK, "write over https through the standby's proxy: {v}");
+    let (st, v) = c.nodes[a]
+        .request("GET", "secret/data/tls", Some(c.root_token()), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["data"]["data"]["x"], 1);
+    let (st, h, _) = c.nodes[s]
+        .request_full(
+            "GET",
+            "secret/data/tls",
+            Some(c.root_token()),
+            None,
+            &[("X-Vault-No-Request-Forwarding", "1")],
+        )
+        .await;
+    assert_eq!(st, StatusCode::TEMPORARY_REDIRECT);
+    let location = h.get("location").and_then(|l| l.to_str().ok()).unwrap_or_default();
+    assert_eq!(location, format!("{}/v1/secret/data/tls", c.nodes[a].addr));
+    // Plain HTTP to the TLS port: the handshake fails, the connection closes, no answer.
+    let plain = raw_http(listen, b"GET /v1/sys/health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(
+        !plain.contains("HTTP/1.1 200"),
+        "plain HTTP answered on the TLS port: {plain:?}"
+    );
+    let took = stalled.await.unwrap();
+    eprintln!("stalled TLS handshake cut off after {took:?}");
+    assert!(
+        took >= Duration::from_secs(5) && took < Duration::from_secs(30),
+        "stalled handshake held for {took:?} (deadline 10 s)"
+    );
+}

@@ -8,7 +8,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::listening::Service;
@@ -163,24 +162,23 @@ fn run(cfg: Config) -> Result<(), ProxyError> {
     // keep-alive timeout); its preface is bounded by the head deadline below.
     opts.h2_idle_timeout = Some(std::time::Duration::from_secs(60));
     app.server_options = Some(opts);
-    let mut svc = Service::new(
-        "vha proxy".to_string(),
-        HeadDeadlineApp::new(app, vha_core::HEADER_READ_TIMEOUT),
-    );
-    let addr = listener.address.to_string();
-    if listener.tls_disable {
-        svc.add_tcp(&addr);
+    let tls = if listener.tls_disable {
+        None
     } else {
         let (Some(cert), Some(key)) = (listener.tls_cert_file.as_ref(), listener.tls_key_file.as_ref()) else {
             return Err(ProxyError::Config(
                 "listener: tls_cert_file and tls_key_file are required unless tls_disable".into(),
             ));
         };
-        let mut tls = TlsSettings::intermediate(&cert.to_string_lossy(), &key.to_string_lossy())
-            .map_err(|e| ProxyError::Config(format!("listener TLS: {e}")))?;
-        tls.enable_h2();
-        svc.add_tls_with_settings(&addr, None, tls);
-    }
+        Some(crate::tls::listener_acceptor(cert, key)?)
+    };
+    let mut svc = Service::new(
+        "vha proxy".to_string(),
+        HeadDeadlineApp::new(app, vha_core::HEADER_READ_TIMEOUT, tls),
+    );
+    let addr = listener.address.to_string();
+    // Plain TCP either way: with TLS the handshake runs in the app, under a deadline.
+    svc.add_tcp(&addr);
     server.add_service(svc);
     eprintln!(
         "==> vha proxy started\n    Listener: {addr} (tls: {})\n    Node socket: {}\n    Threads: {threads}\n    Forwarding: {forward_protocol:?}",

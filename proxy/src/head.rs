@@ -13,8 +13,8 @@
 //! HTTP/2 connections (TLS with ALPN h2) get the same deadline on their connection preface
 //! (it ends with an empty line as well) and are then run by the wrapped app, whose h2 idle
 //! timeout closes connections without streams; header frames are bounded by the h2 codec.
-//! The first deadline runs from the moment the app gets the connection, i.e. after the TLS
-//! handshake (Pingora 0.9 puts no time bound on that handshake: a known gap).
+//! With TLS the handshake runs here too (Pingora's TLS listener puts no time bound on it),
+//! under the same deadline; the first head's deadline then runs from the handshake's end.
 
 use std::fmt;
 use std::future::Future;
@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ServerApp};
+use pingora::listeners::tls::Acceptor;
 use pingora::protocols::http::ServerSession;
+use pingora::protocols::l4::stream::Stream as L4Stream;
 use pingora::protocols::raw_connect::ProxyDigest;
 use pingora::protocols::tls::{SslDigest, TlsRef};
 use pingora::protocols::{
@@ -245,17 +247,21 @@ impl Peek for HeadDeadline {
     }
 }
 
-/// A server app that runs `A`'s HTTP/1.1 connections with a [`HeadDeadline`] on each head.
+/// A server app that runs `A`'s HTTP/1.1 connections with a [`HeadDeadline`] on each head,
+/// and, with `tls`, the TLS handshake itself under the same deadline (Pingora's TLS
+/// listener has none, so the listener is plain TCP and the handshake happens here).
 pub struct HeadDeadlineApp<A> {
     inner: Arc<A>,
     limit: Duration,
+    tls: Option<Acceptor>,
 }
 
 impl<A> HeadDeadlineApp<A> {
-    pub fn new(inner: A, limit: Duration) -> HeadDeadlineApp<A> {
+    pub fn new(inner: A, limit: Duration, tls: Option<Acceptor>) -> HeadDeadlineApp<A> {
         HeadDeadlineApp {
             inner: Arc::new(inner),
             limit,
+            tls,
         }
     }
 }
@@ -266,6 +272,27 @@ where
     A: HttpServerApp + Send + Sync + 'static,
 {
     async fn process_new(self: &Arc<Self>, stream: Stream, shutdown: &ShutdownWatch) -> Option<Stream> {
+        let stream: Stream = match &self.tls {
+            None => stream,
+            Some(acceptor) => {
+                // The listener is plain TCP: its streams are Pingora's L4 streams.
+                let Ok(tcp) = stream.into_any().downcast::<L4Stream>() else {
+                    tracing::warn!("client connection is not a TCP stream; closing");
+                    return None;
+                };
+                match tokio::time::timeout(self.limit, acceptor.tls_handshake(*tcp)).await {
+                    Ok(Ok(tls)) => Box::new(tls),
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "client TLS handshake failed");
+                        return None;
+                    }
+                    Err(_) => {
+                        tracing::debug!("client TLS handshake not finished in time; closing");
+                        return None;
+                    }
+                }
+            }
+        };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             // The h2 connection preface ("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n") ends with an
             // empty line too: the same deadline bounds the handshake; after it, the h2 idle

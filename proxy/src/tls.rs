@@ -3,12 +3,18 @@
 //! its unix socket, and the active node's cluster listener over mutual TLS with the
 //! advertised certificate as client identity and as the only trust anchor.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
+use pingora::listeners::tls::Acceptor;
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::advert::Target;
+use crate::error::ProxyError;
 
 /// TCP connect bound to the active's cluster listener. A refused connection fails at once;
 /// this bounds a blackholed one, after which the proxy holds for a new advertisement.
@@ -30,6 +36,32 @@ pub enum ForwardProtocol {
     H1,
     /// HTTP/2, up to [`H2_STREAMS`] concurrent streams per connection.
     H2,
+}
+
+/// The client-facing listener's TLS from `tls_cert_file` (PEM chain) and `tls_key_file`
+/// (PEM key): TLS 1.2 and 1.3, ALPN h2 and http/1.1, aws-lc-rs. A missing or unreadable file
+/// is an error naming it (Pingora's own loader would panic). The handshake itself runs in
+/// [`crate::head::HeadDeadlineApp`], under a deadline.
+pub fn listener_acceptor(cert: &Path, key: &Path) -> Result<Acceptor, ProxyError> {
+    let bad = |file: &Path, what: &str, e: &dyn std::fmt::Display| {
+        ProxyError::Config(format!("listener: {} ({what}): {e}", file.display()))
+    };
+    let certs = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| bad(cert, "tls_cert_file", &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(cert, "tls_cert_file", &e))?;
+    if certs.is_empty() {
+        return Err(bad(cert, "tls_cert_file", &"no certificate in the file"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, "tls_key_file", &e))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(vha_core::cluster_tls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+        .map_err(|e| ProxyError::Config(format!("listener TLS: {e}")))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key_der)
+        .map_err(|e| bad(key, "tls_key_file does not match tls_cert_file", &e))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Acceptor::from_server_config(Arc::new(cfg)))
 }
 
 /// The peer for forwarding to `t`: mTLS with the advertised certificate and key, that same

@@ -39,6 +39,8 @@ pub struct TestNodeBuilder {
     ports: Option<(u16, u16)>,
     advertise_cluster: Option<String>,
     behind_proxy: bool,
+    /// The client-facing listener serves TLS (a fresh self-signed certificate).
+    listener_tls: bool,
 }
 
 impl Default for TestNodeBuilder {
@@ -53,6 +55,7 @@ impl Default for TestNodeBuilder {
             ports: None,
             advertise_cluster: None,
             behind_proxy: false,
+            listener_tls: false,
         }
     }
 }
@@ -103,6 +106,14 @@ impl TestNodeBuilder {
     /// Run as the node of a proxy + node pair: the config gets a `proxy {}` block (socket in
     /// the node's temp dir, `node_address` on a free loopback port); the api address then
     /// belongs to the proxy, which the caller starts (`vha proxy --config <config_path>`).
+    /// The client-facing listener (the proxy's, with `behind_proxy`) serves TLS with a fresh
+    /// self-signed certificate for 127.0.0.1 (`TestNode::ca_pem`); `addr` is `https://...`
+    /// and the node's own client trusts that certificate.
+    pub fn listener_tls(mut self) -> Self {
+        self.listener_tls = true;
+        self
+    }
+
     pub fn behind_proxy(mut self) -> Self {
         self.behind_proxy = true;
         self
@@ -136,10 +147,36 @@ impl TestNodeBuilder {
         } else {
             String::new()
         };
+        let ca_pem = self.listener_tls.then(|| {
+            let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+                .expect("self-signed certificate");
+            let (cert, key) = (ck.cert.pem(), ck.signing_key.serialize_pem());
+            std::fs::write(dir.path().join("listener.crt"), &cert).expect("write cert");
+            std::fs::write(dir.path().join("listener.key"), key).expect("write key");
+            cert
+        });
+        let (tls_lines, scheme) = if ca_pem.is_some() {
+            (
+                format!(
+                    "  tls_cert_file = \"{}\"\n  tls_key_file = \"{}\"\n",
+                    dir.path().join("listener.crt").display(),
+                    dir.path().join("listener.key").display()
+                ),
+                "https",
+            )
+        } else {
+            ("  tls_disable = true\n".to_string(), "http")
+        };
         let config = format!(
-            "{storage}\n{ha}\nlistener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  cluster_address = \"127.0.0.1:{cluster_port}\"\n  tls_disable = true\n{}}}\napi_addr = \"http://127.0.0.1:{port}\"\ncluster_addr = \"{advertised}\"\nlog_level = \"debug\"\n{}{proxy_block}",
+            "{storage}\n{ha}\nlistener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  cluster_address = \"127.0.0.1:{cluster_port}\"\n{tls_lines}{}}}\napi_addr = \"{scheme}://127.0.0.1:{port}\"\ncluster_addr = \"{advertised}\"\nlog_level = \"debug\"\n{}{proxy_block}",
             self.listener_extra, self.top_extra
         );
+        let mut http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30));
+        if let Some(pem) = &ca_pem {
+            http = http.add_root_certificate(reqwest::Certificate::from_pem(pem.as_bytes()).expect("listener cert"));
+        }
         let config_path = dir.path().join("node.hcl");
         std::fs::write(&config_path, &config).expect("write config");
         let mut node = TestNode {
@@ -149,17 +186,14 @@ impl TestNodeBuilder {
                 format!("http://127.0.0.1:{port}")
             },
             socket: self.behind_proxy.then_some(socket),
-            addr: format!("http://127.0.0.1:{port}"),
+            addr: format!("{scheme}://127.0.0.1:{port}"),
+            ca_pem,
             port,
             cluster_port,
             config_path,
             builder: self,
             proc: None,
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("http client"),
+            http: http.build().expect("http client"),
             dir,
             restarts: 0,
         };
@@ -174,6 +208,8 @@ pub struct TestNode {
     pub addr: String,
     /// Where the node process itself answers HTTP (`node_address` behind a proxy).
     pub node_addr: String,
+    /// The listener's self-signed certificate (PEM) with `listener_tls`.
+    pub ca_pem: Option<String>,
     /// The proxy <-> node unix socket, when behind a proxy.
     pub socket: Option<PathBuf>,
     pub port: u16,
