@@ -4,6 +4,11 @@
 
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc's allocator: a profile of a forwarding proxy under load spent
+/// about 20% of its CPU in glibc malloc/free/memmove (Pingora allocates per request).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     let args = normalize_flags(args);
