@@ -352,6 +352,22 @@ async fn metrics_endpoint_token_rules() {
 }
 
 /// Proxy `i`'s metrics once they satisfy `pred`.
+/// Waits until proxy `i` uses the advertisement of `term`, and checks that its age is
+/// within the time elapsed since `since` (it was accepted after that). Returns the scrape.
+async fn wait_advertisement(c: &TestCluster, i: usize, term: f64, since: std::time::Instant) -> String {
+    let m = wait_proxy(c, i, "proxy uses the advertisement of the term", |m| {
+        v(m, "vha_proxy_advertisement_term") == term
+    })
+    .await;
+    let age = v(&m, "vha_proxy_advertisement_age_seconds");
+    assert!(
+        (0.0..=since.elapsed().as_secs_f64()).contains(&age),
+        "proxy {i}: advertisement age {age} not within {:?}:\n{m}",
+        since.elapsed()
+    );
+    m
+}
+
 async fn wait_proxy(c: &TestCluster, i: usize, why: &str, pred: impl Fn(&str) -> bool) -> String {
     wait_until_async(
         || async {
@@ -409,16 +425,7 @@ async fn proxy_metrics_move_with_their_events() {
         "vha_node_term",
     );
     for i in [a, s] {
-        let m = wait_proxy(&c, i, "proxy uses the active's advertisement", |m| {
-            v(m, "vha_proxy_advertisement_term") == term1
-        })
-        .await;
-        let age = v(&m, "vha_proxy_advertisement_age_seconds");
-        assert!(
-            (0.0..=began.elapsed().as_secs_f64()).contains(&age),
-            "proxy {i}: advertisement age {age} not within the test's {:?}:\n{m}",
-            began.elapsed()
-        );
+        let m = wait_advertisement(&c, i, term1, began).await;
         assert_eq!(v(&m, "vha_proxy_holding"), 0.0);
     }
 
@@ -533,16 +540,7 @@ async fn proxy_metrics_move_with_their_events() {
         &wait_node(&c, s, "new active reports its term", |t| v(t, "vha_node_term") > term1).await,
         "vha_node_term",
     );
-    let m = wait_proxy(&c, s, "proxy uses the new advertisement", |m| {
-        v(m, "vha_proxy_advertisement_term") == term2
-    })
-    .await;
-    let age = v(&m, "vha_proxy_advertisement_age_seconds");
-    assert!(
-        (0.0..=killed.elapsed().as_secs_f64()).contains(&age),
-        "age {age} of the new advertisement, accepted after the kill {:?} ago",
-        killed.elapsed()
-    );
+    wait_advertisement(&c, s, term2, killed).await;
     wait_proxy(&c, s, "connections to the dead active no longer open", |m| {
         series_value(m, "vha_proxy_upstream_open_connections", &active_up) == 0.0
     })
