@@ -103,9 +103,6 @@ impl TestNodeBuilder {
         self
     }
 
-    /// Run as the node of a proxy + node pair: the config gets a `proxy {}` block (socket in
-    /// the node's temp dir, `node_address` on a free loopback port); the api address then
-    /// belongs to the proxy, which the caller starts (`vha proxy --config <config_path>`).
     /// The client-facing listener (the proxy's, with `behind_proxy`) serves TLS with a fresh
     /// self-signed certificate for 127.0.0.1 (`TestNode::ca_pem`); `addr` is `https://...`
     /// and the node's own client trusts that certificate.
@@ -114,6 +111,9 @@ impl TestNodeBuilder {
         self
     }
 
+    /// Run as the node of a proxy + node pair: the config gets a `proxy {}` block (socket in
+    /// the node's temp dir, `node_address` on a free loopback port); the api address then
+    /// belongs to the proxy, which the caller starts (`vha proxy --config <config_path>`).
     pub fn behind_proxy(mut self) -> Self {
         self.behind_proxy = true;
         self
@@ -719,62 +719,43 @@ impl TestClusterBuilder {
         }
         let lockd = crate::lockd::TestLockd::start();
         let ha_lockd = self.split.then(crate::lockd::TestLockd::start);
+        let lock_store = ha_lockd.as_ref().unwrap_or(&lockd);
         let mut store_relays = Vec::new();
-        let mut cluster_relays = Vec::new();
-        let mut nodes = Vec::new();
-        let mut proxies = Vec::new();
+        let mut lock_addrs = Vec::new();
         for _ in 0..self.nodes {
-            let lock_store = ha_lockd.as_ref().unwrap_or(&lockd);
-            let mut lock_addr = lock_store.address();
             if self.relay_store {
                 let r = crate::relay::Relay::start(([127, 0, 0, 1], lock_store.port).into()).await;
-                lock_addr = format!("http://{}", r.addr());
+                lock_addrs.push(format!("http://{}", r.addr()));
                 store_relays.push(r);
-            }
-            let (api, cluster) = (free_port(), free_port());
-            let mut b = self.template.clone().ports(api, cluster);
-            if self.proxies {
-                b = b.behind_proxy();
-            }
-            if self.relay_cluster {
-                let r = crate::relay::Relay::start(([127, 0, 0, 1], cluster).into()).await;
-                b = b.advertise_cluster(format!("https://{}", r.addr()));
-                cluster_relays.push(r);
-            }
-            b = if let Some(dir) = &self.file_data {
-                b.storage(Storage::Raw(format!(
-                    "storage \"file\" {{\n  path = \"{}\"\n}}",
-                    dir.display()
-                )))
-                .ha_storage(format!(
-                    "ha_storage \"lockd\" {{\n  address = \"{lock_addr}\"\n  lock_ttl = \"{}\"\n}}",
-                    self.lock_ttl
-                ))
-            } else if self.split {
-                b.storage(Storage::Raw(format!(
-                    "storage \"lockd\" {{\n  address = \"{}\"\n  ha_enabled = \"false\"\n}}",
-                    lockd.address()
-                )))
-                .ha_storage(format!(
-                    "ha_storage \"lockd\" {{\n  address = \"{lock_addr}\"\n  lock_ttl = \"{}\"\n}}",
-                    self.lock_ttl
-                ))
             } else {
-                b.storage(Storage::Raw(format!(
-                    "storage \"lockd\" {{\n  address = \"{lock_addr}\"\n  lock_ttl = \"{}\"\n}}",
-                    self.lock_ttl
-                )))
-            };
-            let node = b.start().await;
-            if self.proxies {
-                proxies.push(crate::proxy::TestProxy::start(
-                    &node.config_path,
-                    ([127, 0, 0, 1], api).into(),
-                ));
+                lock_addrs.push(lock_store.address());
             }
-            nodes.push(node);
         }
-        let mut c = TestCluster {
+        let ttl = &self.lock_ttl;
+        let ha_stanza = |block: &str, addr: &str| {
+            format!("{block} \"lockd\" {{\n  address = \"{addr}\"\n  lock_ttl = \"{ttl}\"\n}}")
+        };
+        let (nodes, proxies, cluster_relays) = self
+            .start_pairs(|i, b| {
+                let lock_addr = &lock_addrs[i];
+                if let Some(dir) = &self.file_data {
+                    b.storage(Storage::Raw(format!(
+                        "storage \"file\" {{\n  path = \"{}\"\n}}",
+                        dir.display()
+                    )))
+                    .ha_storage(ha_stanza("ha_storage", lock_addr))
+                } else if self.split {
+                    b.storage(Storage::Raw(format!(
+                        "storage \"lockd\" {{\n  address = \"{}\"\n  ha_enabled = \"false\"\n}}",
+                        lockd.address()
+                    )))
+                    .ha_storage(ha_stanza("ha_storage", lock_addr))
+                } else {
+                    b.storage(Storage::Raw(ha_stanza("storage", lock_addr)))
+                }
+            })
+            .await;
+        let c = TestCluster {
             nodes,
             lockd: Some(lockd),
             ha_lockd,
@@ -784,15 +765,7 @@ impl TestClusterBuilder {
             proxies,
             keys: None,
         };
-        if self.init {
-            let keys = c.nodes[0].init(1, 1).await;
-            c.keys = Some(keys);
-            for i in 0..c.nodes.len() {
-                c.unseal(i).await;
-            }
-            c.wait_one_active(START_TIMEOUT).await;
-        }
-        c
+        self.finish(c).await
     }
 
     /// `start` when etcd is involved: one etcd cluster, plus one lockd when a split pair
@@ -817,10 +790,40 @@ impl TestClusterBuilder {
                 ),
             }
         };
+        let (nodes, proxies, cluster_relays) = self
+            .start_pairs(|_, b| {
+                if split {
+                    b.storage(Storage::Raw(stanza("storage", data, false, "vault/")))
+                        .ha_storage(stanza("ha_storage", ha, true, "vault-ha/"))
+                } else {
+                    b.storage(Storage::Raw(stanza("storage", Store::Etcd, true, "vault/")))
+                }
+            })
+            .await;
+        let c = TestCluster {
+            nodes,
+            lockd,
+            ha_lockd: None,
+            etcd: Some(etcd),
+            store_relays: Vec::new(),
+            cluster_relays,
+            proxies,
+            keys: None,
+        };
+        self.finish(c).await
+    }
+
+    /// Starts the nodes, node `i` with the store stanzas `stores(i, template)` adds; with
+    /// `proxies` each behind its own `vha proxy`, with `relay_cluster` a relay in front of
+    /// each cluster listener. Both start paths share this.
+    async fn start_pairs(
+        &self,
+        stores: impl Fn(usize, TestNodeBuilder) -> TestNodeBuilder,
+    ) -> (Vec<TestNode>, Vec<crate::proxy::TestProxy>, Vec<crate::relay::Relay>) {
         let mut cluster_relays = Vec::new();
         let mut nodes = Vec::new();
         let mut proxies = Vec::new();
-        for _ in 0..self.nodes {
+        for i in 0..self.nodes {
             let (api, cluster) = (free_port(), free_port());
             let mut b = self.template.clone().ports(api, cluster);
             if self.proxies {
@@ -831,13 +834,7 @@ impl TestClusterBuilder {
                 b = b.advertise_cluster(format!("https://{}", r.addr()));
                 cluster_relays.push(r);
             }
-            b = if split {
-                b.storage(Storage::Raw(stanza("storage", data, false, "vault/")))
-                    .ha_storage(stanza("ha_storage", ha, true, "vault-ha/"))
-            } else {
-                b.storage(Storage::Raw(stanza("storage", Store::Etcd, true, "vault/")))
-            };
-            let node = b.start().await;
+            let node = stores(i, b).start().await;
             if self.proxies {
                 proxies.push(crate::proxy::TestProxy::start(
                     &node.config_path,
@@ -846,16 +843,12 @@ impl TestClusterBuilder {
             }
             nodes.push(node);
         }
-        let mut c = TestCluster {
-            nodes,
-            lockd,
-            ha_lockd: None,
-            etcd: Some(etcd),
-            store_relays: Vec::new(),
-            cluster_relays,
-            proxies,
-            keys: None,
-        };
+        (nodes, proxies, cluster_relays)
+    }
+
+    /// Unless `no_init`: initializes through node 0, unseals every node and waits for one
+    /// active node.
+    async fn finish(&self, mut c: TestCluster) -> TestCluster {
         if self.init {
             let keys = c.nodes[0].init(1, 1).await;
             c.keys = Some(keys);
