@@ -8,27 +8,15 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
-use vha_testkit::{pid_alive, vha_binary, wait_until, ChildProc};
+use vha_testkit::{pid_alive, vha_binary, TestDev};
 
 /// The dev cluster comes up complete and valid, serves KV v2 through its active node, and
 /// Ctrl-C stops lockd and every node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_cluster_end_to_end() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("dev");
-    let mut cmd = Command::new(vha_binary());
-    cmd.args(["dev", "--nodes", "3", "--port-base", "0", "--lock-ttl", "2s", "--dir"])
-        .arg(&data);
-    let mut dev = ChildProc::spawn("vha dev", cmd, &dir.path().join("dev.log"));
-    let path = data.join("cluster.json");
-    let cluster: Value = wait_until(
-        || {
-            assert!(dev.is_running(), "vha dev exited early:\n{}", dev.output());
-            std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok())
-        },
-        "cluster.json written",
-        Duration::from_secs(60),
-    );
+    let mut dev = TestDev::start(&["--nodes", "3", "--lock-ttl", "2s"], Duration::from_secs(60));
+    let path = dev.cluster_json();
+    let cluster = dev.cluster.clone();
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "cluster.json holds secrets: 0600");
     let token = cluster["root_token"].as_str().expect("root_token").to_string();
@@ -154,8 +142,9 @@ async fn dev_cluster_end_to_end() {
     assert_eq!(code, Some(1), "init of an initialized cluster fails");
     assert!(err.contains("already initialized"), "{err}");
 
-    dev.signal(Signal::SIGINT);
+    dev.proc.signal(Signal::SIGINT);
     let status = dev
+        .proc
         .wait_exit(Duration::from_secs(60))
         .expect("vha dev exits after Ctrl-C");
     assert!(status.success(), "clean exit: {status:?}");

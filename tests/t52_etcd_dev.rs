@@ -2,7 +2,6 @@
 //! with HA, one active serving KV v2, and every process (etcd members included) stopped on
 //! Ctrl-C.
 
-use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -10,39 +9,18 @@ use serde_json::{json, Value};
 use vha_core::advert::LOCK_KEY;
 use vha_core::storage::etcd::EtcdBackend;
 use vha_core::storage::HaBackend;
-use vha_testkit::{pid_alive, vha_binary, wait_until, ChildProc};
+use vha_testkit::{pid_alive, TestDev};
 
 /// The dev cluster on etcd comes up with three etcd members and no lockd, the nodes report
 /// `storage_type = etcd`, the HA lock is held in etcd by the active, KV v2 works through it,
 /// and Ctrl-C stops the nodes and every etcd member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_cluster_on_etcd() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("dev");
-    let mut cmd = Command::new(vha_binary());
-    cmd.args([
-        "dev",
-        "--storage",
-        "etcd",
-        "--nodes",
-        "2",
-        "--port-base",
-        "0",
-        "--lock-ttl",
-        "5s",
-        "--dir",
-    ])
-    .arg(&data);
-    let mut dev = ChildProc::spawn("vha dev", cmd, &dir.path().join("dev.log"));
-    let path = data.join("cluster.json");
-    let cluster: Value = wait_until(
-        || {
-            assert!(dev.is_running(), "vha dev exited early:\n{}", dev.output());
-            std::fs::read(&path).ok().and_then(|b| serde_json::from_slice(&b).ok())
-        },
-        "cluster.json written",
+    let mut dev = TestDev::start(
+        &["--storage", "etcd", "--nodes", "2", "--lock-ttl", "5s"],
         Duration::from_secs(90),
     );
+    let cluster = dev.cluster.clone();
     assert!(cluster["lockd"].is_null(), "no lockd with --storage etcd: {cluster}");
     let members = cluster["etcd"].as_array().expect("etcd members").clone();
     assert_eq!(members.len(), 3, "a 3-member etcd cluster");
@@ -92,8 +70,9 @@ async fn dev_cluster_on_etcd() {
         "the HA lock is held in etcd"
     );
 
-    dev.signal(Signal::SIGINT);
+    dev.proc.signal(Signal::SIGINT);
     let status = dev
+        .proc
         .wait_exit(Duration::from_secs(60))
         .expect("vha dev exits after Ctrl-C");
     assert!(status.success(), "clean exit: {status:?}");

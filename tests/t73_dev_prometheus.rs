@@ -2,47 +2,32 @@
 //! passes `promtool check config`, and with `--prometheus` the Prometheus it starts scrapes
 //! every node and lockd successfully (all targets up, exactly one active node).
 
-use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
 use vha_testkit::prometheus::promtool_check_config;
-use vha_testkit::{vha_binary, wait_until, wait_until_async, ChildProc};
+use vha_testkit::{wait_until, wait_until_async, TestDev};
 
 const BOUND: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_writes_a_working_prometheus_config() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("dev");
-    let mut cmd = Command::new(vha_binary());
-    cmd.args([
-        "dev",
-        "--nodes",
-        "3",
-        "--port-base",
-        "0",
-        "--lock-ttl",
-        "2s",
-        "--prometheus",
-        "--dir",
-    ])
-    .arg(&data);
-    let mut dev = ChildProc::spawn("vha dev", cmd, &dir.path().join("dev.log"));
-    let yml = data.join("prometheus.yml");
+    let mut dev = TestDev::start(&["--nodes", "3", "--lock-ttl", "2s", "--prometheus"], BOUND);
+    let yml = dev.dir.join("prometheus.yml");
     let prom_addr = wait_until(
         || {
-            assert!(dev.is_running(), "vha dev exited early:\n{}", dev.output());
-            dev.output()
+            assert!(dev.proc.is_running(), "vha dev exited early:\n{}", dev.proc.output());
+            dev.proc
+                .output()
                 .lines()
                 .find_map(|l| l.trim().strip_prefix("prometheus: ").map(str::to_string))
         },
         "vha dev up with its Prometheus",
         BOUND,
     );
-    let cluster: Value = serde_json::from_slice(&std::fs::read(data.join("cluster.json")).unwrap()).unwrap();
+    let cluster = dev.cluster.clone();
     let text = std::fs::read_to_string(&yml).expect("prometheus.yml written");
     if let Err(out) = promtool_check_config(&yml) {
         panic!("promtool rejects the dev config:\n{out}\n{text}");
@@ -95,9 +80,9 @@ async fn dev_writes_a_working_prometheus_config() {
     .await;
     assert_eq!(active, "1", "exactly one active node");
 
-    dev.signal(Signal::SIGINT);
+    dev.proc.signal(Signal::SIGINT);
     assert!(
-        dev.wait_exit(BOUND).is_some(),
+        dev.proc.wait_exit(BOUND).is_some(),
         "vha dev stops (with its Prometheus) on Ctrl-C"
     );
 }

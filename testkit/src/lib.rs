@@ -4,12 +4,14 @@
 //!
 //! - [`process`]: spawning, signalling and reaping processes; locating the `vha` binary.
 //! - [`wait`]: `wait_until(condition, why, timeout)`.
+//! - [`dev`]: `TestDev` for a whole `vha dev` cluster.
 //! - [`etcd`]: `TestEtcd` for real etcd members (single or 3-member raft, kill/stop/restart).
 //! - [`lockd`]: `TestLockd` for `vha lockd` (start, kill -9, restart, stop).
 //! - [`node`]: `TestNode` / `TestCluster` builders for `vha server`.
 //! - [`prometheus`]: `TestPrometheus`, a real Prometheus scraping the test's processes.
 //! - [`proxy`]: `TestProxy` for `vha proxy` in front of a node (`TestCluster::builder().proxies()`).
 
+pub mod dev;
 pub mod etcd;
 pub mod lockd;
 pub mod node;
@@ -19,6 +21,7 @@ pub mod proxy;
 pub mod relay;
 pub mod wait;
 
+pub use dev::TestDev;
 pub use etcd::TestEtcd;
 pub use lockd::TestLockd;
 pub use node::{TestCluster, TestNode};
