@@ -97,10 +97,7 @@ async fn read_only_policy_allows_read_denies_write() {
 async fn create_vs_update_plus_glob_and_deny() {
     let node = TestNode::builder().start().await;
     let root = node.init_unsealed().await.root_token;
-    let (st, _) = node
-        .request("POST", "sys/mounts/kv", Some(&root), Some(json!({"type": "kv"})))
-        .await;
-    assert_eq!(st, StatusCode::NO_CONTENT);
+    node.mount_kv(&root, "kv", "1").await;
     put_policy(
         &node,
         &root,
@@ -333,10 +330,7 @@ async fn capabilities_self() {
 async fn parameter_constraints_enforced() {
     let node = TestNode::builder().start().await;
     let root = node.init_unsealed().await.root_token;
-    let (st, _) = node
-        .request("POST", "sys/mounts/kv", Some(&root), Some(json!({"type": "kv"})))
-        .await;
-    assert_eq!(st, StatusCode::NO_CONTENT);
+    node.mount_kv(&root, "kv", "1").await;
     put_policy(
         &node,
         &root,

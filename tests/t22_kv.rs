@@ -6,18 +6,6 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use vha_testkit::TestNode;
 
-async fn mount(node: &TestNode, root: &str, path: &str, version: &str) {
-    let (st, v) = node
-        .request(
-            "POST",
-            &format!("sys/mounts/{path}"),
-            Some(root),
-            Some(json!({"type": "kv", "options": {"version": version}})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::NO_CONTENT, "{v}");
-}
-
 async fn write(node: &TestNode, root: &str, path: &str, body: Value) -> (StatusCode, Value) {
     node.request("POST", path, Some(root), Some(body)).await
 }
@@ -29,7 +17,7 @@ async fn mounts_lifecycle() {
     let node = TestNode::builder().start().await;
     let root = node.init_unsealed().await.root_token;
     let r = Some(root.as_str());
-    mount(&node, &root, "kv2", "2").await;
+    node.mount_kv(&root, "kv2", "2").await;
     let (st, v) = node
         .request("POST", "sys/mounts/kv2", r, Some(json!({"type": "kv"})))
         .await;
@@ -106,7 +94,7 @@ async fn mounts_lifecycle() {
         v["errors"][0],
         "no handler for route \"kv2/data/a\". route entry not found."
     );
-    mount(&node, &root, "kv2", "2").await;
+    node.mount_kv(&root, "kv2", "2").await;
     let (st, _) = node.request("GET", "kv2/data/a", r, None).await;
     assert_eq!(st, StatusCode::NOT_FOUND, "a re-enabled mount starts empty");
 }
@@ -119,7 +107,7 @@ async fn kv2_versions_cas_delete_destroy_patch_metadata() {
     let node = TestNode::builder().start().await;
     let root = node.init_unsealed().await.root_token;
     let r = Some(root.as_str());
-    mount(&node, &root, "secret", "2").await;
+    node.mount_kv(&root, "secret", "2").await;
     for i in 1..=3 {
         let (st, v) = write(
             &node,
@@ -328,7 +316,7 @@ async fn kv2_config() {
     let node = TestNode::builder().start().await;
     let root = node.init_unsealed().await.root_token;
     let r = Some(root.as_str());
-    mount(&node, &root, "secret", "2").await;
+    node.mount_kv(&root, "secret", "2").await;
     let (st, v) = node.request("GET", "secret/config", r, None).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(
@@ -368,7 +356,7 @@ async fn destroyed_version_stays_destroyed_across_restart() {
     let mut node = TestNode::builder().start().await;
     let keys = node.init_unsealed().await;
     let root = keys.root_token.clone();
-    mount(&node, &root, "secret", "2").await;
+    node.mount_kv(&root, "secret", "2").await;
     for i in 1..=3 {
         write(&node, &root, "secret/data/x", json!({"data": {"v": i}})).await;
     }
@@ -406,7 +394,7 @@ async fn kv1_read_write_list_delete() {
     let node = TestNode::builder().start().await;
     let root = node.init_unsealed().await.root_token;
     let r = Some(root.as_str());
-    mount(&node, &root, "kv1", "1").await;
+    node.mount_kv(&root, "kv1", "1").await;
     let (st, _) = write(&node, &root, "kv1/foo/bar", json!({"a": "b", "ttl": "1m"})).await;
     assert_eq!(st, StatusCode::NO_CONTENT);
     let (st, _) = write(&node, &root, "kv1/top", json!({"x": 1})).await;
@@ -449,7 +437,7 @@ async fn kv1_read_write_list_delete() {
 async fn ui_mounts_lookup() {
     let node = TestNode::builder().start().await;
     let root = node.init_unsealed().await.root_token;
-    mount(&node, &root, "secret", "2").await;
+    node.mount_kv(&root, "secret", "2").await;
     let (st, v) = node
         .request("GET", "sys/internal/ui/mounts/secret/a/b", Some(&root), None)
         .await;
@@ -478,7 +466,7 @@ async fn ui_mounts_lookup() {
 async fn kv2_concurrent_writes_per_key() {
     let node = TestNode::builder().start().await;
     let root = node.init_unsealed().await.root_token;
-    mount(&node, &root, "secret", "2").await;
+    node.mount_kv(&root, "secret", "2").await;
     let node = std::sync::Arc::new(node);
     let run = |paths: Vec<(String, Value)>| {
         let node = node.clone();
