@@ -353,8 +353,16 @@ async fn cluster_listener_mtls() {
     let foreign = tls_request(&adv.cluster_addr, &uuid, Arc::new(evil_cfg)).await;
     assert!(foreign.is_err(), "foreign P-521 cert must be refused: {foreign:?}");
 
-    // Standbys have no cluster listener.
-    let s = (a + 1) % 3;
+    // Standbys have no cluster listener: a node that is a standby now (on two busy cores
+    // the lease may have moved since `a` was found; this checks a current standby).
+    let mut s = None;
+    for i in 0..3 {
+        if c.leader_of(i).await.is_some_and(|v| v["is_self"] == false) {
+            s = Some(i);
+            break;
+        }
+    }
+    let s = s.expect("a standby node");
     let standby_cluster = format!("127.0.0.1:{}", c.nodes[s].cluster_port);
     assert!(
         tokio::net::TcpStream::connect(&standby_cluster).await.is_err(),
