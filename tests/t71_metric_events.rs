@@ -74,8 +74,8 @@ fn v(text: &str, name: &str) -> f64 {
 
 /// Label names every exported series may carry: a fixed, bounded set (no path, no token,
 /// no client address).
-const ALLOWED_LABELS: [&str; 10] = [
-    "le", "route", "class", "kind", "reason", "outcome", "op", "quantile", "reused", "upstream",
+const ALLOWED_LABELS: [&str; 11] = [
+    "le", "route", "class", "kind", "reason", "outcome", "op", "quantile", "reused", "upstream", "role",
 ];
 
 fn assert_bounded_labels(what: &str, text: &str, token: &str) {
@@ -401,6 +401,9 @@ fn total(text: &str, name: &str) -> f64 {
 ///   and one `vha_proxy_hold_seconds` observation with a positive sum), the connections to
 ///   the dead active are no longer counted open, and the term grows to the new active's
 ///   with a fresh age.
+/// - `vha_proxy_local_role` has one series at 1, the role its node last reported: standby
+///   for a restarted standby, active for the new active, sealed after a restart, down after
+///   kill -9 of its node.
 /// - a proxy whose node is down while no node holds the lock knows no active: a request
 ///   through it is held (`vha_proxy_holding` 1) until a node is unsealed and takes the lock,
 ///   then forwarded: `holds_total{outcome="resolved"}` + 1, `hold_seconds` count + 1, sum
@@ -552,16 +555,35 @@ async fn proxy_metrics_move_with_their_events() {
     c.nodes[a].restart().await;
     c.proxies[a].restart();
     c.unseal(a).await;
-    wait_proxy(&c, a, "proxy a uses the current advertisement", |m| {
-        v(m, "vha_proxy_advertisement_term") == term2 && v(m, "vha_proxy_active_known") == 1.0
-    })
+    let role = |m: &str, r: &str| series_value(m, "vha_proxy_local_role", &[("role", r)]);
+    wait_proxy(
+        &c,
+        a,
+        "proxy a uses the current advertisement, its node a standby",
+        |m| {
+            v(m, "vha_proxy_advertisement_term") == term2
+                && v(m, "vha_proxy_active_known") == 1.0
+                && role(m, "standby") == 1.0
+        },
+    )
     .await;
+    assert_eq!(
+        role(&c.proxies[s].metrics().await, "active"),
+        1.0,
+        "proxy s: its node is active"
+    );
     c.nodes[a].kill();
     c.nodes[s].restart().await;
-    let q0 = wait_proxy(&c, a, "proxy a knows no active", |m| {
-        v(m, "vha_proxy_active_known") == 0.0
+    wait_proxy(&c, s, "proxy s sees its node sealed", |m| role(m, "sealed") == 1.0).await;
+    let q0 = wait_proxy(&c, a, "proxy a knows no active, its node down", |m| {
+        v(m, "vha_proxy_active_known") == 0.0 && role(m, "down") == 1.0
     })
     .await;
+    assert_eq!(
+        ["sealed", "standby", "active", "disabled"].map(|r| role(&q0, r)),
+        [0.0; 4],
+        "one role at a time:\n{q0}"
+    );
     assert_eq!(
         v(&q0, "vha_proxy_advertisement_term"),
         0.0,

@@ -199,9 +199,12 @@ pub async fn run(stores: Stores, socket: std::path::PathBuf, tx: watch::Sender<A
         let changed = !same(&tx.borrow(), &view);
         if changed {
             tracing::info!(local = ?view.local, active = ?view.active, "view changed");
-            metrics.set_active_known(view.active.is_some());
-            metrics.set_advertisement(view.active.as_ref().map(|t| (t.term, t.accepted)));
+            // The view is published first, so a scrape that shows it is never ahead of
+            // the routes.
             tx.send_replace(Arc::new(view.clone()));
+            metrics.set_active_known(view.active.is_some());
+            metrics.set_local_role(view.local);
+            metrics.set_advertisement(view.active.as_ref().map(|t| (t.term, t.accepted)));
         }
     }
 }

@@ -41,6 +41,21 @@ use prometheus::{
     TextEncoder,
 };
 
+use crate::route::LocalRole;
+
+/// The `role` label values of `vha_proxy_local_role`, one series each (bounded).
+const LOCAL_ROLES: [&str; 5] = ["down", "sealed", "standby", "active", "disabled"];
+
+fn role_label(role: LocalRole) -> &'static str {
+    match role {
+        LocalRole::Down => "down",
+        LocalRole::Sealed => "sealed",
+        LocalRole::Standby => "standby",
+        LocalRole::Active => "active",
+        LocalRole::Disabled => "disabled",
+    }
+}
+
 /// The proxy's metric handles (cheap to clone).
 #[derive(Clone)]
 pub struct Metrics {
@@ -62,6 +77,9 @@ pub struct Metrics {
     pub upstream_connections: IntCounterVec,
     pub advert_rejected: IntCounter,
     pub active_known: IntGauge,
+    /// 1 on the `role` the local node last reported (down | sealed | standby | active |
+    /// disabled), 0 on the others: which pair a proxy treats as the active one.
+    pub local_role: IntGaugeVec,
     /// Vault's names for the same forwarding observations (in Vault the standby node
     /// forwards; in vha its proxy does, so the proxy exports them).
     pub vault_forward: Histogram,
@@ -247,6 +265,17 @@ impl Metrics {
         .expect("metric");
         let active_known =
             IntGauge::new("vha_proxy_active_known", "1 when an authenticated active node is known").expect("metric");
+        let local_role = IntGaugeVec::new(
+            Opts::new(
+                "vha_proxy_local_role",
+                "1 on the role the local node last reported to this proxy (down, sealed, standby, active, disabled)",
+            ),
+            &["role"],
+        )
+        .expect("metric");
+        for r in LOCAL_ROLES {
+            local_role.with_label_values(&[r]).set(i64::from(r == "down"));
+        }
         let vault_forward = Histogram::with_opts(
             HistogramOpts::new(
                 "vault_ha_rpc_client_forward",
@@ -274,6 +303,7 @@ impl Metrics {
             Box::new(upstream_connections.clone()),
             Box::new(advert_rejected.clone()),
             Box::new(active_known.clone()),
+            Box::new(local_role.clone()),
             Box::new(scrape.clone()),
         ] {
             registry.register(c).expect("register metric");
@@ -290,6 +320,7 @@ impl Metrics {
             upstream_connections,
             advert_rejected,
             active_known,
+            local_role,
             vault_forward,
             vault_forward_errors,
             scrape,
@@ -310,6 +341,14 @@ impl Metrics {
 
     pub fn set_active_known(&self, known: bool) {
         self.active_known.set(i64::from(known));
+    }
+
+    /// The local node's role as the route decision now sees it.
+    pub fn set_local_role(&self, role: LocalRole) {
+        let now = role_label(role);
+        for r in LOCAL_ROLES {
+            self.local_role.with_label_values(&[r]).set(i64::from(r == now));
+        }
     }
 
     /// A request starts waiting for an active node.
@@ -444,6 +483,27 @@ mod tests {
         // A hold dropped without an outcome (request abandoned) is no longer in progress.
         drop(m.hold_started());
         assert_eq!(value(&text(&m), "vha_proxy_holding"), Some(0.0));
+    }
+
+    /// Exactly one `vha_proxy_local_role` series is 1, the role last set ("down" before
+    /// the local node has said anything).
+    #[test]
+    fn local_role_has_one_series_set() {
+        let m = Metrics::new();
+        let ones = |t: &str| -> Vec<String> {
+            LOCAL_ROLES
+                .iter()
+                .filter(|r| value(t, &format!("vha_proxy_local_role{{role=\"{r}\"}}")) == Some(1.0))
+                .map(|r| r.to_string())
+                .collect()
+        };
+        assert_eq!(ones(&text(&m)), ["down"]);
+        m.set_local_role(LocalRole::Active);
+        assert_eq!(ones(&text(&m)), ["active"]);
+        m.set_local_role(LocalRole::Sealed);
+        let t = text(&m);
+        assert_eq!(ones(&t), ["sealed"]);
+        assert_eq!(value(&t, "vha_proxy_local_role{role=\"active\"}"), Some(0.0));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
 use crate::process::{free_port, vha_binary, ChildProc};
+use crate::prometheus::series_value;
 use crate::wait::wait_until_async;
 
 /// How long a node may take to start answering. Debug builds on 2 busy cores start in well
@@ -596,10 +597,11 @@ impl TestCluster {
         out
     }
 
-    /// Waits until exactly one node is active, and every running unsealed node's
-    /// `sys/leader` names it; returns its index.
+    /// Waits until exactly one node is active, every running unsealed node's `sys/leader`
+    /// names it and, with `.proxies()`, every running proxy routes by it
+    /// ([`TestCluster::wait_proxies_follow`]); returns its index.
     pub async fn wait_one_active(&self, timeout: Duration) -> usize {
-        wait_until_async(
+        let a = wait_until_async(
             || async {
                 let actives = self.actives().await;
                 let [a] = actives.as_slice() else { return None };
@@ -618,7 +620,65 @@ impl TestCluster {
             "exactly one active node that every node agrees on",
             timeout,
         )
+        .await;
+        self.wait_proxies_follow(a, timeout).await;
+        a
+    }
+
+    /// With `.proxies()`: waits until every running pair's proxy routes by node `a` being
+    /// active: proxy `a` says its local node is active, every other one that its node is a
+    /// standby, and each uses the advertisement of `a`'s current term. A node and its proxy
+    /// learn of a new term separately; without this, a request sent right after
+    /// [`TestCluster::wait_one_active`] could reach a proxy still routing by the old view.
+    pub async fn wait_proxies_follow(&self, a: usize, timeout: Duration) {
+        if self.proxies.is_empty() {
+            return;
+        }
+        wait_until_async(
+            || async {
+                let term = self.node_term(a).await;
+                for (i, p) in self.proxies.iter().enumerate() {
+                    if !p.is_running() || !self.nodes[i].is_running() {
+                        continue;
+                    }
+                    let m = p.metrics().await;
+                    let role = if i == a { "active" } else { "standby" };
+                    if series_value(&m, "vha_proxy_local_role", &[("role", role)]) != 1.0
+                        || series_value(&m, "vha_proxy_active_known", &[]) != 1.0
+                    {
+                        return None;
+                    }
+                    if let Some(t) = term {
+                        if series_value(&m, "vha_proxy_advertisement_term", &[]) != t {
+                            return None;
+                        }
+                    }
+                }
+                Some(())
+            },
+            "every running proxy routes by the active node's current advertisement",
+            timeout,
+        )
         .await
+    }
+
+    /// Node `i`'s `vha_node_term`, read with the root token; `None` when the cluster was not
+    /// initialized here or the node does not answer.
+    async fn node_term(&self, i: usize) -> Option<f64> {
+        let token = &self.keys.as_ref()?.root_token;
+        let url = format!("{}/v1/sys/metrics?format=prometheus", self.nodes[i].node_addr);
+        let r = reqwest::Client::new()
+            .get(url)
+            .header("X-Vault-Token", token)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
+        if r.status() != StatusCode::OK {
+            return None;
+        }
+        let text = r.text().await.ok()?;
+        Some(series_value(&text, "vha_node_term", &[]))
     }
 
     /// Waits until a node other than `old` is active; returns it.
