@@ -33,7 +33,9 @@ pub enum ProxyError {
     LocalUnavailable,
     /// The request reached the active node but its answer did not come back (the active
     /// died or the channel broke mid-request). Never replayed: the request may have run.
-    #[error("request forwarded to the active node failed before a response: {0}")]
+    #[error(
+        "request forwarded to the active node failed before a response (it may have run; it was not retried): {0}"
+    )]
     ForwardBroken(String),
     /// Conflicting or invalid message framing (`Content-Length` with `Transfer-Encoding`).
     #[error("conflicting Content-Length and Transfer-Encoding")]

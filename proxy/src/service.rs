@@ -579,7 +579,14 @@ impl ProxyHttp for VhaProxy {
         let fallback = ctx.fallback.take().or_else(|| match (e.esource(), &ctx.upstream) {
             (ErrorSource::Upstream, Upstream::Active(_)) => {
                 self.metrics.forward_error("broken");
-                Some(Fallback::Error(ProxyError::ForwardBroken(e.to_string())))
+                // The client gets the kind and the root cause; the peer, SNI and certificate
+                // details stay in the log.
+                tracing::warn!(error = %e, "forwarded request failed before a response");
+                Some(Fallback::Error(ProxyError::ForwardBroken(format!(
+                    "{}: {}",
+                    e.etype().as_str(),
+                    e.root_cause()
+                ))))
             }
             (ErrorSource::Upstream, Upstream::Local) => Some(Fallback::Error(ProxyError::LocalUnavailable)),
             _ => None,
