@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod factory;
 pub mod file;
 pub mod inmem;
+pub mod lease;
 pub mod lockd;
 
 use std::sync::Arc;

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{first_get, map_err, to_u64, EtcdBackend, BACKOFF_MAX, BACKOFF_MIN};
 use crate::storage::{
-    validate_key, Fence, HaBackend, Holder, LockGuard, LockRelease, LockTiming, StorageError, WatchStream,
+    lease, validate_key, Fence, HaBackend, Holder, LockGuard, LockRelease, LockTiming, StorageError, WatchStream,
 };
 
 /// How long one wait for the holder's key to go away lasts before the contender re-reads
@@ -180,9 +180,19 @@ impl EtcdBackend {
         let lk = self.lock_key(key);
         tokio::spawn(async move {
             tokio::join!(
-                me.clone()
-                    .keep_alive_loop(lk.clone(), lease, sent, timing, lost2.clone(), dl_tx),
-                me.watch_own_key(lk, token, lost2),
+                lease::keep_lease(
+                    &lk,
+                    EtcdRenew {
+                        client: me.clone(),
+                        lease,
+                        stream: None,
+                    },
+                    sent,
+                    timing,
+                    lost2.clone(),
+                    dl_tx
+                ),
+                me.watch_own_key(lk.clone(), token, lost2),
             );
         });
         let release = Arc::new(EtcdRelease {
@@ -201,61 +211,6 @@ impl EtcdBackend {
             release,
         );
         (guard, dl_rx)
-    }
-
-    /// Keeps the lease alive until the guard is released or the holder deadline passes.
-    async fn keep_alive_loop(
-        self,
-        lk: String,
-        lease: i64,
-        first_sent: Instant,
-        timing: LockTiming,
-        lost: CancellationToken,
-        deadline_tx: watch::Sender<Instant>,
-    ) {
-        let mut deadline = first_sent + timing.ttl - timing.margin;
-        let retry = (timing.renew_interval / 4).max(Duration::from_millis(10));
-        let mut next = first_sent + timing.renew_interval;
-        let mut stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
-        loop {
-            tokio::select! {
-                _ = lost.cancelled() => return,
-                _ = tokio::time::sleep_until(next.min(deadline)) => {}
-            }
-            if Instant::now() >= deadline {
-                tracing::warn!(lock = %lk, lease, "etcd lease deadline passed without a keep-alive; lock lost");
-                lost.cancel();
-                return;
-            }
-            let sent = Instant::now();
-            let budget = deadline.saturating_duration_since(sent);
-            let r = tokio::select! {
-                _ = lost.cancelled() => return,
-                r = tokio::time::timeout(budget, self.keep_alive_once(lease, &mut stream)) => r,
-            };
-            match r {
-                Ok(Ok(ttl)) if ttl > 0 => {
-                    let granted = Duration::from_secs(u64::try_from(ttl).unwrap_or(0)).min(timing.ttl);
-                    deadline = deadline.max(sent + granted - timing.margin.min(granted / 2));
-                    deadline_tx.send_replace(deadline);
-                    next = sent + timing.renew_interval;
-                }
-                Ok(Ok(_)) | Ok(Err(KeepAliveError::Gone)) => {
-                    tracing::warn!(lock = %lk, lease, "etcd says the lease ended; lock lost");
-                    lost.cancel();
-                    return;
-                }
-                Ok(Err(KeepAliveError::Transport(e))) => {
-                    tracing::debug!(lock = %lk, error = %e, "etcd keep-alive failed; retrying until the deadline");
-                    stream = None;
-                    next = Instant::now() + retry;
-                }
-                Err(_) => {
-                    stream = None;
-                    next = Instant::now();
-                }
-            }
-        }
     }
 
     /// One keep-alive round trip; returns the TTL etcd reports (<= 0: lease gone).
@@ -389,6 +344,31 @@ enum KeepAliveError {
     /// etcd says the lease does not exist (expired or revoked).
     Gone,
     Transport(String),
+}
+
+/// etcd's renewal call for [`lease::keep_lease`]: one keep-alive on a kept-open stream
+/// (reopened after a failure).
+struct EtcdRenew {
+    client: EtcdBackend,
+    lease: i64,
+    stream: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+}
+
+impl lease::Renew for EtcdRenew {
+    async fn renew(&mut self, budget: Duration) -> lease::Renewal {
+        match tokio::time::timeout(budget, self.client.keep_alive_once(self.lease, &mut self.stream)).await {
+            Ok(Ok(ttl)) if ttl > 0 => lease::Renewal::Granted(Duration::from_secs(u64::try_from(ttl).unwrap_or(0))),
+            Ok(Ok(_)) | Ok(Err(KeepAliveError::Gone)) => lease::Renewal::Ended,
+            Ok(Err(KeepAliveError::Transport(e))) => {
+                self.stream = None;
+                lease::Renewal::Failed(e)
+            }
+            Err(_) => {
+                self.stream = None;
+                lease::Renewal::Failed("no keep-alive answer before the holder deadline".into())
+            }
+        }
+    }
 }
 
 struct EtcdRelease {

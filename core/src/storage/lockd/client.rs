@@ -34,7 +34,7 @@ use super::protocol::{
 };
 use crate::config::{ConfigError, Stanza};
 use crate::storage::{
-    validate_key, validate_value, Backend, Entry, Fence, HaBackend, Holder, LockGuard, LockRelease, LockTiming,
+    lease, validate_key, validate_value, Backend, Entry, Fence, HaBackend, Holder, LockGuard, LockRelease, LockTiming,
     StorageError, WatchEvent, WatchStream,
 };
 
@@ -571,7 +571,15 @@ impl LockdBackend {
         let me = self.clone();
         let k = key.to_string();
         let lost2 = lost.clone();
-        tokio::spawn(async move { me.renew_loop(k, token, sent, timing, lost2, dl_tx).await });
+        tokio::spawn(async move {
+            let renew = LockdRenew {
+                client: me,
+                key: k.clone(),
+                token,
+                ttl: timing.ttl,
+            };
+            lease::keep_lease(&k, renew, sent, timing, lost2, dl_tx).await
+        });
         let release = Arc::new(LockdRelease {
             client: self.clone(),
             key: key.to_string(),
@@ -587,61 +595,6 @@ impl LockdBackend {
             release,
         );
         (guard, dl_rx)
-    }
-
-    /// Renews until the guard is released or the holder-side deadline passes.
-    async fn renew_loop(
-        self,
-        key: String,
-        token: u64,
-        mut last_sent: Instant,
-        timing: LockTiming,
-        lost: CancellationToken,
-        deadline_tx: watch::Sender<Instant>,
-    ) {
-        let mut deadline = last_sent + timing.ttl - timing.margin;
-        // After a failed attempt, retry sooner than the regular interval.
-        let retry = (timing.renew_interval / 4).max(Duration::from_millis(10));
-        let mut next = last_sent + timing.renew_interval;
-        loop {
-            tokio::select! {
-                _ = lost.cancelled() => return,
-                _ = tokio::time::sleep_until(next.min(deadline)) => {}
-            }
-            if Instant::now() >= deadline {
-                tracing::warn!(lock = %key, token, "lock lease deadline passed without a renewal; lock lost");
-                lost.cancel();
-                return;
-            }
-            let sent = Instant::now();
-            let q = LeaseRequest {
-                key: key.clone(),
-                token,
-            };
-            let budget = deadline.saturating_duration_since(sent);
-            match self
-                .call_within::<_, RenewResponse>(paths::LOCK_RENEW, &q, budget)
-                .await
-            {
-                Ok(_) => {
-                    last_sent = sent;
-                    deadline = deadline.max(last_sent + timing.ttl - timing.margin);
-                    deadline_tx.send_replace(deadline);
-                    next = last_sent + timing.renew_interval;
-                }
-                Err(CallError::Status(_, b))
-                    if matches!(b.code.as_str(), codes::LEASE_EXPIRED | codes::UNKNOWN_LEASE) =>
-                {
-                    tracing::warn!(lock = %key, token, "lockd says the lease ended; lock lost");
-                    lost.cancel();
-                    return;
-                }
-                Err(e) => {
-                    tracing::debug!(lock = %key, error = %to_storage(e), "renew failed; retrying until the deadline");
-                    next = Instant::now() + retry;
-                }
-            }
-        }
     }
 
     async fn open_watch(&self, req: WatchRequest) -> Result<WatchStream, StorageError> {
@@ -722,6 +675,35 @@ impl LockdBackend {
                 }
                 stream = Some(s);
             }
+        }
+    }
+}
+
+/// lockd's renewal call for [`lease::keep_lease`]: `lock/renew` with the lease's token.
+struct LockdRenew {
+    client: LockdBackend,
+    key: String,
+    token: u64,
+    ttl: Duration,
+}
+
+impl lease::Renew for LockdRenew {
+    async fn renew(&mut self, budget: Duration) -> lease::Renewal {
+        let q = LeaseRequest {
+            key: self.key.clone(),
+            token: self.token,
+        };
+        match self
+            .client
+            .call_within::<_, RenewResponse>(paths::LOCK_RENEW, &q, budget)
+            .await
+        {
+            // lockd renews for the full TTL it granted.
+            Ok(_) => lease::Renewal::Granted(self.ttl),
+            Err(CallError::Status(_, b)) if matches!(b.code.as_str(), codes::LEASE_EXPIRED | codes::UNKNOWN_LEASE) => {
+                lease::Renewal::Ended
+            }
+            Err(e) => lease::Renewal::Failed(to_storage(e).to_string()),
         }
     }
 }
