@@ -6,6 +6,7 @@
 //! - [`wait`]: `wait_until(condition, why, timeout)`.
 //! - [`dev`]: `TestDev` for a whole `vha dev` cluster.
 //! - [`etcd`]: `TestEtcd` for real etcd members (single or 3-member raft, kill/stop/restart).
+//! - [`hostile`]: raw HTTP, slowloris and the hostile-input battery of t80/t93.
 //! - [`lockd`]: `TestLockd` for `vha lockd` (start, kill -9, restart, stop).
 //! - [`node`]: `TestNode` / `TestCluster` builders for `vha server`.
 //! - [`prometheus`]: `TestPrometheus`, a real Prometheus scraping the test's processes.
@@ -13,6 +14,7 @@
 
 pub mod dev;
 pub mod etcd;
+pub mod hostile;
 pub mod lockd;
 pub mod node;
 pub mod process;
