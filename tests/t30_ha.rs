@@ -15,6 +15,7 @@ use vha_core::barrier::Barrier;
 use vha_core::cluster_tls::{ClusterIdentity, PinnedCert};
 use vha_core::storage::lockd::LockdBackend;
 use vha_core::storage::Backend;
+use vha_testkit::node::log_time;
 use vha_testkit::{wait_until_async, Fault, TestCluster};
 
 /// Wide bound for a failover in tests: lock TTL (2-3 s) plus debug-build startup on two
@@ -442,11 +443,6 @@ async fn deposed_active_cannot_write() {
     assert_eq!(v["data"]["metadata"]["version"], 2);
 }
 
-/// Parses the RFC 3339 timestamp that starts a log line.
-fn log_time(line: &str) -> Option<std::time::SystemTime> {
-    humantime::parse_rfc3339(line.split_whitespace().next()?).ok()
-}
-
 /// Through the relay: an active cut from the store stops acting before the lock could be
 /// granted elsewhere (its "leadership lost" precedes the new active's `active_time`), a
 /// standby takes over, and the old active serves nothing meanwhile.
@@ -465,18 +461,7 @@ async fn active_cut_from_store_steps_down_first() {
         let v = c.leader_of(n).await.expect("new active answers");
         humantime::parse_rfc3339(v["active_time"].as_str().unwrap()).unwrap()
     };
-    let lost_line = wait_until_async(
-        || async {
-            c.nodes[a]
-                .output()
-                .lines()
-                .find(|l| l.contains("leadership lost"))
-                .map(str::to_string)
-        },
-        "old active logs leadership lost",
-        FAILOVER_BOUND,
-    )
-    .await;
+    let lost_line = c.nodes[a].wait_log_line("leadership lost", FAILOVER_BOUND).await;
     let lost_at = log_time(&lost_line).expect("timestamp");
     assert!(
         lost_at < new_active_time,

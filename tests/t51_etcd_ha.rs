@@ -15,7 +15,7 @@ use vha_core::advert::LOCK_KEY;
 use vha_core::storage::etcd::EtcdBackend;
 use vha_core::storage::lockd::LockdBackend;
 use vha_core::storage::{Backend, HaBackend};
-use vha_testkit::node::Store;
+use vha_testkit::node::{log_time, Store};
 use vha_testkit::{wait_until_async, TestCluster};
 
 /// The lease TTL the clusters here run with (`lock_timeout`).
@@ -194,18 +194,7 @@ async fn quorum_loss_steps_down_and_loses_no_acknowledged_write() {
         mine
     };
     let watcher = async {
-        let line = wait_until_async(
-            || async {
-                c.nodes[a]
-                    .output()
-                    .lines()
-                    .find(|l| l.contains("leadership lost"))
-                    .map(str::to_string)
-            },
-            "the active logs leadership lost after quorum loss",
-            BOUND,
-        )
-        .await;
+        let line = c.nodes[a].wait_log_line("leadership lost", BOUND).await;
         stop.store(true, std::sync::atomic::Ordering::SeqCst);
         line
     };
@@ -239,11 +228,6 @@ async fn quorum_loss_steps_down_and_loses_no_acknowledged_write() {
         "{} acknowledged writes all present after quorum loss and recovery",
         acked.len()
     );
-}
-
-/// Parses the RFC 3339 timestamp that starts a log line.
-fn log_time(line: &str) -> Option<std::time::SystemTime> {
-    humantime::parse_rfc3339(line.split_whitespace().next()?).ok()
 }
 
 /// A deposed active (SIGSTOP past its lease, another node active, SIGCONT) cannot write:

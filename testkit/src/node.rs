@@ -13,6 +13,11 @@ use crate::process::{free_port, vha_binary, ChildProc};
 use crate::prometheus::series_value;
 use crate::wait::wait_until_async;
 
+/// The RFC 3339 timestamp that starts a log line of a node.
+pub fn log_time(line: &str) -> Option<std::time::SystemTime> {
+    humantime::parse_rfc3339(line.split_whitespace().next()?).ok()
+}
+
 /// How long a node may take to start answering. Debug builds on 2 busy cores start in well
 /// under a second; the margin covers a loaded CI machine.
 pub const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -247,6 +252,17 @@ impl TestNode {
     /// The process's captured stdout+stderr so far (all runs).
     pub fn output(&self) -> String {
         self.proc.as_ref().map(|p| p.output()).unwrap_or_default()
+    }
+
+    /// Waits until a line of the node's output contains `needle`; returns the first such
+    /// line (see [`log_time`] for its timestamp).
+    pub async fn wait_log_line(&self, needle: &str, timeout: Duration) -> String {
+        wait_until_async(
+            || async { self.output().lines().find(|l| l.contains(needle)).map(str::to_string) },
+            &format!("{} logs {needle:?}", self.addr),
+            timeout,
+        )
+        .await
     }
 
     fn command(&self) -> Command {
