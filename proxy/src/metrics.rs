@@ -3,7 +3,7 @@
 //! forward errors by kind, redirects by reason, holds by outcome and how long each held
 //! request waited, requests held right now, the advertisement in use (term and age),
 //! upstream connections (established or reused, and open now), rejected advertisements
-//! and whether an active node is known.
+//! whether an active node is known, and the role the local node last reported.
 //!
 //! Values that are a function of time or of the process's file descriptors (advertisement
 //! age, open upstream connections) are computed when scraped ([`ScrapeTime`]), not by a
