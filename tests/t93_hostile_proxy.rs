@@ -25,6 +25,21 @@ const MAX_REQUEST_SIZE: usize = 4096;
 /// written before is unchanged (version 1, original value) everywhere afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_input_through_proxies() {
+    hostile_input("h1").await;
+}
+
+/// The same hostile input with the proxies forwarding over h2
+/// (`VHA_PROXY_FORWARD_PROTOCOL=h2`): in particular a chunked body over `max_request_size`
+/// sent to a standby's pair gets its 413 at once (Pingora's h2 forwarding used to keep
+/// waiting for the active's answer, and the client hung).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_through_h2_forwarding() {
+    hostile_input("h2").await;
+}
+
+/// Attacks the active's and a standby's pair of a 3-pair cluster whose proxies forward with
+/// `protocol`, then checks that nothing was written.
+async fn hostile_input(protocol: &str) {
     let template = TestNode::builder()
         .listener_extra(format!("max_request_size = {MAX_REQUEST_SIZE}"))
         .config_extra("step_down_wait = \"2s\"");
@@ -33,6 +48,7 @@ async fn hostile_input_through_proxies() {
         .lock_ttl("2s")
         .template(template)
         .proxies()
+        .proxy_env("VHA_PROXY_FORWARD_PROTOCOL", protocol)
         .start()
         .await;
     let a = c.wait_one_active(ELECTION_BOUND).await;

@@ -83,6 +83,24 @@ fn run(cfg: Config) -> Result<(), ProxyError> {
         .proxy
         .clone()
         .ok_or_else(|| ProxyError::Config(format!("{} has no proxy {{}} block", cfg.path.display())))?;
+    // Pooled keep-alive HTTP/1.1 by default: measured equal to h2 in throughput. h2 saves
+    // handshakes when a new term starts (one P-521 handshake for every concurrent forward);
+    // `VHA_PROXY_FORWARD_PROTOCOL=h2` selects it (both are run by
+    // `t93_hostile_proxy::hostile_input_through_*`).
+    let forward_protocol = match std::env::var("VHA_PROXY_FORWARD_PROTOCOL").as_deref() {
+        Ok("h2") => ForwardProtocol::H2,
+        Ok("h1") | Err(std::env::VarError::NotPresent) => ForwardProtocol::H1,
+        Ok(other) => {
+            return Err(ProxyError::Startup(format!(
+                "VHA_PROXY_FORWARD_PROTOCOL: {other:?} is not h1 or h2"
+            )))
+        }
+        Err(std::env::VarError::NotUnicode(_)) => {
+            return Err(ProxyError::Startup(
+                "VHA_PROXY_FORWARD_PROTOCOL: not UTF-8 (h1 or h2)".into(),
+            ))
+        }
+    };
     // Before anything builds a rustls config (Pingora would install ring otherwise).
     vha_core::cluster_tls::provider();
     let listener = cfg.listener().clone();
@@ -138,16 +156,6 @@ fn run(cfg: Config) -> Result<(), ProxyError> {
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    // Pooled keep-alive HTTP/1.1 by default: measured equal to h2 in throughput, and with
-    // h2 upstreams an oversized *streamed* (chunked) body forwarded by a standby was never
-    // answered with its 413 (the client hung until its own timeout:
-    // `t93_hostile_proxy::hostile_input_through_proxies`). h2 saves handshakes when a new
-    // term starts (one P-521 handshake for every concurrent forward);
-    // `VHA_PROXY_FORWARD_PROTOCOL=h2` selects it.
-    let forward_protocol = match std::env::var("VHA_PROXY_FORWARD_PROTOCOL").as_deref() {
-        Ok("h2") => ForwardProtocol::H2,
-        _ => ForwardProtocol::H1,
-    };
     let settings = Settings {
         local_socket: socket,
         hold_timeout: pcfg.hold_timeout,

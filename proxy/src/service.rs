@@ -530,7 +530,10 @@ impl ProxyHttp for VhaProxy {
             ctx.body_bytes += b.len() as u64;
             if ctx.body_bytes > max {
                 ctx.fallback = Some(Fallback::Error(ProxyError::PayloadTooLarge));
-                return Err(Error::explain(ErrorType::HTTPStatus(413), "request body too large"));
+                // Marked as the client's error: Pingora's h2 forwarding treats any other
+                // body error as the upstream's and keeps waiting for its response (the
+                // client would hang); this way both protocols end the request at once.
+                return Err(Error::explain(ErrorType::HTTPStatus(413), "request body too large").into_down());
             }
         }
         Ok(())

@@ -536,6 +536,8 @@ pub struct TestClusterBuilder {
     stores: Option<(Store, Store)>,
     /// Run each node behind its own `vha proxy`.
     proxies: bool,
+    /// Extra environment of every proxy (`proxy_env`).
+    proxy_env: Vec<(String, String)>,
     /// Data in a `file` store on this directory, shared by the nodes; the HA lock in lockd.
     file_data: Option<PathBuf>,
 }
@@ -560,6 +562,7 @@ impl TestCluster {
             etcd_members: None,
             stores: None,
             proxies: false,
+            proxy_env: Vec::new(),
             file_data: None,
         }
     }
@@ -789,6 +792,13 @@ impl TestClusterBuilder {
         self
     }
 
+    /// With `.proxies()`: sets `key=value` in every proxy's environment (for example
+    /// `VHA_PROXY_FORWARD_PROTOCOL=h2`).
+    pub fn proxy_env(mut self, key: &str, value: &str) -> Self {
+        self.proxy_env.push((key.to_string(), value.to_string()));
+        self
+    }
+
     pub async fn start(self) -> TestCluster {
         if self.etcd_members.is_some() {
             return self.start_etcd().await;
@@ -912,9 +922,10 @@ impl TestClusterBuilder {
             }
             let node = stores(i, b).start().await;
             if self.proxies {
-                proxies.push(crate::proxy::TestProxy::start(
+                proxies.push(crate::proxy::TestProxy::start_with_env(
                     &node.config_path,
                     ([127, 0, 0, 1], api).into(),
+                    self.proxy_env.clone(),
                 ));
             }
             nodes.push(node);
