@@ -228,6 +228,7 @@ async fn large_secret_round_trip_through_standby_proxy() {
     assert_eq!(st, StatusCode::NO_CONTENT, "upload through standby {s}'s proxy: {text}");
     let up = t0.elapsed();
     let rss_after_up = peak_rss(proxy_pid);
+    let node_after_up = peak_rss(c.nodes[a].pid());
 
     // Download through the same standby's proxy, streamed and hashed.
     let t1 = Instant::now();
@@ -252,10 +253,12 @@ async fn large_secret_round_trip_through_standby_proxy() {
     let node_peak = peak_rss(c.nodes[a].pid());
     eprintln!(
         "256 MiB through standby {s}'s proxy: upload {up:.2?}, download {down:.2?}; proxy VmHWM {:.1} MiB \
-         before, {:.1} MiB after upload, {:.1} MiB at the end; active node VmHWM {:.1} MiB",
+         before, {:.1} MiB after upload, {:.1} MiB at the end; active node VmHWM {:.1} MiB after upload, \
+         {:.1} MiB at the end",
         mib(rss_before),
         mib(rss_after_up),
         mib(rss_peak),
+        mib(node_after_up),
         mib(node_peak)
     );
     assert!(

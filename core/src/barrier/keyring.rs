@@ -7,8 +7,8 @@
 
 use std::collections::BTreeMap;
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
@@ -21,6 +21,8 @@ const ENVELOPE_V1: u8 = 1;
 /// beyond the number of writes one term sees; rotate the term for more).
 const NONCE_LEN: usize = 12;
 const HEADER_LEN: usize = 1 + 4 + NONCE_LEN;
+/// AES-GCM's authentication tag, at the end of an envelope.
+const TAG_LEN: usize = 16;
 /// AES-256.
 pub const KEY_LEN: usize = 32;
 
@@ -101,32 +103,35 @@ impl Keyring {
         term
     }
 
-    /// Encrypts `plaintext` for storage at `path` with the active term.
+    /// Encrypts `plaintext` for storage at `path` with the active term. The envelope is
+    /// built in one buffer and encrypted in place: a large value is held twice at most
+    /// (plaintext and envelope), never three times.
     pub fn encrypt(&self, path: &str, plaintext: &[u8]) -> Vec<u8> {
         let tk = &self.keys[&self.active];
         let cipher = Aes256Gcm::new_from_slice(&tk.key).expect("32-byte key");
         let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
-        let ct = cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: plaintext,
-                    aad: path.as_bytes(),
-                },
-            )
-            .expect("AES-GCM encryption cannot fail for in-memory buffers");
-        let mut out = Vec::with_capacity(HEADER_LEN + ct.len());
+        let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + TAG_LEN);
         out.push(ENVELOPE_V1);
         out.extend_from_slice(&self.active.to_be_bytes());
         out.extend_from_slice(&nonce);
-        out.extend_from_slice(&ct);
+        out.extend_from_slice(plaintext);
+        let tag = cipher
+            .encrypt_in_place_detached(Nonce::from_slice(&nonce), path.as_bytes(), &mut out[HEADER_LEN..])
+            .expect("AES-GCM encryption cannot fail for in-memory buffers");
+        out.extend_from_slice(&tag);
         out
     }
 
     /// Opens a ciphertext read from `path`.
     pub fn decrypt(&self, path: &str, envelope: &[u8]) -> Result<Vec<u8>, BarrierError> {
-        if envelope.len() < HEADER_LEN + 16 || envelope[0] != ENVELOPE_V1 {
+        self.decrypt_owned(path, envelope.to_vec())
+    }
+
+    /// Opens a ciphertext read from `path` in its own buffer (no second copy of a large
+    /// value). A failed open leaves nothing readable: the buffer is zeroized.
+    pub fn decrypt_owned(&self, path: &str, mut envelope: Vec<u8>) -> Result<Vec<u8>, BarrierError> {
+        if envelope.len() < HEADER_LEN + TAG_LEN || envelope[0] != ENVELOPE_V1 {
             return Err(BarrierError::Malformed { path: path.to_string() });
         }
         let term = u32::from_be_bytes([envelope[1], envelope[2], envelope[3], envelope[4]]);
@@ -135,15 +140,24 @@ impl Keyring {
             term,
         })?;
         let cipher = Aes256Gcm::new_from_slice(&tk.key).expect("32-byte key");
-        cipher
-            .decrypt(
-                Nonce::from_slice(&envelope[5..HEADER_LEN]),
-                Payload {
-                    msg: &envelope[HEADER_LEN..],
-                    aad: path.as_bytes(),
-                },
+        let nonce: [u8; NONCE_LEN] = envelope[5..HEADER_LEN].try_into().expect("nonce length");
+        let body_end = envelope.len() - TAG_LEN;
+        let tag = Tag::clone_from_slice(&envelope[body_end..]);
+        if cipher
+            .decrypt_in_place_detached(
+                Nonce::from_slice(&nonce),
+                path.as_bytes(),
+                &mut envelope[HEADER_LEN..body_end],
+                &tag,
             )
-            .map_err(|_| BarrierError::Integrity { path: path.to_string() })
+            .is_err()
+        {
+            envelope.zeroize();
+            return Err(BarrierError::Integrity { path: path.to_string() });
+        }
+        envelope.truncate(body_end);
+        envelope.drain(..HEADER_LEN);
+        Ok(envelope)
     }
 
     /// Serialized form (for storing encrypted under the root key, and for handing to the

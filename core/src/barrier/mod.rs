@@ -154,7 +154,7 @@ impl Barrier {
         let ring = self.require_keyring()?;
         match self.backend.get(path).await? {
             None => Ok(None),
-            Some(e) => ring.decrypt(path, &e.value).map(Some),
+            Some(e) => ring.decrypt_owned(path, e.value).map(Some),
         }
     }
 

@@ -74,7 +74,7 @@ impl FileBackend {
         if f.token > highest {
             fences.insert(f.lock.clone(), f.token);
             let bytes = serde_json::to_vec(&*fences).map_err(|e| StorageError::Corrupt(e.to_string()))?;
-            atomic_write(&self.root.join(FENCES_FILE), &bytes)?;
+            atomic_write(&self.root.join(FENCES_FILE), &[&bytes])?;
         }
         Ok(())
     }
@@ -90,7 +90,7 @@ fn create_private_dir(p: &Path) -> Result<(), StorageError> {
 }
 
 /// Writes `bytes` to `target` atomically and durably: temp file, fsync, rename, fsync dir.
-fn atomic_write(target: &Path, bytes: &[u8]) -> Result<(), StorageError> {
+fn atomic_write(target: &Path, parts: &[&[u8]]) -> Result<(), StorageError> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = target.parent().unwrap_or(Path::new("."));
     create_private_dir(dir)?;
@@ -101,7 +101,9 @@ fn atomic_write(target: &Path, bytes: &[u8]) -> Result<(), StorageError> {
             .create_new(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(bytes)?;
+        for p in parts {
+            f.write_all(p)?;
+        }
         f.sync_all()?;
         fs::rename(&tmp, target)?;
         fs::File::open(dir)?.sync_all()
@@ -112,8 +114,10 @@ fn atomic_write(target: &Path, bytes: &[u8]) -> Result<(), StorageError> {
     res.map_err(|e| StorageError::io(target.display(), e))
 }
 
-fn encode(value: &[u8], token: Option<u64>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(value.len() + 10);
+/// The header written before a value: format, and the fencing token if any. The value
+/// follows it in the same file (written from its own buffer, not copied behind the header).
+fn header(token: Option<u64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10);
     out.push(FORMAT_V1);
     match token {
         Some(t) => {
@@ -122,20 +126,22 @@ fn encode(value: &[u8], token: Option<u64>) -> Vec<u8> {
         }
         None => out.push(0),
     }
-    out.extend_from_slice(value);
     out
 }
 
-fn decode(path: &Path, bytes: Vec<u8>) -> Result<(Vec<u8>, Option<u64>), StorageError> {
+/// Splits a file's bytes into value and fencing token, reusing the buffer for the value.
+fn decode(path: &Path, mut bytes: Vec<u8>) -> Result<(Vec<u8>, Option<u64>), StorageError> {
     let corrupt = || StorageError::Corrupt(format!("{}: bad value header", path.display()));
-    match bytes.get(..2) {
-        Some([FORMAT_V1, 0]) => Ok((bytes[2..].to_vec(), None)),
+    let (len, token) = match bytes.get(..2) {
+        Some([FORMAT_V1, 0]) => (2, None),
         Some([FORMAT_V1, 1]) if bytes.len() >= 10 => {
             let t = u64::from_be_bytes(bytes[2..10].try_into().map_err(|_| corrupt())?);
-            Ok((bytes[10..].to_vec(), Some(t)))
+            (10, Some(t))
         }
-        _ => Err(corrupt()),
-    }
+        _ => return Err(corrupt()),
+    };
+    bytes.drain(..len);
+    Ok((bytes, token))
 }
 
 #[async_trait]
@@ -172,8 +178,8 @@ impl Backend for FileBackend {
         let mut fences = self.fences.lock().await;
         self.check_fence(&mut fences, fence)?;
         let path = self.file_for(key);
-        let bytes = encode(&value, fence.map(|f| f.token));
-        tokio::task::spawn_blocking(move || atomic_write(&path, &bytes))
+        let head = header(fence.map(|f| f.token));
+        tokio::task::spawn_blocking(move || atomic_write(&path, &[&head, &value]))
             .await
             .map_err(|e| StorageError::Unavailable(format!("file worker failed: {e}")))?
     }

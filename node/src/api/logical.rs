@@ -325,15 +325,17 @@ pub async fn serve(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiErro
         // Answers only about mounts the token can use (checked in the handler).
         Target::SysUiMounts(_) => true,
         _ => {
-            // Parameter constraints apply to writes, against the JSON body's top level.
+            // Parameter constraints apply to writes, against the JSON body's top level
+            // (borrowed from the audit's parse: a large body is not copied again).
+            let empty = serde_json::Map::new();
             let params = match op {
                 Operation::Create | Operation::Update | Operation::Patch => match audit_req.data.as_ref() {
-                    Some(serde_json::Value::Object(m)) => Some(m.clone()),
-                    _ => Some(serde_json::Map::new()),
+                    Some(serde_json::Value::Object(m)) => Some(m),
+                    _ => Some(&empty),
                 },
                 _ => None,
             };
-            acl.allows_request(&path, op, needs_sudo(&path), params.as_ref())
+            acl.allows_request(&path, op, needs_sudo(&path), params)
         }
     };
     // No unaudited access: a failed audit write stops the request before any change.

@@ -57,7 +57,11 @@ pub async fn handle(r: KvRequest<'_>) -> Result<LogicalResponse, ApiError> {
             if body.is_empty() {
                 return Err(ApiError::BadRequest("missing data fields".into()));
             }
-            r.view.put_json(key, &body).await?;
+            // Serialized, then dropped before encryption: a large secret is not held
+            // once more than it must be.
+            let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
+            drop(body);
+            r.view.put(key, &bytes).await?;
             Ok(LogicalResponse::no_content())
         }
         Operation::Delete => {
