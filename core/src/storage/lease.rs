@@ -100,10 +100,13 @@ mod tests {
 
     use super::*;
 
-    /// Answers renewals from a script and records each attempt's time and budget.
+    /// Each renewal attempt: when it was made and the budget it was given.
+    type Calls = Arc<Mutex<Vec<(Instant, Duration)>>>;
+
+    /// Answers renewals from a script and records each attempt.
     struct Script {
         answers: VecDeque<Renewal>,
-        calls: Arc<Mutex<Vec<(Instant, Duration)>>>,
+        calls: Calls,
     }
 
     impl Renew for Script {
@@ -115,14 +118,7 @@ mod tests {
         }
     }
 
-    fn run(
-        answers: Vec<Renewal>,
-    ) -> (
-        CancellationToken,
-        Arc<Mutex<Vec<(Instant, Duration)>>>,
-        watch::Receiver<Instant>,
-        Instant,
-    ) {
+    fn run(answers: Vec<Renewal>) -> (CancellationToken, Calls, watch::Receiver<Instant>, Instant) {
         let timing = LockTiming::from_ttl(Duration::from_secs(10));
         let calls = Arc::new(Mutex::new(Vec::new()));
         let lost = CancellationToken::new();
