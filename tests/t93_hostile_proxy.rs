@@ -65,22 +65,9 @@ async fn hostile_input(protocol: &str) {
         .await;
     assert!(st.is_success(), "{v}");
 
-    attack(
-        "active's proxy",
-        &c.nodes[a],
-        c.proxies[a].listen,
-        &root,
-        MAX_REQUEST_SIZE,
-    )
-    .await;
-    attack(
-        "standby's proxy",
-        &c.nodes[s],
-        c.proxies[s].listen,
-        &root,
-        MAX_REQUEST_SIZE,
-    )
-    .await;
+    for (label, i) in [("active's proxy", a), ("standby's proxy", s)] {
+        attack(label, &c.nodes[i], c.proxies[i].listen, &root, MAX_REQUEST_SIZE).await;
+    }
 
     for i in 0..3 {
         let (st, v) = c.nodes[i].request("GET", "secret/data/keep", Some(&root), None).await;
