@@ -1,5 +1,5 @@
 //! vha's shared test harness: starts the real `vha` binary (and later lockd, etcd, proxies)
-//! on 127.0.0.1 ephemeral ports, waits on conditions instead of sleeping, and stops every
+//! on free 127.0.0.1 ports ([`free_port`]), waits on conditions instead of sleeping, and stops every
 //! process it started by PID (also when a test panics: [`process::ChildProc`] kills on drop).
 //!
 //! - [`process`]: spawning, signalling and reaping processes; locating the `vha` binary.

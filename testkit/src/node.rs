@@ -98,7 +98,7 @@ impl TestNodeBuilder {
         self
     }
 
-    /// Fixed API and cluster listener ports (default: free ephemeral ports).
+    /// Fixed API and cluster listener ports (default: [`crate::free_port`]).
     pub fn ports(mut self, api: u16, cluster: u16) -> Self {
         self.ports = Some((api, cluster));
         self
