@@ -123,12 +123,19 @@ async fn standby_proxy_kv_equals_active_proxy() {
     let (st_s, _, v_s) = via(s).request_full("GET", "secret/data/p-a", None, None, &[]).await;
     let (st_a, _, v_a) = via(a).request_full("GET", "secret/data/p-a", None, None, &[]).await;
     assert_eq!((st_s, mask(v_s)), (st_a, mask(v_a)));
-    assert!(
-        c.proxies[s]
-            .metric("vha_proxy_requests_total{class=\"2xx\",route=\"forward\"}")
-            .await
-            >= 5.0
-    );
+    // Counted once each response has gone out (Pingora's logging phase): polled.
+    wait_until_async(
+        || async {
+            (c.proxies[s]
+                .metric("vha_proxy_requests_total{class=\"2xx\",route=\"forward\"}")
+                .await
+                >= 5.0)
+                .then_some(())
+        },
+        "the standby's proxy counts 5 forwarded 2xx",
+        vha_testkit::proxy::METRICS_SETTLE,
+    )
+    .await;
 }
 
 /// With a non-empty `X-Vault-No-Request-Forwarding`, a standby's proxy answers 307 with

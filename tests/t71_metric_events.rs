@@ -117,7 +117,7 @@ async fn forward_redirect_and_local_move_metrics() {
     let n0 = node_metrics(&c, a).await;
     let (st, body) = c.nodes[s].request("GET", "sys/mounts", Some(&token), None).await;
     assert_eq!(st, StatusCode::OK, "forwarded read: {body}");
-    let p1 = c.proxies[s].metrics().await;
+    let p1 = c.proxies[s].metrics_after(&p0, 1).await;
     let n1 = node_metrics(&c, a).await;
     assert_eq!(
         series_value(&p1, "vha_proxy_requests_total", &fwd) - series_value(&p0, "vha_proxy_requests_total", &fwd),
@@ -148,7 +148,7 @@ async fn forward_redirect_and_local_move_metrics() {
         .await;
     assert_eq!(st, StatusCode::TEMPORARY_REDIRECT);
     assert!(hdrs.contains_key("location"));
-    let p2 = c.proxies[s].metrics().await;
+    let p2 = c.proxies[s].metrics_after(&p1, 1).await;
     let hdr = [("reason", "header")];
     assert_eq!(
         series_value(&p2, "vha_proxy_redirects_total", &hdr) - series_value(&p1, "vha_proxy_redirects_total", &hdr),
@@ -163,7 +163,7 @@ async fn forward_redirect_and_local_move_metrics() {
     let l0 = c.proxies[a].metrics().await;
     let (st, _) = c.nodes[a].request("GET", "sys/mounts", Some(&token), None).await;
     assert_eq!(st, StatusCode::OK);
-    let l1 = c.proxies[a].metrics().await;
+    let l1 = c.proxies[a].metrics_after(&l0, 1).await;
     let loc = [("route", "local"), ("class", "2xx")];
     assert_eq!(
         series_value(&l1, "vha_proxy_requests_total", &loc) - series_value(&l0, "vha_proxy_requests_total", &loc),
@@ -206,7 +206,7 @@ async fn hold_and_failover_move_metrics() {
         StatusCode::OK,
         "held request answered once a new active is known: {body}"
     );
-    let p1 = c.proxies[s].metrics().await;
+    let p1 = c.proxies[s].metrics_after(&p0, 1).await;
     let unreachable = [("kind", "unreachable")];
     assert!(
         series_value(&p1, "vha_proxy_forward_errors_total", &unreachable)
@@ -438,7 +438,7 @@ async fn proxy_metrics_move_with_their_events() {
     let p0 = c.proxies[s].metrics().await;
     let (st, body) = c.nodes[s].request("GET", "sys/mounts", Some(&token), None).await;
     assert_eq!(st, StatusCode::OK, "forwarded read: {body}");
-    let p1 = c.proxies[s].metrics().await;
+    let p1 = c.proxies[s].metrics_after(&p0, 1).await;
     assert_eq!(
         series_value(&p1, "vha_proxy_requests_total", &fwd) - series_value(&p0, "vha_proxy_requests_total", &fwd),
         1.0
@@ -459,7 +459,7 @@ async fn proxy_metrics_move_with_their_events() {
     );
     let (st, _) = c.nodes[s].request("GET", "sys/mounts", Some(&token), None).await;
     assert_eq!(st, StatusCode::OK);
-    let p2 = c.proxies[s].metrics().await;
+    let p2 = c.proxies[s].metrics_after(&p1, 1).await;
     let reused = [("reused", "true"), ("upstream", "active")];
     assert!(
         series_value(&p2, "vha_proxy_upstream_connections_total", &reused)
@@ -472,7 +472,7 @@ async fn proxy_metrics_move_with_their_events() {
     let l0 = c.proxies[a].metrics().await;
     let (st, _) = c.nodes[a].request("GET", "sys/mounts", Some(&token), None).await;
     assert_eq!(st, StatusCode::OK);
-    let l1 = c.proxies[a].metrics().await;
+    let l1 = c.proxies[a].metrics_after(&l0, 1).await;
     assert_eq!(
         series_value(&l1, "vha_proxy_upstream_connections_total", &local_up)
             - series_value(&l0, "vha_proxy_upstream_connections_total", &local_up),
@@ -495,7 +495,7 @@ async fn proxy_metrics_move_with_their_events() {
         )
         .await;
     assert_eq!(st, StatusCode::TEMPORARY_REDIRECT);
-    let p3 = c.proxies[s].metrics().await;
+    let p3 = c.proxies[s].metrics_after(&p2, 1).await;
     let hdr = [("reason", "header")];
     assert_eq!(
         series_value(&p3, "vha_proxy_redirects_total", &hdr) - series_value(&p2, "vha_proxy_redirects_total", &hdr),
@@ -516,7 +516,7 @@ async fn proxy_metrics_move_with_their_events() {
         StatusCode::OK,
         "held request answered once the standby takes over: {body}"
     );
-    let p4 = c.proxies[s].metrics().await;
+    let p4 = c.proxies[s].metrics_after(&p3, 1).await;
     assert!(
         series_value(&p4, "vha_proxy_forward_errors_total", &unreachable)
             > series_value(&p3, "vha_proxy_forward_errors_total", &unreachable),
@@ -611,7 +611,7 @@ async fn proxy_metrics_move_with_their_events() {
     c.unseal(s).await;
     let (st, body) = held.await.expect("join");
     assert_eq!(st, StatusCode::OK, "held request forwarded to the new active: {body}");
-    let q1 = c.proxies[a].metrics().await;
+    let q1 = c.proxies[a].metrics_after(&q0, 1).await;
     assert_eq!(
         series_value(&q1, "vha_proxy_holds_total", &resolved) - series_value(&q0, "vha_proxy_holds_total", &resolved),
         1.0,

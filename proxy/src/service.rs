@@ -652,12 +652,13 @@ impl ProxyHttp for VhaProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
+        if matches!(ctx.upstream, Upstream::Active(_)) && ctx.route == "forward" {
+            self.metrics.observe_forward(ctx.started.elapsed().as_secs_f64());
+        }
+        // Last: once a scrape shows the request counted, everything else about it is in.
         self.metrics
             .requests
             .with_label_values(&[ctx.route, class(status)])
             .inc();
-        if matches!(ctx.upstream, Upstream::Active(_)) && ctx.route == "forward" {
-            self.metrics.observe_forward(ctx.started.elapsed().as_secs_f64());
-        }
     }
 }

@@ -9,6 +9,12 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::process::{vha_binary, ChildProc};
+use crate::prometheus::series_value;
+use crate::wait::wait_until_async;
+
+/// How long a finished request may take to show in the proxy's counters (it is counted in
+/// Pingora's logging phase, right after the response); generous for a loaded CI machine.
+pub const METRICS_SETTLE: Duration = Duration::from_secs(10);
 
 /// How long a proxy may take to listen (Pingora start-up in a debug build on 2 busy cores).
 pub const PROXY_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -131,6 +137,23 @@ impl TestProxy {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(_) => String::new(),
         }
+    }
+
+    /// The metrics text once this proxy has counted `requests` more requests than in
+    /// `before` (a scrape): the proxy counts a request (and observes its forward latency)
+    /// after the response has gone out, so a client can hold its answer a moment before the
+    /// count moves. Waits at most [`METRICS_SETTLE`].
+    pub async fn metrics_after(&self, before: &str, requests: u32) -> String {
+        let want = series_value(before, "vha_proxy_requests_total", &[]) + f64::from(requests);
+        wait_until_async(
+            || async {
+                let m = self.metrics().await;
+                (series_value(&m, "vha_proxy_requests_total", &[]) >= want).then_some(m)
+            },
+            &format!("proxy {} counts {requests} more request(s)", self.addr),
+            METRICS_SETTLE,
+        )
+        .await
     }
 
     /// The value of one metric series (exact name with labels as rendered), 0 if absent.
