@@ -78,8 +78,12 @@ impl<'a> View<'a> {
         Ok(self.barrier.put(&self.key(k), v, self.fence.as_ref()).await?)
     }
 
-    pub async fn put_json<T: serde::Serialize>(&self, k: &str, v: &T) -> Result<(), ApiError> {
-        let bytes = serde_json::to_vec(v).map_err(|e| ApiError::Internal(e.to_string()))?;
+    /// Serializes and writes `v`. Given by value, `v` is dropped once serialized, before
+    /// encryption (a large secret is not held once more than it must be); a reference works
+    /// too.
+    pub async fn put_json<T: serde::Serialize>(&self, k: &str, v: T) -> Result<(), ApiError> {
+        let bytes = serde_json::to_vec(&v).map_err(|e| ApiError::Internal(e.to_string()))?;
+        drop(v);
         self.put(k, &bytes).await
     }
 

@@ -57,11 +57,8 @@ pub async fn handle(r: KvRequest<'_>) -> Result<LogicalResponse, ApiError> {
             if body.is_empty() {
                 return Err(ApiError::BadRequest("missing data fields".into()));
             }
-            // Serialized, then dropped before encryption: a large secret is not held
-            // once more than it must be.
-            let bytes = serde_json::to_vec(&body).map_err(|e| ApiError::Internal(e.to_string()))?;
-            drop(body);
-            r.view.put(key, &bytes).await?;
+            // By value: dropped once serialized, before encryption.
+            r.view.put_json(key, body).await?;
             Ok(LogicalResponse::no_content())
         }
         Operation::Delete => {
