@@ -43,8 +43,14 @@ use prometheus::{
 
 use crate::route::LocalRole;
 
-/// The `role` label values of `vha_proxy_local_role`, one series each (bounded).
-const LOCAL_ROLES: [&str; 5] = ["down", "sealed", "standby", "active", "disabled"];
+/// Every role, one `vha_proxy_local_role` series each (bounded).
+const LOCAL_ROLES: [LocalRole; 5] = [
+    LocalRole::Down,
+    LocalRole::Sealed,
+    LocalRole::Standby,
+    LocalRole::Active,
+    LocalRole::Disabled,
+];
 
 fn role_label(role: LocalRole) -> &'static str {
     match role {
@@ -273,9 +279,6 @@ impl Metrics {
             &["role"],
         )
         .expect("metric");
-        for r in LOCAL_ROLES {
-            local_role.with_label_values(&[r]).set(i64::from(r == "down"));
-        }
         let vault_forward = Histogram::with_opts(
             HistogramOpts::new(
                 "vault_ha_rpc_client_forward",
@@ -308,7 +311,7 @@ impl Metrics {
         ] {
             registry.register(c).expect("register metric");
         }
-        Metrics {
+        let m = Metrics {
             registry,
             requests,
             forward_latency,
@@ -324,7 +327,10 @@ impl Metrics {
             vault_forward,
             vault_forward_errors,
             scrape,
-        }
+        };
+        // Nothing heard from the local node yet.
+        m.set_local_role(LocalRole::Down);
+        m
     }
 
     /// A forwarded request finished after `secs`.
@@ -345,9 +351,10 @@ impl Metrics {
 
     /// The local node's role as the route decision now sees it.
     pub fn set_local_role(&self, role: LocalRole) {
-        let now = role_label(role);
         for r in LOCAL_ROLES {
-            self.local_role.with_label_values(&[r]).set(i64::from(r == now));
+            self.local_role
+                .with_label_values(&[role_label(r)])
+                .set(i64::from(r == role));
         }
     }
 
@@ -492,9 +499,10 @@ mod tests {
         let m = Metrics::new();
         let ones = |t: &str| -> Vec<String> {
             LOCAL_ROLES
-                .iter()
+                .map(role_label)
+                .into_iter()
                 .filter(|r| value(t, &format!("vha_proxy_local_role{{role=\"{r}\"}}")) == Some(1.0))
-                .map(|r| r.to_string())
+                .map(str::to_string)
                 .collect()
         };
         assert_eq!(ones(&text(&m)), ["down"]);
