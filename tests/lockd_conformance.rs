@@ -11,7 +11,7 @@ use vha_testkit::lockd::run_lockd_cmd;
 use vha_testkit::TestLockd;
 
 fn client(l: &TestLockd) -> LockdBackend {
-    LockdBackend::connect(&l.address()).expect("client")
+    l.client()
 }
 
 /// The KV conformance suite (get/put/delete/list, fencing, limits, watch) passes against a
@@ -124,6 +124,7 @@ async fn compare_and_put() {
 async fn raw(http: &reqwest::Client, l: &TestLockd, path: &str, body: impl Into<reqwest::Body>) -> (u16, Value) {
     let r = http
         .post(format!("{}{path}", l.address()))
+        .bearer_auth(l.token().expect("token"))
         .body(body)
         .send()
         .await
@@ -131,6 +132,31 @@ async fn raw(http: &reqwest::Client, l: &TestLockd, path: &str, body: impl Into<
     let status = r.status().as_u16();
     let v = r.json::<Value>().await.unwrap_or(Value::Null);
     (status, v)
+}
+
+/// Sends only a request head declaring `len` body bytes and reads lockd's answer.
+async fn oversized_head(l: &TestLockd, len: usize) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let host = l.address().trim_start_matches("http://").to_string();
+    let mut s = tokio::net::TcpStream::connect(&host).await.expect("connect");
+    let head = format!(
+        "POST /v1/kv/put HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n",
+        l.token().expect("token")
+    );
+    s.write_all(head.as_bytes()).await.expect("write head");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("lockd answers an oversized head without waiting for the body")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status line");
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
 /// Bad input gets clear 4xx JSON errors with a typed code, nothing is written, and lockd
@@ -154,10 +180,25 @@ async fn bad_input_is_rejected_cleanly() {
     assert_eq!((s, code(&v).as_str()), (400, "invalid"), "{v}");
     let (s, v) = raw(&http, &l, "/v1/kv/put", json!({"key": "../x", "value": ""}).to_string()).await;
     assert_eq!((s, code(&v).as_str()), (400, "invalid"), "{v}");
-    // A body over the limit is cut off before parsing.
-    let huge = vec![b'a'; 46 * 1024 * 1024];
-    let (s, v) = raw(&http, &l, "/v1/kv/put", huge).await;
+    // A declared body over the limit is refused before any of it is read: the request head
+    // alone gets the 413 (a client streaming the body would otherwise race the close).
+    let (s, v) = oversized_head(&l, 46 * 1024 * 1024).await;
     assert_eq!((s, code(&v).as_str()), (413, "too_large"), "{v}");
+    // A chunked body with no declared length is cut off once it passes the limit.
+    // 46 MiB in 64 KiB chunks, made as they are sent.
+    let chunks = std::iter::repeat_with(|| Ok::<_, std::io::Error>(vec![b'a'; 64 * 1024])).take(736);
+    let stream = futures::stream::iter(chunks);
+    match http
+        .post(format!("{}/v1/kv/put", l.address()))
+        .bearer_auth(l.token().expect("token"))
+        .body(reqwest::Body::wrap_stream(stream))
+        .send()
+        .await
+    {
+        Ok(r) => assert_eq!(r.status().as_u16(), 413),
+        // The server answered and closed while the rest of the body was still in flight.
+        Err(e) => assert!(e.is_request(), "chunked oversize body: {e:?}"),
+    }
     let (s, _) = raw(&http, &l, "/v1/nope", "{}").await;
     assert_eq!(s, 404);
 
@@ -287,7 +328,10 @@ async fn metrics_exposed() {
     b.put("m/k", b"1".to_vec(), None).await.unwrap();
     let _g = b.acquire("m/lock", "x", Default::default()).await.unwrap().unwrap();
     let _w = b.watch("m/").await.unwrap();
-    let text = reqwest::get(format!("{}/metrics", l.address()))
+    let text = reqwest::Client::new()
+        .get(format!("{}/metrics", l.address()))
+        .bearer_auth(l.token().expect("token"))
+        .send()
         .await
         .unwrap()
         .text()
@@ -325,7 +369,9 @@ async fn snapshot_save_and_restore() {
     let g = b.acquire("s/lock", "x", Default::default()).await.unwrap().unwrap();
     assert_eq!(g.fence().token, 5, "grant exceeds the highest token seen");
     let file = l.scratch().join("backup.snap");
-    let (ok, out) = run_lockd_cmd(&["snapshot", "save", file.to_str().unwrap(), "--address", &l.address()]);
+    let mut save = vec!["snapshot".to_string(), "save".to_string(), file.display().to_string()];
+    save.extend(l.client_args());
+    let (ok, out) = run_lockd_cmd(&save.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok, "{out}");
     let dir = l.scratch().join("restored");
     let (ok, out) = run_lockd_cmd(&[
@@ -356,6 +402,118 @@ async fn snapshot_save_and_restore() {
         "lease restored as held"
     );
     std::mem::forget(g);
+}
+
+/// Restoring an older snapshot over a data directory never lowers its fence-token marks:
+/// a token the newer state had already superseded stays fenced, a token never granted stays
+/// invalid, and the next grant comes after every token granted before the restore.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_keeps_highest_token_marks() {
+    let mut l = TestLockd::start();
+    let b = client(&l);
+    let fence = |token| Fence {
+        lock: "r/lock".into(),
+        token,
+    };
+    let g1 = b.acquire("r/lock", "one", Default::default()).await.unwrap().unwrap();
+    assert_eq!(g1.fence().token, 1);
+    b.put("r/k", b"1".to_vec(), Some(&fence(1))).await.unwrap();
+    let file = l.scratch().join("old.snap");
+    let mut save = vec!["snapshot".to_string(), "save".to_string(), file.display().to_string()];
+    save.extend(l.client_args());
+    let (ok, out) = run_lockd_cmd(&save.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(ok, "{out}");
+    g1.release().await.unwrap();
+    let g2 = b.acquire("r/lock", "two", Default::default()).await.unwrap().unwrap();
+    assert_eq!(g2.fence().token, 2);
+    b.put("r/k", b"2".to_vec(), Some(&fence(2))).await.unwrap();
+    std::mem::forget(g2);
+    assert!(l.stop(), "lockd stops cleanly:\n{}", l.output());
+    let (ok, out) = run_lockd_cmd(&[
+        "snapshot",
+        "restore",
+        file.to_str().unwrap(),
+        "--data-dir",
+        l.data_dir().to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("kept 2 higher fence-token mark"), "{out}");
+    l.start_again();
+    let c = client(&l);
+    assert_eq!(c.get("r/k").await.unwrap().unwrap().value, b"1", "the snapshot's data");
+    assert!(
+        matches!(
+            c.put("r/k", b"x".to_vec(), Some(&fence(1))).await,
+            Err(StorageError::Fenced { highest: 2, .. })
+        ),
+        "the snapshot's own holder (token 1) was superseded before the restore"
+    );
+    assert!(
+        matches!(
+            c.put("r/k", b"x".to_vec(), Some(&fence(3))).await,
+            Err(StorageError::Invalid(_))
+        ),
+        "token 3 was never granted"
+    );
+    c.release_token("r/lock", 1).await.unwrap();
+    let g3 = c.acquire("r/lock", "three", Default::default()).await.unwrap().unwrap();
+    assert_eq!(
+        g3.fence().token,
+        3,
+        "the next grant follows every token granted before the restore"
+    );
+    assert_eq!(
+        c.get("r/k").await.unwrap().unwrap().value,
+        b"1",
+        "refused writes changed nothing"
+    );
+    g3.release().await.unwrap();
+}
+
+/// A fenced write with a token lockd never granted for that lock (u64::MAX, or the next
+/// token) gets 400 `invalid` and changes nothing; the holder keeps writing, and the next
+/// grant is the previous token + 1 (no overflow, no lock fenced out for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_fence_tokens_refused() {
+    let l = TestLockd::start();
+    let http = reqwest::Client::new();
+    let b = client(&l);
+    let g = b
+        .acquire("fx/lock", "holder", Default::default())
+        .await
+        .unwrap()
+        .unwrap();
+    let t = g.fence().token;
+    b.put("fx/k", b"ok".to_vec(), Some(g.fence())).await.unwrap();
+    for forged in [u64::MAX, t + 1] {
+        let (s, v) = raw(
+            &http,
+            &l,
+            "/v1/kv/put",
+            json!({"key": "fx/k", "value": "AA==", "fence": {"lock": "fx/lock", "token": forged}}).to_string(),
+        )
+        .await;
+        assert_eq!((s, v["code"].as_str()), (400, Some("invalid")), "token {forged}: {v}");
+        let (s, v) = raw(
+            &http,
+            &l,
+            "/v1/kv/delete",
+            json!({"key": "fx/k", "fence": {"lock": "fx/lock", "token": forged}}).to_string(),
+        )
+        .await;
+        assert_eq!(
+            (s, v["code"].as_str()),
+            (400, Some("invalid")),
+            "delete, token {forged}: {v}"
+        );
+    }
+    assert_eq!(b.get("fx/k").await.unwrap().unwrap().value, b"ok", "nothing changed");
+    b.put("fx/k", b"still".to_vec(), Some(g.fence()))
+        .await
+        .expect("the holder keeps writing");
+    g.release().await.unwrap();
+    let g2 = b.acquire("fx/lock", "next", Default::default()).await.unwrap().unwrap();
+    assert_eq!(g2.fence().token, t + 1);
+    g2.release().await.unwrap();
 }
 
 /// A blocked acquire that the client cancels never keeps the lock, even when lockd grants

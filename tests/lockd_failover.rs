@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::Signal;
-use vha_core::storage::lockd::{LockTiming, LockdBackend};
+use vha_core::storage::lockd::LockTiming;
 use vha_core::storage::HaBackend;
 use vha_testkit::lockd::{field, spawn_holder};
 use vha_testkit::{wait_until, ChildProc, TestLockd};
@@ -34,15 +34,13 @@ fn wait_line(p: &ChildProc, prefix: &str, timeout: Duration) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_holder_failover_within_ttl() {
     let l = TestLockd::start();
-    let c = LockdBackend::connect(&l.address())
-        .unwrap()
-        .with_timing(LockTiming::from_ttl(TTL));
+    let c = l.client().with_timing(LockTiming::from_ttl(TTL));
     let mut took = Vec::new();
     let mut last_token = 0;
     for round in 0..5 {
         let key = "failover/lock";
         let log = l.scratch().join(format!("holder-{round}.log"));
-        let mut h = spawn_holder(&l.address(), key, &format!("holder-{round}"), "2s", &log);
+        let mut h = spawn_holder(&l, key, &format!("holder-{round}"), "2s", &log);
         let line = wait_line(&h, "acquired", Duration::from_secs(30));
         let token = field(&line, "token").unwrap() as u64;
         assert!(token > last_token as u64, "tokens increase across holders");
@@ -83,14 +81,12 @@ async fn sigstop_holder_loses_before_regrant() {
     let l = TestLockd::start();
     let key = "frozen/lock";
     let log = l.scratch().join("holder.log");
-    let h = spawn_holder(&l.address(), key, "frozen", "2s", &log);
+    let h = spawn_holder(&l, key, "frozen", "2s", &log);
     let line = wait_line(&h, "acquired", Duration::from_secs(30));
     let token = field(&line, "token").unwrap() as u64;
     tokio::time::sleep(Duration::from_millis(500)).await;
     h.signal(Signal::SIGSTOP);
-    let c = LockdBackend::connect(&l.address())
-        .unwrap()
-        .with_timing(LockTiming::from_ttl(TTL));
+    let c = l.client().with_timing(LockTiming::from_ttl(TTL));
     let g = tokio::time::timeout(TTL * 5, c.acquire(key, "taker", Default::default()))
         .await
         .expect("lockd grants after the frozen holder's lease expires")
@@ -126,8 +122,8 @@ async fn sigstop_holder_loses_before_regrant() {
 async fn grant_after_long_wait_is_kept() {
     let l = TestLockd::start();
     let short = LockTiming::from_ttl(TTL);
-    let a = LockdBackend::connect(&l.address()).unwrap().with_timing(short);
-    let b = LockdBackend::connect(&l.address()).unwrap().with_timing(short);
+    let a = l.client().with_timing(short);
+    let b = l.client().with_timing(short);
     let ga = a.acquire("wait/lock", "a", Default::default()).await.unwrap().unwrap();
     let waiter = tokio::spawn(async move { b.acquire("wait/lock", "b", Default::default()).await });
     tokio::time::sleep(TTL + TTL / 4).await;
@@ -145,12 +141,7 @@ async fn grant_after_long_wait_is_kept() {
         "a grant after a wait longer than the TTL must not be lost at once"
     );
     assert_eq!(
-        LockdBackend::connect(&l.address())
-            .unwrap()
-            .holder("wait/lock")
-            .await
-            .unwrap()
-            .map(|h| h.value),
+        l.client().holder("wait/lock").await.unwrap().map(|h| h.value),
         Some("b".to_string())
     );
     gb.release().await.unwrap();

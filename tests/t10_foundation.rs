@@ -337,4 +337,18 @@ async fn config_error_names_file_line_key() {
         err.contains("ha_storage") && err.contains("does not support HA"),
         "{err}"
     );
+    // Local data (file) under a shared HA lock is refused: a deposed active elsewhere could
+    // still write there, since the file store's fence mark lives in one process.
+    std::fs::write(&path, format!("\nstorage \"file\" {{\n  path = \"{}\"\n}}\nha_storage \"inmem\" {{}}\nlistener \"tcp\" {{\n  tls_disable = true\n}}\n", dir.path().join("d").display())).unwrap();
+    let out = std::process::Command::new(vha_testkit::vha_binary())
+        .args(["server", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:2: storage:", path.display())) && err.contains("cannot be used with ha_storage"),
+        "{err}"
+    );
 }

@@ -6,15 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use vha_core::advert::{leader_path, Advertisement, LEADER_PREFIX};
 use vha_core::barrier::Barrier;
 use vha_core::cluster_tls::{ClusterIdentity, PinnedCert};
-use vha_core::storage::lockd::LockdBackend;
 use vha_core::storage::Backend;
+use vha_testkit::fencing::{deposed_active_writes_fail, Freeze};
 use vha_testkit::node::log_time;
 use vha_testkit::{wait_until_async, Fault, TestCluster};
 
@@ -25,8 +24,7 @@ const FAILOVER_BOUND: Duration = Duration::from_secs(20);
 /// Opens the cluster's barrier from the test process (it knows the unseal key), to read
 /// advertisements exactly as a standby does.
 async fn test_barrier(c: &TestCluster) -> Barrier {
-    let addr = c.lockd.as_ref().expect("lockd").address();
-    let backend: Arc<dyn Backend> = Arc::new(LockdBackend::connect(&addr).expect("lockd client"));
+    let backend: Arc<dyn Backend> = Arc::new(c.lockd.as_ref().expect("lockd").client());
     let b = Barrier::new(backend);
     let key = base64::engine::general_purpose::STANDARD
         .decode(&c.keys.as_ref().unwrap().keys_base64[0])
@@ -401,46 +399,42 @@ async fn cluster_listener_mtls() {
     assert_eq!(fresh.as_deref(), Ok("HTTP/1.1 200 OK"));
 }
 
-/// A deposed active (SIGSTOP past its lease, then SIGCONT) cannot write: its writes are
-/// refused (fencing or redirect, never 2xx), the new active's data stays, and it steps down.
+/// Fencing end to end, frozen: writes queued at the active's own node listener while it
+/// is SIGSTOPped past its lease all fail once it resumes (another node took over and wrote
+/// the same keys meanwhile), none is visible, every refusal the store made shows in the
+/// node's `vha_node_fencing_rejections_total`, and the old active steps down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deposed_active_cannot_write() {
     let c = TestCluster::builder().nodes(3).lock_ttl("2s").start().await;
-    let a = c.wait_one_active(FAILOVER_BOUND).await;
-    c.mount_secret(a).await;
-    let write = |i: usize, v: &'static str| {
-        c.nodes[i].request(
-            "POST",
-            "secret/data/fence",
-            Some(c.root_token()),
-            Some(json!({"data": {"v": v}})),
-        )
-    };
-    assert!(write(a, "old-1").await.0.is_success());
-    c.nodes[a].signal(Signal::SIGSTOP);
-    let n = c.wait_new_active(a, FAILOVER_BOUND).await;
-    let (st, v) = write(n, "new-2").await;
-    assert!(st.is_success(), "{v}");
-    c.nodes[a].signal(Signal::SIGCONT);
-    // Straight away: the old active must not accept the write.
-    let (st, v) = write(a, "stale-3").await;
-    assert!(!st.is_success(), "deposed active accepted a write: {st} {v}");
-    // It steps down and follows the new active.
-    wait_until_async(
-        || async {
-            let v = c.leader_of(a).await?;
-            (v["is_self"] == false && v["leader_address"] == c.nodes[n].addr.as_str()).then_some(())
-        },
-        "deposed active steps down and follows the new one",
-        FAILOVER_BOUND,
-    )
-    .await;
-    let (st, v) = c.nodes[n]
-        .request("GET", "secret/data/fence", Some(c.root_token()), None)
+    deposed_active_writes_fail(&c, Freeze::Stop, FAILOVER_BOUND)
+        .await
+        .assert_fenced();
+}
+
+/// Fencing at lockd as the data store (split mode, HA lock on a second lockd): the
+/// active's grant is released at the HA lockd while its link to it is held, so it still
+/// believes it is active; another node takes the lock and writes; every write of the old
+/// active then reaches the data lockd with the old fence and is refused there (the only
+/// thing between it and the data); the node answers 503 "leadership lost", counts each in
+/// `vha_node_fencing_rejections_total`, and the first refusal ends its term (later writes
+/// are refused by the node itself); none lands, and the new active's values stand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_fence_refused_by_lockd_data_store() {
+    let c = TestCluster::builder()
+        .nodes(2)
+        .split()
+        .relay_store()
+        .lock_ttl("10s")
+        .start()
         .await;
-    assert_eq!(st, StatusCode::OK);
-    assert_eq!(v["data"]["data"]["v"], "new-2", "the stale write did not land");
-    assert_eq!(v["data"]["metadata"]["version"], 2);
+    let out = deposed_active_writes_fail(&c, Freeze::LockMoved, FAILOVER_BOUND).await;
+    out.assert_fenced();
+    // The first stale write to reach lockd is refused there and ends the term at once; the
+    // rest meet a node that knows it is no longer active.
+    assert!(
+        out.fenced >= 1,
+        "lockd refused the stale writes that reached it: {out:?}"
+    );
 }
 
 /// Through the relay: an active cut from the store stops acting before the lock could be
@@ -528,8 +522,8 @@ async fn split_mode_two_lockds() {
         .await;
     assert!(st.is_success());
     // The lock lives in the HA lockd, not in the data lockd.
-    let ha = LockdBackend::connect(&c.ha_lockd.as_ref().unwrap().address()).unwrap();
-    let data = LockdBackend::connect(&c.lockd.as_ref().unwrap().address()).unwrap();
+    let ha = c.ha_lockd.as_ref().unwrap().client();
+    let data = c.lockd.as_ref().unwrap().client();
     use vha_core::storage::HaBackend;
     let holder = ha
         .holder("core/lock")
@@ -601,4 +595,108 @@ async fn only_current_holders_advertisement_is_believed() {
     let lag = seen.duration_since(active_time).unwrap_or_default();
     eprintln!("standby learned the new active {lag:?} after it became active (includes 20 ms polling)");
     assert!(lag < Duration::from_secs(2), "watch, not a multi-second poll: {lag:?}");
+}
+
+/// Leader changes the way a load balancer sees them: polling every node's `sys/health`
+/// every 10 ms across 10 step-downs, no answer is ever 474 (a standby that learned of a new
+/// active is healthy at once: its first heartbeat goes out the moment it learns, and 474
+/// needs two missed periods) and every answer is 200 or 429; after each change the new
+/// active's `sys/ha-status` lists all three nodes within one heartbeat period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_never_blips_across_leader_changes() {
+    const CHANGES: usize = 10;
+    /// Health polling period, as the measurement polled.
+    const POLL: Duration = Duration::from_millis(10);
+    let c = Arc::new(TestCluster::builder().nodes(3).start().await);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let poller = {
+        let (c, stop) = (c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut codes: std::collections::BTreeMap<u16, usize> = Default::default();
+            // Bounded: stops when told, or after 10 minutes at the latest.
+            let deadline = Instant::now() + Duration::from_secs(600);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < deadline {
+                let c = &c;
+                let answers = futures::future::join_all(
+                    (0..3).map(|i| async move { c.nodes[i].request("GET", "sys/health", None, None).await.0.as_u16() }),
+                )
+                .await;
+                for code in answers {
+                    *codes.entry(code).or_default() += 1;
+                }
+                tokio::time::sleep(POLL).await;
+            }
+            codes
+        })
+    };
+    let mut a = c.wait_one_active(FAILOVER_BOUND).await;
+    let mut listed_after = Vec::new();
+    for _ in 0..CHANGES {
+        let (st, v) = c.nodes[a]
+            .request("PUT", "sys/step-down", Some(c.root_token()), None)
+            .await;
+        assert!(st.is_success(), "step-down: {st} {v}");
+        let n = c.wait_new_active(a, FAILOVER_BOUND).await;
+        let found = Instant::now();
+        // The moment the new active lists every node (its standbys' first heartbeats).
+        wait_until_async(
+            || async {
+                let (st, v) = c.nodes[n]
+                    .request("GET", "sys/ha-status", Some(c.root_token()), None)
+                    .await;
+                (st == StatusCode::OK && v["nodes"].as_array().is_some_and(|l| l.len() == 3)).then_some(())
+            },
+            "the new active lists every node",
+            FAILOVER_BOUND,
+        )
+        .await;
+        listed_after.push(found.elapsed());
+        a = n;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let codes = poller.await.unwrap();
+    eprintln!("health answers across {CHANGES} leader changes: {codes:?}; new active seen to full ha-status: {listed_after:?}");
+    assert_eq!(
+        codes.get(&474),
+        None,
+        "a standby reported 474 while an active existed: {codes:?}"
+    );
+    assert!(
+        codes.keys().all(|c| *c == 200 || *c == 429),
+        "every answer is 200 (active) or 429 (standby): {codes:?}"
+    );
+    assert!(
+        codes.values().sum::<usize>() >= 3 * CHANGES,
+        "the poller ran: {codes:?}"
+    );
+    // One heartbeat period (1 s): what a standby that waited for its next tick, or an old
+    // active that sat out `step_down_wait` (2 s here) without heartbeating, would take.
+    let slowest = listed_after.iter().max().unwrap();
+    assert!(
+        *slowest < Duration::from_secs(1),
+        "the new active listed every node only after {slowest:?}"
+    );
+}
+
+/// The pair contract's local-only paths (`vha_core::pair::LOCAL_ONLY`, which the proxy
+/// never forwards) are each answered by a standby's own node: sent to a standby's node
+/// listener with a method they do not take, every one gets the local handler's 405, while a
+/// path outside the list gets the standby's 307 to the active instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_only_paths_are_answered_by_a_standby_itself() {
+    let c = TestCluster::builder().nodes(2).start().await;
+    let a = c.wait_one_active(FAILOVER_BOUND).await;
+    let s = 1 - a;
+    for path in vha_core::pair::LOCAL_ONLY {
+        let (st, v) = c.nodes[s].request("PATCH", path, Some(c.root_token()), None).await;
+        assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED, "{path} on a standby: {st} {v}");
+    }
+    let (st, v) = c.nodes[s]
+        .request("PATCH", "sys/mounts", Some(c.root_token()), None)
+        .await;
+    assert_eq!(
+        st,
+        StatusCode::TEMPORARY_REDIRECT,
+        "a path only the active serves: {st} {v}"
+    );
 }

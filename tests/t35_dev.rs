@@ -29,6 +29,40 @@ async fn dev_cluster_end_to_end() {
     let nodes = cluster["nodes"].as_array().expect("nodes").clone();
     assert_eq!(nodes.len(), 3);
     let http = reqwest::Client::new();
+    // lockd runs with authentication: a 0600 token file, requests without it refused.
+    let lockd_addr = cluster["lockd"]["addr"].as_str().unwrap();
+    let token_file = cluster["lockd"]["token_file"].as_str().expect("lockd token_file");
+    let mode = std::fs::metadata(token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the lockd token file is private");
+    let lockd_token = std::fs::read_to_string(token_file).unwrap().trim().to_string();
+    for auth in [None, Some("Bearer not-the-token-0123456789")] {
+        let mut rb = http.post(format!("{lockd_addr}/v1/kv/list")).body(r#"{"prefix":""}"#);
+        if let Some(a) = auth {
+            rb = rb.header("authorization", a);
+        }
+        assert_eq!(
+            rb.send().await.unwrap().status(),
+            401,
+            "lockd without its token: {auth:?}"
+        );
+    }
+    let r = http
+        .post(format!("{lockd_addr}/v1/kv/list"))
+        .bearer_auth(&lockd_token)
+        .body(r#"{"prefix":""}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "lockd with its token");
+    // "Up" means ready for a load balancer, with no polling here: every standby answers
+    // 429 on sys/health and the active's sys/ha-status lists all three nodes already.
+    let mut health = Vec::new();
+    for n in &nodes {
+        let url = format!("{}/v1/sys/health", n["api_addr"].as_str().unwrap());
+        health.push(http.get(url).send().await.unwrap().status().as_u16());
+    }
+    health.sort_unstable();
+    assert_eq!(health, [200, 429, 429], "sys/health of the three pairs right after up");
     let mut actives = Vec::new();
     for n in &nodes {
         for f in ["name", "api_addr", "cluster_addr", "node_addr", "node_pid"] {
@@ -56,6 +90,20 @@ async fn dev_cluster_end_to_end() {
     }
     assert_eq!(actives.len(), 1, "exactly one active");
     let active = &actives[0];
+    let v: Value = http
+        .get(format!("{active}/v1/sys/ha-status"))
+        .header("X-Vault-Token", &token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        v["nodes"].as_array().map(Vec::len),
+        Some(3),
+        "sys/ha-status lists every node right after up: {v}"
+    );
     let r = http
         .post(format!("{active}/v1/secret/data/dev"))
         .header("X-Vault-Token", &token)

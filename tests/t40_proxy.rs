@@ -13,7 +13,6 @@ use serde_json::{json, Value};
 use vha_core::advert::{leader_path, Advertisement, LOCK_KEY};
 use vha_core::barrier::Keyring;
 use vha_core::cluster_tls::ClusterIdentity;
-use vha_core::storage::lockd::LockdBackend;
 use vha_core::storage::{Backend, HaBackend};
 use vha_testkit::{wait_until_async, Fault, TestCluster};
 
@@ -470,7 +469,7 @@ async fn forged_advertisement_ignored() {
     let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     trap.set_nonblocking(true).unwrap();
     let trap_addr = trap.local_addr().unwrap();
-    let store = LockdBackend::connect(&c.lockd.as_ref().unwrap().address()).unwrap();
+    let store = c.lockd.as_ref().unwrap().client();
     let holder = store.holder(LOCK_KEY).await.unwrap().expect("a holder");
     let id = ClusterIdentity::generate(&holder.value).unwrap();
     let forged = Advertisement {

@@ -7,14 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::Signal;
-use reqwest::StatusCode;
-use serde_json::json;
-
 use vha_core::advert::LOCK_KEY;
 use vha_core::storage::etcd::EtcdBackend;
-use vha_core::storage::lockd::LockdBackend;
 use vha_core::storage::{Backend, HaBackend};
+use vha_testkit::fencing::{deposed_active_writes_fail, Freeze};
 use vha_testkit::node::{log_time, Store};
 use vha_testkit::{wait_until_async, TestCluster};
 
@@ -28,33 +24,12 @@ const KILL_FAILOVER_BOUND: Duration = Duration::from_secs(5 + 7);
 /// Wide bound for waits that are not the property under test.
 const BOUND: Duration = Duration::from_secs(30);
 
-/// Writes `secret/data/<key>` through node `i`; `Some(status)` if it answered.
-async fn write(c: &TestCluster, i: usize, key: &str, v: &str) -> Option<StatusCode> {
-    c.nodes[i]
-        .try_request(
-            "POST",
-            &format!("secret/data/{key}"),
-            Some(c.root_token()),
-            Some(json!({"data": {"v": v}})),
-        )
-        .await
-        .map(|(st, _)| st)
-}
-
-/// Reads `secret/data/<key>` through node `i`: the stored `v`, if found.
-async fn read(c: &TestCluster, i: usize, key: &str) -> Option<String> {
-    let (st, v) = c.nodes[i]
-        .try_request("GET", &format!("secret/data/{key}"), Some(c.root_token()), None)
-        .await?;
-    (st == StatusCode::OK).then(|| v["data"]["data"]["v"].as_str().unwrap_or_default().to_string())
-}
-
 /// Writes through the current active until one is acknowledged.
 async fn write_eventually(c: &TestCluster, key: &str, v: &str) {
     wait_until_async(
         || async {
             let a = *c.actives().await.first()?;
-            write(c, a, key, v).await.filter(|st| st.is_success()).map(|_| ())
+            c.kv_put(a, key, v).await.filter(|st| st.is_success()).map(|_| ())
         },
         "a write acknowledged by the active",
         BOUND,
@@ -76,15 +51,15 @@ async fn kill_active_node_fails_over_within_bound() {
     let mut c = TestCluster::builder().etcd(3).nodes(3).start().await;
     let a = c.wait_one_active(BOUND).await;
     c.mount_secret(a).await;
-    assert!(write(&c, a, "before", "1").await.unwrap().is_success());
+    assert!(c.kv_put(a, "before", "1").await.unwrap().is_success());
     let t0 = Instant::now();
     c.nodes[a].kill();
     let n = c.wait_new_active(a, KILL_FAILOVER_BOUND).await;
     let took = t0.elapsed();
     println!("etcd failover after kill -9 of the active: {took:?} (lock_timeout {LOCK_TIMEOUT:?})");
     write_eventually(&c, "after", "2").await;
-    assert_eq!(read(&c, n, "before").await.as_deref(), Some("1"));
-    assert_eq!(read(&c, n, "after").await.as_deref(), Some("2"));
+    assert_eq!(c.kv_get(n, "before").await.as_deref(), Some("1"));
+    assert_eq!(c.kv_get(n, "after").await.as_deref(), Some("2"));
 }
 
 /// Pairs (proxy + node) on etcd: kill -9 of the active node makes its proxy prove the death
@@ -95,7 +70,7 @@ async fn pairs_kill_active_node_released_by_proxy() {
     let mut c = TestCluster::builder().etcd(3).nodes(3).proxies().start().await;
     let a = c.wait_one_active(BOUND).await;
     c.mount_secret(a).await;
-    assert!(write(&c, a, "before", "1").await.unwrap().is_success());
+    assert!(c.kv_put(a, "before", "1").await.unwrap().is_success());
     let t0 = Instant::now();
     c.nodes[a].kill();
     let n = c.wait_new_active(a, KILL_FAILOVER_BOUND).await;
@@ -103,7 +78,7 @@ async fn pairs_kill_active_node_released_by_proxy() {
     println!("etcd pairs: failover after kill -9 of the active node: {took:?} (lock_timeout {LOCK_TIMEOUT:?})");
     assert!(took < LOCK_TIMEOUT, "the proxy's release beats the lease TTL: {took:?}");
     write_eventually(&c, "after", "2").await;
-    assert_eq!(read(&c, n, "before").await.as_deref(), Some("1"));
+    assert_eq!(c.kv_get(n, "before").await.as_deref(), Some("1"));
 }
 
 /// kill -9 of the etcd raft leader: the vha active keeps its lock through etcd's election
@@ -134,7 +109,7 @@ async fn etcd_leader_crash_keeps_vha_active() {
             actives.iter().all(|x| *x == a),
             "the vha active must not change: {actives:?}"
         );
-        if write(&c, a, &format!("k{acked}"), "v")
+        if c.kv_put(a, &format!("k{acked}"), "v")
             .await
             .is_some_and(|s| s.is_success())
         {
@@ -172,7 +147,7 @@ async fn quorum_loss_steps_down_and_loses_no_acknowledged_write() {
     let mut acked: Vec<String> = Vec::new();
     for i in 0..5 {
         let k = format!("pre{i}");
-        assert!(write(&c, a, &k, &k).await.unwrap().is_success());
+        assert!(c.kv_put(a, &k, &k).await.unwrap().is_success());
         acked.push(k);
     }
     let killed_at = std::time::SystemTime::now();
@@ -187,7 +162,7 @@ async fn quorum_loss_steps_down_and_loses_no_acknowledged_write() {
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             let k = format!("during{i}");
             i += 1;
-            if write(&c, a, &k, &k).await.is_some_and(|s| s.is_success()) {
+            if c.kv_put(a, &k, &k).await.is_some_and(|s| s.is_success()) {
                 mine.push(k);
             }
         }
@@ -217,7 +192,7 @@ async fn quorum_loss_steps_down_and_loses_no_acknowledged_write() {
     );
     for k in &acked {
         assert_eq!(
-            read(&c, n, k).await.as_deref(),
+            c.kv_get(n, k).await.as_deref(),
             Some(k.as_str()),
             "acknowledged write {k} lost"
         );
@@ -230,48 +205,42 @@ async fn quorum_loss_steps_down_and_loses_no_acknowledged_write() {
     );
 }
 
-/// A deposed active (SIGSTOP past its lease, another node active, SIGCONT) cannot write:
-/// the request is refused, the new active's value stays, the etcd transaction compare on the
-/// lock's create revision rejects the stale token, and the old active steps down.
+/// Fencing end to end on etcd, frozen: writes queued at the active's own node listener
+/// while it is SIGSTOPped past its lease all fail once it resumes (another node took over
+/// and wrote the same keys), none is visible, the store's refusals (the transaction compare
+/// on the lock's create revision) show in `vha_node_fencing_rejections_total`, and the old
+/// active steps down.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deposed_active_cannot_write() {
     let c = TestCluster::builder().etcd(3).nodes(3).start().await;
-    let a = c.wait_one_active(BOUND).await;
-    c.mount_secret(a).await;
-    assert!(write(&c, a, "fence", "old-1").await.unwrap().is_success());
-    let old_token = {
-        let e = c.etcd.as_ref().unwrap();
-        let b = EtcdBackend::connect(&e.address()).unwrap();
-        b.holder(LOCK_KEY).await.unwrap().unwrap().token
-    };
-    c.nodes[a].signal(Signal::SIGSTOP);
-    let n = c.wait_new_active(a, BOUND).await;
-    assert!(write(&c, n, "fence", "new-2").await.unwrap().is_success());
-    c.nodes[a].signal(Signal::SIGCONT);
-    let st = write(&c, a, "fence", "stale-3").await;
+    deposed_active_writes_fail(&c, Freeze::Stop, BOUND)
+        .await
+        .assert_fenced();
+}
+
+/// Fencing at etcd as the data store (split mode, HA lock on lockd): the active's grant is
+/// released at lockd while its link to lockd is held, so it still believes it is active;
+/// another node takes the lock and writes; every write of the old active then reaches
+/// etcd with the old fence and etcd's fence transaction (the high-water mark of the lock's
+/// tokens) refuses it; the node answers 503 "leadership lost", counts each, and the first
+/// refusal ends its term (later writes are refused by the node itself); none lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_fence_refused_by_etcd_data_store() {
+    let c = TestCluster::builder()
+        .split_stores(Store::Etcd, Store::Lockd)
+        .lock_ttl("10s")
+        .relay_store()
+        .nodes(2)
+        .start()
+        .await;
+    let out = deposed_active_writes_fail(&c, Freeze::LockMoved, BOUND).await;
+    out.assert_fenced();
+    // The first stale write to reach etcd is refused there and ends the term at once; the
+    // rest meet a node that knows it is no longer active.
     assert!(
-        !st.is_some_and(|s| s.is_success()),
-        "deposed active accepted a write: {st:?}"
+        out.fenced >= 1,
+        "etcd refused the stale writes that reached it: {out:?}"
     );
-    wait_until_async(
-        || async {
-            let v = c.leader_of(a).await?;
-            (v["is_self"] == false && v["leader_address"] == c.nodes[n].addr.as_str()).then_some(())
-        },
-        "deposed active steps down and follows the new one",
-        BOUND,
-    )
-    .await;
-    assert_eq!(
-        read(&c, n, "fence").await.as_deref(),
-        Some("new-2"),
-        "the stale write did not land"
-    );
-    // The store itself refuses the old token (what the deposed node's write would meet).
-    let e = c.etcd.as_ref().unwrap();
-    let b = EtcdBackend::connect(&e.address()).unwrap();
-    let new_token = b.holder(LOCK_KEY).await.unwrap().unwrap().token;
-    assert!(new_token > old_token, "new grant, higher token");
 }
 
 /// Every sensible split pair works: data and lock in the named stores, one active, kill -9
@@ -286,7 +255,7 @@ async fn split_pairs() {
         let mut c = TestCluster::builder().split_stores(data, ha).nodes(2).start().await;
         let a = c.wait_one_active(BOUND).await;
         c.mount_secret(a).await;
-        assert!(write(&c, a, "x", "1").await.unwrap().is_success(), "{data:?}+{ha:?}");
+        assert!(c.kv_put(a, "x", "1").await.unwrap().is_success(), "{data:?}+{ha:?}");
         let e = c.etcd.as_ref().unwrap();
         let etcd_ha = EtcdBackend::connect(&e.address())
             .unwrap()
@@ -295,7 +264,7 @@ async fn split_pairs() {
         match ha {
             Store::Etcd => assert!(etcd_ha.holder(LOCK_KEY).await.unwrap().is_some(), "lock in etcd"),
             Store::Lockd => {
-                let l = LockdBackend::connect(&c.lockd.as_ref().unwrap().address()).unwrap();
+                let l = c.lockd.as_ref().unwrap().client();
                 assert!(l.holder(LOCK_KEY).await.unwrap().is_some(), "lock in lockd");
                 assert!(etcd_ha.holder(LOCK_KEY).await.unwrap().is_none());
             }
@@ -310,8 +279,8 @@ async fn split_pairs() {
         c.nodes[a].kill();
         let n = c.wait_new_active(a, BOUND).await;
         write_eventually(&c, "y", "2").await;
-        assert_eq!(read(&c, n, "x").await.as_deref(), Some("1"), "{data:?}+{ha:?}");
-        assert_eq!(read(&c, n, "y").await.as_deref(), Some("2"), "{data:?}+{ha:?}");
+        assert_eq!(c.kv_get(n, "x").await.as_deref(), Some("1"), "{data:?}+{ha:?}");
+        assert_eq!(c.kv_get(n, "y").await.as_deref(), Some("2"), "{data:?}+{ha:?}");
         println!("split {data:?} data + {ha:?} HA: ok");
     }
 }

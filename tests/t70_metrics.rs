@@ -47,9 +47,10 @@ fn scrape_jobs(c: &TestCluster) -> Vec<ScrapeJob> {
     if !proxies.is_empty() {
         jobs.push(ScrapeJob::new("vha-proxy", "/metrics", proxies));
     }
-    let lockds: Vec<String> = c.lockd.iter().chain(c.ha_lockd.iter()).map(|l| l.address()).collect();
-    if !lockds.is_empty() {
-        jobs.push(ScrapeJob::new("vha-lockd", "/metrics", lockds));
+    for (name, l) in [("vha-lockd", &c.lockd), ("vha-lockd-ha", &c.ha_lockd)] {
+        if let Some(l) = l {
+            jobs.push(ScrapeJob::new(name, "/metrics", [l.address()]).bearer_token_file(l.token_file()));
+        }
     }
     if let Some(e) = &c.etcd {
         jobs.push(ScrapeJob::new("etcd", "/metrics", e.endpoints()));
@@ -190,14 +191,29 @@ fn every_dashboard_is_covered_by_a_live_test() {
 }
 
 /// `promtool check config` accepts the shipped example scrape config and the config the
-/// tests generate.
+/// tests generate. The example names lockd's credentials under /etc/prometheus, which
+/// promtool opens: they are made (a token, a CA and a client certificate) in a temporary
+/// directory that stands in for it.
 #[test]
 fn shipped_scrape_config_passes_promtool() {
     let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("grafana/prometheus.example.yml");
-    if let Err(out) = promtool_check_config(&example) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let etc = dir.path().join("etc-prometheus");
+    let ca = vha_testkit::pki::TestCa::new(&etc, "lockd");
+    let client = ca.client("client", "prometheus");
+    std::fs::copy(&client.cert, etc.join("prometheus-lockd-client.pem")).expect("client certificate");
+    std::fs::copy(&client.key, etc.join("prometheus-lockd-client-key.pem")).expect("client key");
+    std::fs::write(etc.join("lockd.token"), "0123456789abcdef0123456789abcdef\n").expect("token");
+    let text = std::fs::read_to_string(&example).expect("read the example");
+    assert!(
+        text.contains("/etc/prometheus/"),
+        "the example's credential paths moved"
+    );
+    let copy = dir.path().join("prometheus.example.yml");
+    std::fs::write(&copy, text.replace("/etc/prometheus/", &format!("{}/", etc.display()))).expect("write");
+    if let Err(out) = promtool_check_config(&copy) {
         panic!("promtool rejects {}:\n{out}", example.display());
     }
-    let dir = tempfile::tempdir().expect("tempdir");
     let generated = dir.path().join("prometheus.yml");
     let jobs = [
         ScrapeJob::new("vha-node", "/v1/sys/metrics", ["http://127.0.0.1:8200".to_string()])

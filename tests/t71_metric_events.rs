@@ -45,10 +45,18 @@ async fn node_metrics(c: &TestCluster, i: usize) -> String {
     body
 }
 
+/// lockd's metrics, with its bearer token (lockd's `/metrics` needs authentication).
 async fn lockd_metrics(c: &TestCluster) -> String {
-    get_text(&format!("{}/metrics", c.lockd.as_ref().expect("lockd").address()), None)
+    let l = c.lockd.as_ref().expect("lockd");
+    let r = reqwest::Client::new()
+        .get(format!("{}/metrics", l.address()))
+        .bearer_auth(l.token().expect("test lockd has a token"))
+        .timeout(Duration::from_secs(10))
+        .send()
         .await
-        .1
+        .expect("GET lockd /metrics");
+    assert_eq!(r.status(), StatusCode::OK);
+    r.text().await.unwrap_or_default()
 }
 
 /// Waits until node `i`'s metrics satisfy `pred`; returns them.

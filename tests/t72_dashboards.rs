@@ -227,3 +227,55 @@ fn provisioning_and_scrape_config_match_dashboards() {
         }
     }
 }
+
+/// The shipped alerting rules read only metrics the code registers (so a renamed metric
+/// cannot leave an alert silently watching nothing), and every alert the operations docs
+/// promise is there: no active, more than one active, failover, forwarding errors, slow
+/// lease renewals, slow fsync, lockd auth failures. (`scripts/test.sh` also runs
+/// `promtool check rules` and the rules' unit tests.)
+#[test]
+fn alert_rules_read_registered_metrics() {
+    let registered = registered_names();
+    let text = read("grafana/alerts/vha-alerts.yml");
+    let mut alerts = BTreeSet::new();
+    let mut exprs = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(l) = lines.next() {
+        let t = l.trim();
+        if let Some(a) = t.strip_prefix("- alert: ") {
+            alerts.insert(a.to_string());
+        } else if let Some(e) = t.strip_prefix("expr: ") {
+            let mut e = e.trim_start_matches('|').to_string();
+            while lines.peek().is_some_and(|n| n.starts_with("          ")) {
+                e.push(' ');
+                e.push_str(lines.next().unwrap_or_default().trim());
+            }
+            exprs.push(e);
+        }
+    }
+    for want in [
+        "VhaNoActiveNode",
+        "VhaMoreThanOneActiveNode",
+        "VhaFailover",
+        "VhaForwardingErrors",
+        "VhaLeaseRenewalsSlow",
+        "VhaLockdFsyncSlow",
+        "VhaLockdAuthFailures",
+    ] {
+        assert!(alerts.contains(want), "missing alert {want}: {alerts:?}");
+    }
+    assert_eq!(exprs.len(), alerts.len(), "one expression per alert");
+    for e in exprs {
+        let names = metric_names(&e);
+        assert!(!names.is_empty(), "alert reads no metric: {e}");
+        for n in names
+            .iter()
+            .filter(|n| n.starts_with("vha_") || n.starts_with("vault_"))
+        {
+            assert!(
+                registered.contains(&base_name(n, &registered)),
+                "{n} is not a registered metric: {e}"
+            );
+        }
+    }
+}

@@ -190,7 +190,7 @@ async fn chaos_loses_no_acknowledged_write() {
         )
         .await;
     assert!(st.is_success(), "kv config: {st} {v}");
-    let store = Arc::new(LockdBackend::connect(&c.lockd.as_ref().expect("lockd").address()).expect("lockd client"));
+    let store = Arc::new(c.lockd.as_ref().expect("lockd").client());
 
     let http = reqwest::Client::builder()
         .timeout(REQUEST_BOUND + Duration::from_secs(10))
@@ -435,12 +435,14 @@ async fn chaos_loses_no_acknowledged_write() {
     for (tok, snap) in &snapshots {
         for (k, (ftok, fval)) in &fin {
             let changed = snap.get(k).is_none_or(|(t, v)| t != ftok || v != fval);
-            if changed {
-                if let Some(ft) = ftok {
-                    if ft < tok {
-                        stale.push(format!("{k}: written with token {ft} after grant {tok} was in force"));
-                    }
+            // An entry written without any fencing token after a grant was in force is as
+            // stale as one with an older token: no HA node may write unfenced.
+            match ftok {
+                Some(ft) if changed && ft < tok => {
+                    stale.push(format!("{k}: written with token {ft} after grant {tok} was in force"))
                 }
+                None if changed => stale.push(format!("{k}: written unfenced after grant {tok} was in force")),
+                _ => {}
             }
         }
     }

@@ -21,7 +21,6 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use vha_core::advert::LOCK_KEY;
-use vha_core::storage::lockd::LockdBackend;
 use vha_core::storage::HaBackend;
 use vha_testkit::{wait_until_async, Fault, TestCluster, TestNode};
 
@@ -236,7 +235,7 @@ async fn slow_store_below_threshold_no_false_failover() {
     c.mount_secret(a).await;
     let root = c.root_token().to_string();
     // A direct (not relayed) view of the lock.
-    let store = LockdBackend::connect(&c.lockd.as_ref().unwrap().address()).unwrap();
+    let store = c.lockd.as_ref().unwrap().client();
     let before = store.holder(LOCK_KEY).await.unwrap().expect("holder");
 
     let delay = TTL / 20;

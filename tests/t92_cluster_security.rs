@@ -14,7 +14,6 @@ use serde_json::json;
 
 use vha_core::advert::{leader_path, Advertisement, LOCK_KEY};
 use vha_core::cluster_tls::ClusterIdentity;
-use vha_core::storage::lockd::LockdBackend;
 use vha_core::storage::{Backend, HaBackend};
 use vha_testkit::{wait_until_async, TestCluster};
 
@@ -191,7 +190,7 @@ async fn raw_and_replayed_advertisements_ignored() {
         )
         .await;
     assert!(st.is_success(), "{v}");
-    let store = LockdBackend::connect(&c.lockd.as_ref().unwrap().address()).unwrap();
+    let store = c.lockd.as_ref().unwrap().client();
 
     // Term 1's genuine envelope, then a new term.
     let h1 = store.holder(LOCK_KEY).await.unwrap().expect("holder");

@@ -88,12 +88,14 @@ fn params_and_der(sk: &p521::SecretKey) -> Result<(Zeroizing<Vec<u8>>, ClusterKe
     let der = sk
         .to_pkcs8_der()
         .map_err(|e| ClusterTlsError::Generate(e.to_string()))?;
+    let mut scalar = sk.to_bytes();
     let params = ClusterKeyParams {
         kind: "p521".into(),
         x: x.to_vec(),
         y: y.to_vec(),
-        d: sk.to_bytes().to_vec(),
+        d: Zeroizing::new(scalar.to_vec()),
     };
+    zeroize::Zeroize::zeroize(scalar.as_mut_slice());
     Ok((Zeroizing::new(der.as_bytes().to_vec()), params))
 }
 

@@ -14,6 +14,9 @@ pub enum StorageError {
     /// The store could not be reached or did not answer in time.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// The store refused the client's credentials (missing or wrong token or certificate).
+    #[error("storage refused the credentials: {0}")]
+    Unauthorized(String),
     /// A key, value or argument broke a documented limit or format.
     #[error("invalid storage request: {0}")]
     Invalid(String),

@@ -5,6 +5,7 @@
 //!   `physical.Backend` / `HABackend`), fencing tokens, and the built-in backends.
 //! - [`barrier`]: the AES-256-GCM keyring, the Shamir seal and the encrypted view of storage.
 //! - [`advert`]: the active node's advertisement, as written under `core/leader/<uuid>`.
+//! - [`pair`]: the headers a proxy and its node (and nodes among themselves) agree on.
 
 pub mod advert;
 pub mod barrier;
@@ -12,6 +13,7 @@ pub mod cluster_tls;
 pub mod config;
 pub mod error;
 pub mod local;
+pub mod pair;
 pub mod storage;
 
 pub use error::{BarrierError, StorageError};
@@ -21,10 +23,16 @@ pub use error::{BarrierError, StorageError};
 /// Vault's `http_read_header_timeout` default.
 pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// Response header a node sets on its loop guard's 503 "node not active" to a forwarded
-/// request: the request was refused before anything ran, so the forwarding proxy may send
-/// it again to the next active.
-pub const NOT_ACTIVE_HEADER: &str = "x-vha-not-active";
+pub use pair::NOT_ACTIVE_HEADER;
+
+/// The body length a request announces in `Content-Length`, if it names one: the node, its
+/// proxy and lockd refuse an announced oversized body before reading a byte of it.
+pub fn announced_body_len(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
 
 /// The version every vha binary reports (`sys/health`, `sys/seal-status`, banner).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

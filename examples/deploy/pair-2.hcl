@@ -3,10 +3,15 @@
 # The proxy owns the client-facing listener (TLS); the node serves its proxy on a private
 # unix socket and runs the cluster listener (mTLS, P-521) only while active.
 
+# lockd authenticates every client twice: a client certificate from lockd's client CA
+# (mutual TLS) and a bearer token (README "Security model" shows how to make both).
 storage "lockd" {
-  address  = "https://lockd.example.internal:8300"
-  lock_ttl = "10s"
-  tls_ca_file = "/etc/vha/tls/lockd-ca.pem"
+  address       = "https://lockd.example.internal:8300"
+  lock_ttl      = "10s"
+  tls_ca_file   = "/etc/vha/tls/lockd-ca.pem"
+  tls_cert_file = "/etc/vha/tls/vha-2-lockd-client.pem"
+  tls_key_file  = "/etc/vha/tls/vha-2-lockd-client-key.pem"
+  token_file    = "/etc/vha/lockd.token"
 }
 
 listener "tcp" {

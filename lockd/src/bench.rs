@@ -20,7 +20,7 @@ use hyper_util::rt::TokioExecutor;
 use vha_core::storage::lockd::LockdBackend;
 use vha_core::storage::{Backend, HaBackend};
 
-use crate::cli::BenchArgs;
+use crate::procs::{free_port, wait_ready};
 
 /// Warm-up before each measured run: connections open, caches and the allocator settle.
 const WARMUP: Duration = Duration::from_millis(500);
@@ -32,13 +32,6 @@ impl Drop for Reaper {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| e.to_string())
 }
 
 /// One level's result.
@@ -107,25 +100,40 @@ where
     Stats::from(all, errors, Duration::from_secs(secs))
 }
 
-async fn wait_ready<F, Fut>(what: &str, f: F) -> Result<(), String>
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while Instant::now() < deadline {
-        if f().await {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Err(format!("{what} did not become ready"))
+/// Arguments of the hidden `bench` subcommand.
+#[derive(clap::Args, Debug)]
+pub struct BenchArgs {
+    /// Where the servers' data directories go (same disk for both: same fsync cost).
+    #[arg(long, default_value = ".")]
+    pub dir: std::path::PathBuf,
+    /// The etcd binary (Debian: `etcd-server`).
+    #[arg(long, default_value = "etcd")]
+    pub etcd_bin: String,
+    /// Benchmark lockd only.
+    #[arg(long)]
+    pub no_etcd: bool,
+    /// Concurrency levels.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    pub clients: Vec<usize>,
+    /// Seconds per level and server.
+    #[arg(long, default_value = "5")]
+    pub secs: u64,
+    /// Value size in bytes.
+    #[arg(long, default_value = "256")]
+    pub value_size: usize,
+    #[command(flatten)]
+    pub scale: crate::scale::ScaleArgs,
 }
 
 /// Runs the benchmark and prints the table.
 pub async fn run(b: &BenchArgs) -> Result<(), String> {
     let root = b.dir.join(format!("lockd-bench-{}", std::process::id()));
     std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+    if b.scale.entries.is_some() {
+        let res = crate::scale::run(&root, &b.scale, b.value_size).await;
+        let _ = std::fs::remove_dir_all(&root);
+        return res;
+    }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let lport = free_port()?;
     let _lockd = Reaper(
@@ -133,6 +141,10 @@ pub async fn run(b: &BenchArgs) -> Result<(), String> {
             .args(["lockd", "--listen", &format!("127.0.0.1:{lport}"), "--data-dir"])
             .arg(root.join("lockd"))
             .env("RUST_LOG", "warn")
+            .env(
+                crate::store::ENGINE_ENV,
+                b.scale.engines.first().map(String::as_str).unwrap_or("cow"),
+            )
             .stdout(Stdio::null())
             .spawn()
             .map_err(|e| format!("starting lockd: {e}"))?,
@@ -179,9 +191,10 @@ pub async fn run(b: &BenchArgs) -> Result<(), String> {
     let value = vec![b'v'; b.value_size];
 
     println!(
-        "guarded writes, {} B values, {} s per level (lockd: fenced put; etcd {}: plain put via JSON gateway)",
+        "guarded writes, {} B values, {} s per level (lockd {}: fenced put; etcd {}: plain put via JSON gateway)",
         b.value_size,
         b.secs,
+        b.scale.engines.first().map(String::as_str).unwrap_or("cow"),
         etcd_version(&b.etcd_bin)
     );
     println!(

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use vha_core::storage::lockd::{LockTiming, LockdBackend};
+use vha_core::storage::lockd::{LockTiming, LockdBackend, LockdCredentials};
 
 use crate::config::LockdConfig;
 
@@ -45,12 +45,24 @@ struct Args {
     /// Log size in bytes that triggers compaction.
     #[arg(long)]
     compact_bytes: Option<String>,
+    /// Largest value in bytes a put may carry (default 32 MiB + 4 KiB, at most 1 GiB + 4 KiB).
+    #[arg(long)]
+    max_value_size: Option<String>,
     /// PEM certificate chain: with --tls-key-file, serve TLS (h2 or http/1.1 via ALPN).
     #[arg(long)]
     tls_cert_file: Option<String>,
     /// PEM private key for --tls-cert-file.
     #[arg(long)]
     tls_key_file: Option<String>,
+    /// PEM CA bundle: with TLS, clients must present a certificate signed by it.
+    #[arg(long)]
+    tls_client_ca_file: Option<String>,
+    /// File holding the bearer token clients must send (`Authorization: Bearer <token>`).
+    #[arg(long)]
+    token_file: Option<String>,
+    /// Allow a non-loopback listener without authentication (insecure; warned at every start).
+    #[arg(long)]
+    insecure_no_auth: bool,
     #[command(subcommand)]
     cmd: Option<Cmd>,
 }
@@ -67,6 +79,8 @@ enum Cmd {
     Hold {
         #[arg(long)]
         address: String,
+        #[command(flatten)]
+        creds: ClientCreds,
         #[arg(long)]
         key: String,
         #[arg(long)]
@@ -76,7 +90,7 @@ enum Cmd {
     },
     /// Guarded-write benchmark against lockd and (optionally) etcd.
     #[command(hide = true)]
-    Bench(crate::cli::BenchArgs),
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -85,6 +99,8 @@ enum SnapOp {
         file: PathBuf,
         #[arg(long, default_value = "http://127.0.0.1:8300")]
         address: String,
+        #[command(flatten)]
+        creds: ClientCreds,
     },
     Restore {
         file: PathBuf,
@@ -93,27 +109,43 @@ enum SnapOp {
     },
 }
 
-/// Arguments of the hidden `bench` subcommand.
-#[derive(clap::Args, Debug)]
-pub struct BenchArgs {
-    /// Where the servers' data directories go (same disk for both: same fsync cost).
-    #[arg(long, default_value = ".")]
-    pub dir: PathBuf,
-    /// The etcd binary (Debian: `etcd-server`).
-    #[arg(long, default_value = "etcd")]
-    pub etcd_bin: String,
-    /// Benchmark lockd only.
+/// How a `vha lockd` client command authenticates to a running lockd (the same settings as a
+/// node's `storage "lockd"` stanza).
+#[derive(clap::Args, Debug, Default)]
+pub struct ClientCreds {
+    /// File holding lockd's bearer token (else the environment's VHA_LOCKD_TOKEN).
     #[arg(long)]
-    pub no_etcd: bool,
-    /// Concurrency levels.
-    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
-    pub clients: Vec<usize>,
-    /// Seconds per level and server.
-    #[arg(long, default_value = "5")]
-    pub secs: u64,
-    /// Value size in bytes.
-    #[arg(long, default_value = "256")]
-    pub value_size: usize,
+    token_file: Option<PathBuf>,
+    /// CA bundle that signs lockd's certificate (https addresses).
+    #[arg(long)]
+    tls_ca_file: Option<PathBuf>,
+    /// Client certificate for mutual TLS (with --tls-key-file).
+    #[arg(long)]
+    tls_cert_file: Option<PathBuf>,
+    #[arg(long)]
+    tls_key_file: Option<PathBuf>,
+    /// Name to verify lockd's certificate against, when not the address's host.
+    #[arg(long)]
+    tls_server_name: Option<String>,
+}
+
+impl ClientCreds {
+    fn client(&self, address: &str) -> Result<LockdBackend, String> {
+        let mut creds = match &self.token_file {
+            Some(p) => LockdCredentials::token_file(p)?,
+            None => match std::env::var(vha_core::storage::lockd::TOKEN_ENV) {
+                Ok(t) if !t.is_empty() => {
+                    LockdCredentials::token(t).map_err(|e| format!("{}: {e}", vha_core::storage::lockd::TOKEN_ENV))?
+                }
+                _ => LockdCredentials::default(),
+            },
+        };
+        creds.tls_ca_file = self.tls_ca_file.clone();
+        creds.tls_cert_file = self.tls_cert_file.clone();
+        creds.tls_key_file = self.tls_key_file.clone();
+        creds.tls_server_name = self.tls_server_name.clone();
+        LockdBackend::connect_with(address, &creds).map_err(|e| e.to_string())
+    }
 }
 
 fn init_tracing() {
@@ -153,17 +185,25 @@ pub fn main(args: Vec<String>) -> ExitCode {
     let res = match args.cmd {
         None => rt.block_on(run_daemon(&args)),
         Some(Cmd::Snapshot {
-            op: SnapOp::Save { ref file, ref address },
-        }) => rt.block_on(snapshot_save(file, address)),
+            op:
+                SnapOp::Save {
+                    ref file,
+                    ref address,
+                    ref creds,
+                },
+        }) => creds.client(address).and_then(|c| rt.block_on(snapshot_save(file, &c))),
         Some(Cmd::Snapshot {
             op: SnapOp::Restore { ref file, ref data_dir },
         }) => snapshot_restore(file, data_dir),
         Some(Cmd::Hold {
             ref address,
+            ref creds,
             ref key,
             ref value,
             ref ttl,
-        }) => rt.block_on(hold(address, key, value, ttl)),
+        }) => creds
+            .client(address)
+            .and_then(|c| rt.block_on(hold(&c, key, value, ttl))),
         Some(Cmd::Bench(ref b)) => rt.block_on(crate::bench::run(b)),
     };
     match res {
@@ -187,13 +227,19 @@ fn config_from(args: &Args) -> Result<LockdConfig, String> {
         ("min_lease_ttl", &args.min_lease_ttl),
         ("max_lease_ttl", &args.max_lease_ttl),
         ("compact_bytes", &args.compact_bytes),
+        ("max_value_size", &args.max_value_size),
         ("tls_cert_file", &args.tls_cert_file),
         ("tls_key_file", &args.tls_key_file),
+        ("tls_client_ca_file", &args.tls_client_ca_file),
+        ("token_file", &args.token_file),
     ];
     for (k, v) in flags {
         if let Some(v) = v {
             cfg.set_flag(k, v).map_err(|e| e.to_string())?;
         }
+    }
+    if args.insecure_no_auth {
+        cfg.set_flag("insecure_no_auth", "true").map_err(|e| e.to_string())?;
     }
     cfg.validate(args.config.as_deref().unwrap_or(std::path::Path::new("<flags>")))
         .map_err(|e| e.to_string())?;
@@ -221,8 +267,7 @@ async fn run_daemon(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-async fn snapshot_save(file: &std::path::Path, address: &str) -> Result<(), String> {
-    let c = LockdBackend::connect(address).map_err(|e| e.to_string())?;
+async fn snapshot_save(file: &std::path::Path, c: &LockdBackend) -> Result<(), String> {
     let img = c.snapshot().await.map_err(|e| e.to_string())?;
     crate::log::parse_snapshot(&img).map_err(|e| format!("lockd sent an invalid snapshot: {e}"))?;
     crate::log::write_atomic(file, &img).map_err(|e| e.to_string())?;
@@ -232,8 +277,13 @@ async fn snapshot_save(file: &std::path::Path, address: &str) -> Result<(), Stri
 
 fn snapshot_restore(file: &std::path::Path, data_dir: &std::path::Path) -> Result<(), String> {
     let img = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let lsn = crate::store::restore_snapshot(&img, data_dir).map_err(|e| e.to_string())?;
-    println!("restored snapshot (up to record {lsn}) into {}", data_dir.display());
+    let r = crate::store::restore_snapshot(&img, data_dir).map_err(|e| e.to_string())?;
+    println!(
+        "restored snapshot (up to record {}) into {}; kept {} higher fence-token mark(s) of the replaced data",
+        r.lsn,
+        data_dir.display(),
+        r.kept_marks
+    );
     Ok(())
 }
 
@@ -246,11 +296,9 @@ fn wall(deadline: tokio::time::Instant) -> SystemTime {
     }
 }
 
-async fn hold(address: &str, key: &str, value: &str, ttl: &str) -> Result<(), String> {
+async fn hold(c: &LockdBackend, key: &str, value: &str, ttl: &str) -> Result<(), String> {
     let ttl = vha_core::config::parse_duration(ttl).ok_or_else(|| format!("{ttl:?} is not a duration"))?;
-    let c = LockdBackend::connect(address)
-        .map_err(|e| e.to_string())?
-        .with_timing(LockTiming::from_ttl(ttl));
+    let c = c.with_timing(LockTiming::from_ttl(ttl));
     let Some((guard, deadline)) = c
         .acquire_lease(key, value, CancellationToken::new())
         .await

@@ -8,9 +8,17 @@
 //! min_lease_ttl = "100ms"
 //! max_lease_ttl = "5m"
 //! compact_bytes = 67108864           # log size that triggers a snapshot
+//! max_value_size = 33558528          # largest value a put may carry (default 32 MiB + 4 KiB)
 //! tls_cert_file = "lockd.pem"        # both set: TLS (h2/http1.1 via ALPN)
 //! tls_key_file  = "lockd-key.pem"
+//! tls_client_ca_file = "ca.pem"      # with TLS: clients must present a certificate it signed
+//! token_file    = "lockd.token"      # clients must send Authorization: Bearer <token>
+//! insecure_no_auth = false           # true: allow a non-loopback listener without either
 //! ```
+//!
+//! A listener on a non-loopback address needs authentication (a token, or TLS with a client
+//! CA, or both) unless `insecure_no_auth` says otherwise: lockd holds every secret's
+//! ciphertext, the keyring and the HA lock.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -20,6 +28,7 @@ use hcl_edit::expr::Expression;
 use hcl_edit::structure::Body;
 use hcl_edit::Span;
 use vha_core::config::{parse_duration, ConfigError};
+use vha_core::storage::{MAX_LOCAL_VALUE_LEN, MAX_VALUE_LEN};
 
 use crate::store::DEFAULT_COMPACT_BYTES;
 
@@ -42,8 +51,12 @@ const KNOWN: &[&str] = &[
     "min_lease_ttl",
     "max_lease_ttl",
     "compact_bytes",
+    "max_value_size",
     "tls_cert_file",
     "tls_key_file",
+    "tls_client_ca_file",
+    "token_file",
+    "insecure_no_auth",
 ];
 
 /// The daemon's settings, defaults applied and validated.
@@ -55,8 +68,19 @@ pub struct LockdConfig {
     pub min_lease_ttl: Duration,
     pub max_lease_ttl: Duration,
     pub compact_bytes: u64,
+    /// Largest value a put may carry: the network limit clients keep by default, up to the
+    /// 1 GiB a node allows for large secrets (clients set the same `max_value_size`).
+    pub max_value_size: usize,
     pub tls_cert_file: Option<PathBuf>,
     pub tls_key_file: Option<PathBuf>,
+    /// CA bundle client certificates must chain to (mutual TLS; needs TLS).
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// File holding the bearer token clients must present.
+    pub token_file: Option<PathBuf>,
+    /// Allow a non-loopback listener without authentication (warned about at every start).
+    pub insecure_no_auth: bool,
+    /// Where each setting came from (`FILE:LINE`, or `<flags>`), for positioned errors.
+    origins: std::collections::BTreeMap<String, (PathBuf, Option<usize>)>,
 }
 
 impl Default for LockdConfig {
@@ -70,8 +94,13 @@ impl Default for LockdConfig {
             min_lease_ttl: DEFAULT_MIN_LEASE_TTL,
             max_lease_ttl: DEFAULT_MAX_LEASE_TTL,
             compact_bytes: DEFAULT_COMPACT_BYTES,
+            max_value_size: MAX_VALUE_LEN,
             tls_cert_file: None,
             tls_key_file: None,
+            tls_client_ca_file: None,
+            token_file: None,
+            insecure_no_auth: false,
+            origins: Default::default(),
         }
     }
 }
@@ -99,6 +128,14 @@ impl Setting<'_> {
             line: self.line,
             key: self.key.clone(),
             msg: msg.into(),
+        }
+    }
+    /// A path setting; relative paths in a file are relative to the file's directory.
+    fn path(&self) -> PathBuf {
+        let p = PathBuf::from(&self.value);
+        match self.file.parent() {
+            Some(dir) if p.is_relative() && self.file != Path::new("<flags>") => dir.join(p),
+            _ => p,
         }
     }
     fn duration(&self) -> Result<Duration, ConfigError> {
@@ -180,10 +217,30 @@ impl LockdConfig {
                     .parse()
                     .map_err(|_| s.err(format!("{:?} is not a byte count", s.value)))?
             }
-            "tls_cert_file" => self.tls_cert_file = Some(PathBuf::from(&s.value)),
-            "tls_key_file" => self.tls_key_file = Some(PathBuf::from(&s.value)),
+            "max_value_size" => {
+                self.max_value_size = s
+                    .value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_LOCAL_VALUE_LEN).contains(n))
+                    .ok_or_else(|| {
+                        s.err(format!(
+                            "{:?} is not a byte count from 1 to {MAX_LOCAL_VALUE_LEN}",
+                            s.value
+                        ))
+                    })?
+            }
+            "tls_cert_file" => self.tls_cert_file = Some(s.path()),
+            "tls_key_file" => self.tls_key_file = Some(s.path()),
+            "tls_client_ca_file" => self.tls_client_ca_file = Some(s.path()),
+            "token_file" => self.token_file = Some(s.path()),
+            "insecure_no_auth" => {
+                self.insecure_no_auth = vha_core::config::parse_bool(&s.value)
+                    .ok_or_else(|| s.err(format!("{:?} is not a boolean", s.value)))?
+            }
             _ => return Err(s.err("unknown key")),
         }
+        self.origins.insert(s.key.clone(), (s.file.to_path_buf(), s.line));
         Ok(())
     }
 
@@ -205,14 +262,29 @@ impl LockdConfig {
         })
     }
 
+    /// A positioned error about `key`: the file and line it was set at (or `file`).
+    pub fn error(&self, file: &Path, key: &str, msg: impl Into<String>) -> ConfigError {
+        let (file, line) = self
+            .origins
+            .get(key)
+            .cloned()
+            .unwrap_or_else(|| (file.to_path_buf(), None));
+        ConfigError::Invalid {
+            file,
+            line,
+            key: key.to_string(),
+            msg: msg.into(),
+        }
+    }
+
+    /// True when clients must authenticate (a token, or TLS with a client CA).
+    pub fn authenticates(&self) -> bool {
+        self.token_file.is_some() || (self.tls_client_ca_file.is_some() && self.tls_cert_file.is_some())
+    }
+
     /// Cross-field checks.
     pub fn validate(&self, file: &Path) -> Result<(), ConfigError> {
-        let bad = |key: &str, msg: String| ConfigError::Invalid {
-            file: file.to_path_buf(),
-            line: None,
-            key: key.to_string(),
-            msg,
-        };
+        let bad = |key: &str, msg: String| self.error(file, key, msg);
         if self.min_lease_ttl.is_zero() || self.min_lease_ttl > self.max_lease_ttl {
             return Err(bad(
                 "min_lease_ttl",
@@ -232,6 +304,24 @@ impl LockdConfig {
             return Err(bad(
                 "tls_cert_file",
                 "tls_cert_file and tls_key_file must be set together".into(),
+            ));
+        }
+        if self.tls_client_ca_file.is_some() && self.tls_cert_file.is_none() {
+            return Err(bad(
+                "tls_client_ca_file",
+                "client certificates need TLS: set tls_cert_file and tls_key_file too".into(),
+            ));
+        }
+        if !self.listen.ip().is_loopback() && !self.authenticates() && !self.insecure_no_auth {
+            return Err(bad(
+                "listen",
+                format!(
+                    "refusing to listen on {} without authentication: anyone who can reach it could read every \
+                     entry, delete the keyring or release the HA lock. Set token_file (--token-file) and/or \
+                     tls_client_ca_file with tls_cert_file and tls_key_file (--tls-client-ca-file), or \
+                     insecure_no_auth = true (--insecure-no-auth) to run without authentication anyway",
+                    self.listen
+                ),
             ));
         }
         Ok(())
@@ -254,5 +344,53 @@ mod tests {
         assert!(e.to_string().starts_with("l.hcl:3: lease_ttl:"), "{e}");
         let e = LockdConfig::from_hcl("listen = \n", Path::new("l.hcl")).unwrap_err();
         assert!(e.to_string().starts_with("l.hcl:"), "{e}");
+    }
+
+    /// A non-loopback listener without authentication is refused with an error that names
+    /// the file, line and key and says how to fix it; a token, TLS with a client CA, or the
+    /// explicit escape hatch make it valid. Loopback needs none of them.
+    #[test]
+    fn non_loopback_needs_authentication() {
+        let f = Path::new("/etc/vha/lockd.hcl");
+        let e = LockdConfig::from_hcl("data_dir = \"d\"\nlisten = \"0.0.0.0:8300\"\n", f).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("/etc/vha/lockd.hcl:2: listen: refusing to listen on 0.0.0.0:8300"),
+            "{msg}"
+        );
+        for how in ["--token-file", "--tls-client-ca-file", "--insecure-no-auth"] {
+            assert!(msg.contains(how), "{msg}");
+        }
+        let ok = [
+            "listen = \"0.0.0.0:8300\"\ntoken_file = \"t\"\n",
+            "listen = \"0.0.0.0:8300\"\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\ntls_client_ca_file = \"ca\"\n",
+            "listen = \"0.0.0.0:8300\"\ninsecure_no_auth = true\n",
+            "listen = \"127.0.0.2:8300\"\n",
+        ];
+        for text in ok {
+            LockdConfig::from_hcl(text, f).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+        let c = LockdConfig::from_hcl("listen = \"0.0.0.0:8300\"\ntoken_file = \"t\"\n", f).unwrap();
+        assert_eq!(
+            c.token_file.as_deref(),
+            Some(Path::new("/etc/vha/t")),
+            "relative to the file"
+        );
+        // TLS without a client CA authenticates no one.
+        let e = LockdConfig::from_hcl(
+            "listen = \"0.0.0.0:8300\"\ntls_cert_file = \"c\"\ntls_key_file = \"k\"\n",
+            f,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("listen: refusing"), "{e}");
+        let e = LockdConfig::from_hcl("tls_client_ca_file = \"ca\"\n", f).unwrap_err();
+        assert!(
+            e.to_string().starts_with("/etc/vha/lockd.hcl:1: tls_client_ca_file:"),
+            "{e}"
+        );
+        let mut c = LockdConfig::default();
+        c.set_flag("listen", "0.0.0.0:1").unwrap();
+        let e = c.validate(Path::new("<flags>")).unwrap_err();
+        assert!(e.to_string().starts_with("<flags>: listen: refusing"), "{e}");
     }
 }

@@ -43,6 +43,9 @@ pub enum LockdError {
     Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The request carried no credentials or wrong ones (nothing was read or changed).
+    #[error("{}", .0.message())]
+    Unauthorized(crate::auth::Refusal),
 }
 
 impl LockdError {
@@ -59,6 +62,7 @@ impl LockdError {
             LockdError::UnknownLease { .. } => StatusCode::NOT_FOUND,
             LockdError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             LockdError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            LockdError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -76,6 +80,7 @@ impl LockdError {
             LockdError::UnknownLease { .. } => codes::UNKNOWN_LEASE,
             LockdError::Unavailable(_) => codes::UNAVAILABLE,
             LockdError::Internal(_) => codes::INTERNAL,
+            LockdError::Unauthorized(_) => codes::UNAUTHORIZED,
         }
     }
 

@@ -5,8 +5,11 @@
 //! durable (grants, releases, expiries, fence observations) before acknowledging. That keeps
 //! the safety rules property-testable (see the tests at the bottom):
 //! - at most one lease per key; a lease ends only by release, or when `now >= deadline`;
-//! - each grant's token is strictly greater than every token granted or seen for that key;
-//! - a write fenced with a token below the highest seen is rejected;
+//! - each grant's token is strictly greater than every token granted or seen for that key,
+//!   computed with checked arithmetic (an exhausted token space refuses the grant);
+//! - a write fenced with a token below the highest seen is rejected (`Fenced`), and so is one
+//!   above every token granted for a lock this table grants (`Invalid`): a token cannot be
+//!   forged, so no client can fence the real holder out;
 //! - after a restart ([`LeaseTable::replay`] + [`LeaseTable::recovered`]) every lease that was
 //!   held is held for a full TTL from the restart.
 
@@ -27,9 +30,42 @@ pub struct Lease {
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 struct LockState {
-    /// Highest token granted or seen on a fenced write for this key.
+    /// Highest token this table granted for this key (0: never granted here, the lock is
+    /// held in another store and its tokens can only be observed, as in split mode).
+    granted: u64,
+    /// Highest token granted or seen on an accepted fenced write for this key. For a lock
+    /// granted here it never exceeds `granted`; it moves only with grants and accepted writes.
     highest: u64,
     lease: Option<Lease>,
+}
+
+impl LockState {
+    /// Refuses a fence token this table could not have granted, and a stale one.
+    fn check(&self, lock: &str, token: u64) -> Result<(), LockdError> {
+        if self.granted > 0 && token > self.granted {
+            return Err(LockdError::Invalid(format!(
+                "fence token {token} for lock {lock:?} was never granted (highest granted {})",
+                self.granted
+            )));
+        }
+        if token < self.highest {
+            return Err(LockdError::Fenced {
+                lock: lock.to_string(),
+                token,
+                highest: self.highest,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A lock's two high-water marks (see [`LeaseTable`]'s rules).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Marks {
+    /// Highest token granted here (0: never granted here).
+    pub granted: u64,
+    /// Highest token granted or accepted on a fenced write.
+    pub highest: u64,
 }
 
 /// Why a lease ended.
@@ -55,31 +91,9 @@ pub enum Effect {
     Ended { key: String, token: u64, reason: EndReason },
     /// A fenced write raised the highest token seen for `lock` (durable with the write).
     Observed { lock: String, token: u64 },
-}
-
-/// The events the table reacts to.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Event {
-    Acquire {
-        key: String,
-        value: String,
-        ttl: Duration,
-    },
-    Renew {
-        key: String,
-        token: u64,
-    },
-    Release {
-        key: String,
-        token: u64,
-    },
-    /// A write fenced with `token` for `lock`: rejected if stale, else observed.
-    Fence {
-        lock: String,
-        token: u64,
-    },
-    /// Time passed: end every lease whose deadline is reached.
-    Tick,
+    /// Tokens up to `token` were granted for `key` (written by snapshots, so the mark that
+    /// bounds fence tokens survives compaction once the grant records are gone).
+    GrantedUpTo { key: String, token: u64 },
 }
 
 /// The lease table.
@@ -91,18 +105,6 @@ pub struct LeaseTable {
 impl LeaseTable {
     pub fn new() -> Self {
         Self::default()
-    }
-
-    /// Applies `ev` at `now`. On `Err` nothing changed (apart from ending a lease whose
-    /// deadline had already passed, reported by [`LeaseTable::tick`] on the next call).
-    pub fn apply(&mut self, ev: Event, now: Duration) -> Result<Vec<Effect>, LockdError> {
-        match ev {
-            Event::Acquire { key, value, ttl } => self.acquire(&key, &value, ttl, now),
-            Event::Renew { key, token } => self.renew(&key, token, now).map(|e| vec![e]),
-            Event::Release { key, token } => self.release(&key, token, now),
-            Event::Fence { lock, token } => self.fence(&lock, token).map(|o| o.into_iter().collect()),
-            Event::Tick => Ok(self.tick(now)),
-        }
     }
 
     /// Takes the lock if free (or if its lease ran out). Acquiring again with the current
@@ -130,7 +132,10 @@ impl LeaseTable {
                 token: l.token,
             }),
             None => {
-                let token = st.highest + 1;
+                let token = st.granted.max(st.highest).checked_add(1).ok_or_else(|| {
+                    LockdError::Unavailable(format!("the fence token space of lock {key:?} is exhausted"))
+                })?;
+                st.granted = token;
                 st.highest = token;
                 st.lease = Some(Lease {
                     value: value.to_string(),
@@ -217,17 +222,13 @@ impl LeaseTable {
         }
     }
 
-    /// Checks a fenced write: `Fenced` when `token` is below the highest seen for `lock`;
-    /// otherwise records it as seen (returning `Observed` when it raised the highest).
+    /// Checks a fenced write: `Fenced` when `token` is below the highest seen for `lock`,
+    /// `Invalid` when this table grants `lock` and never granted `token`; otherwise records it
+    /// as seen (returning `Observed` when it raised the highest, which only a lock granted
+    /// elsewhere can do).
     pub fn fence(&mut self, lock: &str, token: u64) -> Result<Option<Effect>, LockdError> {
-        let highest = self.locks.get(lock).map(|s| s.highest).unwrap_or(0);
-        if token < highest {
-            return Err(LockdError::Fenced {
-                lock: lock.to_string(),
-                token,
-                highest,
-            });
-        }
+        self.check_fence(lock, token)?;
+        let highest = self.highest(lock);
         if token > highest {
             self.locks.entry(lock.to_string()).or_default().highest = token;
             return Ok(Some(Effect::Observed {
@@ -240,15 +241,10 @@ impl LeaseTable {
 
     /// Checks a fence without recording it (for validating a write before it is applied).
     pub fn check_fence(&self, lock: &str, token: u64) -> Result<(), LockdError> {
-        let highest = self.locks.get(lock).map(|s| s.highest).unwrap_or(0);
-        if token < highest {
-            return Err(LockdError::Fenced {
-                lock: lock.to_string(),
-                token,
-                highest,
-            });
+        match self.locks.get(lock) {
+            Some(st) => st.check(lock, token),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Ends every lease whose deadline is reached.
@@ -293,15 +289,48 @@ impl LeaseTable {
         self.locks.get(key).map(|s| s.highest).unwrap_or(0)
     }
 
+    /// The highest token granted for `key` here (0 when never granted here).
+    pub fn granted(&self, key: &str) -> u64 {
+        self.locks.get(key).map(|s| s.granted).unwrap_or(0)
+    }
+
     pub fn active_leases(&self) -> usize {
         self.locks.values().filter(|s| s.lease.is_some()).count()
     }
 
-    /// Every lock's highest token and lease, for snapshots.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, u64, Option<&Lease>)> {
-        self.locks
-            .iter()
-            .map(|(k, s)| (k.as_str(), s.highest, s.lease.as_ref()))
+    /// Every lock's marks and lease, for snapshots.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Marks, Option<&Lease>)> {
+        self.locks.iter().map(|(k, s)| {
+            (
+                k.as_str(),
+                Marks {
+                    granted: s.granted,
+                    highest: s.highest,
+                },
+                s.lease.as_ref(),
+            )
+        })
+    }
+
+    /// The effects that restore every lock's marks (not its lease): what a snapshot keeps so
+    /// that fence checks and the next grant are the same after recovery.
+    pub fn mark_effects(&self) -> Vec<Effect> {
+        let mut out = Vec::new();
+        for (k, s) in &self.locks {
+            if s.granted > 0 {
+                out.push(Effect::GrantedUpTo {
+                    key: k.clone(),
+                    token: s.granted,
+                });
+            }
+            if s.highest > 0 {
+                out.push(Effect::Observed {
+                    lock: k.clone(),
+                    token: s.highest,
+                });
+            }
+        }
+        out
     }
 
     /// Replays a durable effect (from the log or a snapshot) during recovery. Deadlines are
@@ -310,6 +339,7 @@ impl LeaseTable {
         match effect {
             Effect::Granted { key, value, token, ttl } => {
                 let st = self.locks.entry(key.clone()).or_default();
+                st.granted = st.granted.max(*token);
                 st.highest = st.highest.max(*token);
                 st.lease = Some(Lease {
                     value: value.clone(),
@@ -327,6 +357,11 @@ impl LeaseTable {
             }
             Effect::Observed { lock, token } => {
                 let st = self.locks.entry(lock.clone()).or_default();
+                st.highest = st.highest.max(*token);
+            }
+            Effect::GrantedUpTo { key, token } => {
+                let st = self.locks.entry(key.clone()).or_default();
+                st.granted = st.granted.max(*token);
                 st.highest = st.highest.max(*token);
             }
             Effect::Renewed { .. } => {}
@@ -399,12 +434,14 @@ mod tests {
     }
 
     /// After replay + recovered(now), a held lease lasts a full TTL from the restart and the
-    /// next token exceeds every token granted before it.
+    /// next token exceeds every token granted or observed before it.
     #[test]
     fn restart_holds_for_full_ttl() {
         let mut t = LeaseTable::new();
         let mut log = t.acquire("k", "a", MS(100), MS(0)).unwrap();
-        log.extend(t.fence("k", 7).unwrap());
+        log.extend(t.fence("k", 1).unwrap());
+        // A lock granted by another store (split mode): its tokens are only observed.
+        log.extend(t.fence("x", 7).unwrap());
         let mut r = LeaseTable::new();
         log.iter().for_each(|e| r.replay(e));
         r.recovered(MS(1000));
@@ -413,7 +450,60 @@ mod tests {
             Err(LockdError::LockHeld { .. })
         ));
         let e = r.acquire("k", "b", MS(100), MS(1100)).unwrap();
+        assert!(e.iter().any(|e| matches!(e, Effect::Granted { token: 2, .. })));
+        let e = r.acquire("x", "b", MS(100), MS(1100)).unwrap();
         assert!(e.iter().any(|e| matches!(e, Effect::Granted { token: 8, .. })));
+    }
+
+    /// A fence token above every token granted for a lock granted here is refused as
+    /// `Invalid` and changes nothing: u64::MAX cannot fence the holder out, and the next grant
+    /// is the previous one + 1.
+    #[test]
+    fn forged_fence_token_refused() {
+        let mut t = LeaseTable::new();
+        t.acquire("k", "a", MS(100), MS(0)).unwrap();
+        for forged in [2, 3, u64::MAX] {
+            assert!(matches!(t.fence("k", forged), Err(LockdError::Invalid(_))), "{forged}");
+            assert!(
+                matches!(t.check_fence("k", forged), Err(LockdError::Invalid(_))),
+                "{forged}"
+            );
+        }
+        assert_eq!(t.highest("k"), 1);
+        assert_eq!(t.fence("k", 1).unwrap(), None, "the holder keeps writing");
+        t.release("k", 1, MS(1)).unwrap();
+        let e = t.acquire("k", "b", MS(100), MS(2)).unwrap();
+        assert!(e.iter().any(|e| matches!(e, Effect::Granted { token: 2, .. })), "{e:?}");
+    }
+
+    /// Grant arithmetic is checked: a lock whose observed token is u64::MAX (only possible
+    /// for a lock granted elsewhere) refuses a grant instead of wrapping around or panicking.
+    #[test]
+    fn exhausted_token_space_refuses_grant() {
+        let mut t = LeaseTable::new();
+        t.fence("ext", u64::MAX).unwrap();
+        assert!(matches!(
+            t.acquire("ext", "a", MS(100), MS(0)),
+            Err(LockdError::Unavailable(_))
+        ));
+        assert!(t.holder("ext").is_none());
+    }
+
+    /// A snapshot's mark effects restore both marks exactly, so fence checks and the next
+    /// grant are the same after compaction, even for a lock that is no longer held.
+    #[test]
+    fn marks_survive_snapshot_replay() {
+        let mut t = LeaseTable::new();
+        t.acquire("k", "a", MS(100), MS(0)).unwrap();
+        t.release("k", 1, MS(1)).unwrap();
+        t.acquire("k", "a", MS(100), MS(2)).unwrap();
+        t.fence("ext", 40).unwrap();
+        let mut r = LeaseTable::new();
+        t.mark_effects().iter().for_each(|e| r.replay(e));
+        for k in ["k", "ext", "none"] {
+            assert_eq!((r.granted(k), r.highest(k)), (t.granted(k), t.highest(k)), "{k}");
+        }
+        assert!(matches!(r.fence("k", 3), Err(LockdError::Invalid(_))));
     }
 
     #[derive(Clone, Debug)]
@@ -446,7 +536,8 @@ mod tests {
         ///    while the previous one may still believe it holds (its last acknowledged
         ///    grant/renew + TTL has not passed), unless it released — also across restarts;
         /// 2. tokens per key strictly increase, also across restarts;
-        /// 3. a fenced write with a token below one already granted is always rejected.
+        /// 3. a fenced write with a token below one already granted is always rejected, and
+        ///    so is one above every token granted for a lock granted here.
         #[test]
         fn lease_safety(ops in proptest::collection::vec(op(), 1..80)) {
             let keys = ["a", "b", "c"];
@@ -475,9 +566,11 @@ mod tests {
                         match t.fence(keys[k], tok) {
                             Ok(e) => {
                                 prop_assert!(tok >= max_granted, "stale token {tok} accepted after grant {max_granted}");
+                                prop_assert!(max_granted == 0 || tok <= max_granted, "never-granted token {tok} accepted (granted {max_granted})");
                                 effects.extend(e);
                             }
                             Err(LockdError::Fenced { .. }) => prop_assert!(tok < t.highest(keys[k])),
+                            Err(LockdError::Invalid(_)) => prop_assert!(max_granted > 0 && tok > max_granted, "token {tok} refused as forged (granted {max_granted})"),
                             Err(e) => prop_assert!(false, "unexpected {e}"),
                         }
                     }
@@ -516,7 +609,7 @@ mod tests {
                             }
                             durable.push(e.clone());
                         }
-                        Effect::Observed { .. } => durable.push(e.clone()),
+                        Effect::Observed { .. } | Effect::GrantedUpTo { .. } => durable.push(e.clone()),
                     }
                 }
                 // At most one holder per key, and it is the latest grant.

@@ -4,19 +4,24 @@
 //! - [`lease`]: the pure lease state machine (events + injected clock -> effects).
 //! - [`log`]: checksummed log records and snapshots; [`store`]: group commit, compaction,
 //!   recovery; [`server`]: HTTP/2 + JSON protocol (`PROTOCOL.md`); [`metrics`]: `vha_lockd_*`.
-//! - [`config`] and [`cli`]: `vha lockd ...`; [`bench`]: lockd vs etcd guarded writes.
+//! - [`config`] and [`cli`]: `vha lockd ...`; [`bench`]: lockd vs etcd guarded writes;
+//!   [`scale`]: lockd filled with many entries (latency under compaction, memory, restart).
 //! - The client lives in `vha_core::storage::lockd`, so nodes and proxies need not depend on
 //!   this crate.
 //!
 //! lockd is a single point of failure by design; etcd is the distributed alternative.
 
+pub mod auth;
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod kvmap;
 pub mod lease;
 pub mod log;
 pub mod metrics;
+pub mod procs;
+pub mod scale;
 pub mod server;
 pub mod store;
 
@@ -48,21 +53,62 @@ impl Daemon {
             metrics,
         )
         .map_err(|e| e.to_string())?;
+        let config_file = std::path::Path::new("<config>");
         let tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
-            (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
+            (Some(c), Some(k)) => Some(
+                tls_acceptor(c, k, cfg.tls_client_ca_file.as_deref())
+                    .map_err(|(key, m)| cfg.error(config_file, key, m).to_string())?,
+            ),
             _ => None,
         };
+        let token = match &cfg.token_file {
+            Some(p) => Some(
+                vha_core::storage::lockd::auth::read_token_file(p)
+                    .map_err(|m| cfg.error(config_file, "token_file", m).to_string())?,
+            ),
+            None => None,
+        };
+        let tokens = auth::TokenCheck::new(token);
+        if !cfg.authenticates() {
+            if cfg.listen.ip().is_loopback() {
+                tracing::warn!(
+                    listen = %cfg.listen,
+                    "lockd runs without authentication: any process on this host can read and change its data; \
+                     set token_file and/or tls_client_ca_file"
+                );
+            } else {
+                tracing::warn!(
+                    listen = %cfg.listen,
+                    "INSECURE: lockd listens on a non-loopback address without authentication \
+                     (insecure_no_auth): anyone who can reach it can read every entry, delete the keyring \
+                     or release the HA lock"
+                );
+            }
+        } else if cfg.tls_cert_file.is_none() && !cfg.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %cfg.listen,
+                "lockd's bearer token travels without TLS on a non-loopback address: set tls_cert_file and \
+                 tls_key_file so it cannot be read off the network"
+            );
+        }
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|e| format!("binding {}: {e}", cfg.listen))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        let limits = server::LeaseLimits {
+        let limits = server::Limits {
             default_ttl: cfg.lease_ttl,
             min_ttl: cfg.min_lease_ttl,
             max_ttl: cfg.max_lease_ttl,
+            max_value: cfg.max_value_size,
         };
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(server::serve(listener, store.clone(), limits, tls, shutdown.clone()));
+        let task = tokio::spawn(server::serve(
+            listener,
+            store.clone(),
+            limits,
+            server::Security { tls, tokens },
+            shutdown.clone(),
+        ));
         Ok(Daemon {
             addr,
             store,
@@ -80,20 +126,45 @@ impl Daemon {
     }
 }
 
-fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<tokio_rustls::TlsAcceptor, String> {
+/// The TLS acceptor: the server certificate, and with `client_ca` a verifier that requires
+/// every client to present a certificate chaining to it. Errors name the setting.
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: Option<&std::path::Path>,
+) -> Result<tokio_rustls::TlsAcceptor, (&'static str, String)> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{}: {e}", cert.display()))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+        .map_err(|e| ("tls_cert_file", format!("{}: {e}", cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ("tls_key_file", format!("{}: {e}", key.display())))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
+        .map_err(|e| ("tls_cert_file", e.to_string()))?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let bad = |e: String| ("tls_client_ca_file", format!("{}: {e}", ca.display()));
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| bad(e.to_string()))? {
+                roots
+                    .add(c.map_err(|e| bad(e.to_string()))?)
+                    .map_err(|e| bad(e.to_string()))?;
+            }
+            if roots.is_empty() {
+                return Err(bad("no certificate in the file".into()));
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| bad(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut cfg = builder
         .with_single_cert(certs, key)
-        .map_err(|e| format!("TLS certificate/key: {e}"))?;
+        .map_err(|e| ("tls_key_file", format!("TLS certificate/key: {e}")))?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }

@@ -13,16 +13,17 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
-use vha_core::storage::{Fence, MAX_KEY_LEN, MAX_VALUE_LEN};
+use vha_core::storage::{Fence, MAX_KEY_LEN, MAX_LOCAL_VALUE_LEN};
 
 use crate::error::StoreError;
 use crate::lease::{Effect, EndReason};
 
 /// Frame header: length + CRC.
 pub const FRAME_HEADER: usize = 8;
-/// Largest payload a valid frame can have: the largest value, the largest key, a fence
-/// (lock key + token) and a few fixed fields. Anything larger is a corrupt length field.
-pub const MAX_PAYLOAD: usize = MAX_VALUE_LEN + 2 * MAX_KEY_LEN + 256;
+/// Largest payload a valid frame can have: the largest value any `max_value_size` allows, the
+/// largest key, a fence (lock key + token) and a few fixed fields. Anything larger is a
+/// corrupt length field (a log written under a larger setting still recovers).
+pub const MAX_PAYLOAD: usize = MAX_LOCAL_VALUE_LEN + 2 * MAX_KEY_LEN + 256;
 /// First bytes of a snapshot file (format version 1).
 pub const SNAP_MAGIC: &[u8; 8] = b"VHALKSN1";
 
@@ -33,6 +34,7 @@ const TAG_END: u8 = 4;
 const TAG_OBSERVED: u8 = 5;
 const TAG_SNAP_HEADER: u8 = 6;
 const TAG_SNAP_END: u8 = 7;
+const TAG_GRANTED_UP_TO: u8 = 8;
 
 /// One durable record.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,7 +50,7 @@ pub enum Record {
         key: String,
         fence: Option<Fence>,
     },
-    /// A lease effect: `Granted`, `Ended` or `Observed` (never `Renewed`).
+    /// A lease effect: `Granted`, `Ended`, `Observed` or `GrantedUpTo` (never `Renewed`).
     Lease(Effect),
     /// First record of a snapshot: the LSN it covers up to.
     SnapHeader {
@@ -115,6 +117,11 @@ pub fn encode(out: &mut Vec<u8>, lsn: u64, rec: &Record) {
         Record::Lease(Effect::Observed { lock, token }) => {
             out.push(TAG_OBSERVED);
             put_bytes(out, lock.as_bytes());
+            out.extend_from_slice(&token.to_le_bytes());
+        }
+        Record::Lease(Effect::GrantedUpTo { key, token }) => {
+            out.push(TAG_GRANTED_UP_TO);
+            put_bytes(out, key.as_bytes());
             out.extend_from_slice(&token.to_le_bytes());
         }
         Record::Lease(Effect::Renewed { .. }) => {
@@ -213,6 +220,10 @@ pub fn decode_payload(payload: &[u8]) -> Result<(u64, Record), String> {
         }),
         TAG_OBSERVED => Record::Lease(Effect::Observed {
             lock: c.string()?,
+            token: c.u64()?,
+        }),
+        TAG_GRANTED_UP_TO => Record::Lease(Effect::GrantedUpTo {
+            key: c.string()?,
             token: c.u64()?,
         }),
         TAG_SNAP_HEADER => Record::SnapHeader { lsn: c.u64()? },
@@ -324,6 +335,152 @@ pub fn build_snapshot(lsn: u64, records: impl Iterator<Item = Record>) -> Vec<u8
     out
 }
 
+/// Writes a snapshot as a stream of frames (no image in memory): the magic and header on
+/// creation, one frame per [`SnapshotWriter::push`], the end record on
+/// [`SnapshotWriter::finish`].
+pub struct SnapshotWriter<W: Write> {
+    out: W,
+    lsn: u64,
+    count: u64,
+    buf: Vec<u8>,
+    written: u64,
+}
+
+impl<W: Write> SnapshotWriter<W> {
+    pub fn new(mut out: W, lsn: u64) -> std::io::Result<SnapshotWriter<W>> {
+        let mut buf = SNAP_MAGIC.to_vec();
+        encode(&mut buf, lsn, &Record::SnapHeader { lsn });
+        out.write_all(&buf)?;
+        let written = buf.len() as u64;
+        buf.clear();
+        Ok(SnapshotWriter {
+            out,
+            lsn,
+            count: 0,
+            buf,
+            written,
+        })
+    }
+
+    pub fn push(&mut self, rec: &Record) -> std::io::Result<()> {
+        self.buf.clear();
+        encode(&mut self.buf, self.lsn, rec);
+        self.out.write_all(&self.buf)?;
+        self.written += self.buf.len() as u64;
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Writes the end record; returns the output and the snapshot's size in bytes.
+    pub fn finish(mut self) -> std::io::Result<(W, u64)> {
+        self.buf.clear();
+        encode(&mut self.buf, self.lsn, &Record::SnapEnd { count: self.count });
+        self.out.write_all(&self.buf)?;
+        self.out.flush()?;
+        Ok((self.out, self.written + self.buf.len() as u64))
+    }
+}
+
+/// Reads one frame from `r`: `Ok(None)` at a clean end of input, `Err` with why on a torn,
+/// corrupt or undecodable frame (nothing of that frame is returned).
+fn read_frame(r: &mut impl Read, payload: &mut Vec<u8>) -> Result<Option<(u64, Record, usize)>, String> {
+    let mut head = [0u8; FRAME_HEADER];
+    let mut got = 0;
+    while got < FRAME_HEADER {
+        match r.read(&mut head[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err("torn frame header".into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("read error: {e}")),
+        }
+    }
+    let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    if len > MAX_PAYLOAD {
+        return Err(format!("implausible frame length {len}"));
+    }
+    payload.resize(len, 0);
+    r.read_exact(payload)
+        .map_err(|_| format!("torn frame ({len} bytes announced)"))?;
+    if crc32fast::hash(payload) != crc {
+        return Err("checksum mismatch".into());
+    }
+    let (lsn, rec) = decode_payload(payload).map_err(|e| format!("undecodable record: {e}"))?;
+    Ok(Some((lsn, rec, FRAME_HEADER + len)))
+}
+
+/// Streams a whole snapshot from `r`, handing each state record to `apply`; verifies the
+/// magic, the header first, the end record last with the right count, and nothing after.
+/// Returns the LSN it covers. On `Err` some records may have been applied: the caller
+/// discards that state.
+pub fn read_snapshot(mut r: impl Read, mut apply: impl FnMut(Record)) -> Result<u64, String> {
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic)
+        .map_err(|_| "not a lockd snapshot (too short)".to_string())?;
+    if &magic != SNAP_MAGIC {
+        return Err("not a lockd snapshot (bad magic)".into());
+    }
+    let mut payload = Vec::new();
+    let lsn = match read_frame(&mut r, &mut payload)? {
+        Some((_, Record::SnapHeader { lsn }, _)) => lsn,
+        _ => return Err("snapshot does not start with a header".into()),
+    };
+    let mut count = 0u64;
+    loop {
+        match read_frame(&mut r, &mut payload)? {
+            None => return Err("snapshot is incomplete (no end record)".into()),
+            Some((_, Record::SnapEnd { count: c }, _)) => {
+                if c != count {
+                    return Err(format!("snapshot end says {c} records, {count} were read"));
+                }
+                break;
+            }
+            Some((_, Record::SnapHeader { .. }, _)) => return Err("second snapshot header".into()),
+            Some((_, rec, _)) => {
+                apply(rec);
+                count += 1;
+            }
+        }
+    }
+    match read_frame(&mut r, &mut payload) {
+        Ok(None) => Ok(lsn),
+        _ => Err("bytes after the snapshot's end record".into()),
+    }
+}
+
+/// Like [`scan`] on a log, but streaming from `r` and handing records to `apply` as they are
+/// read: stops at the end or at the first torn, corrupt or out-of-sequence frame. Records at
+/// or below `after_lsn` at the start are skipped. Returns the offset just past the last good
+/// frame, the last LSN applied (or `after_lsn`), and why reading stopped early, if it did.
+pub fn scan_reader(mut r: impl Read, after_lsn: u64, mut apply: impl FnMut(u64, Record)) -> (u64, u64, Option<String>) {
+    let (mut off, mut last, mut started) = (0u64, after_lsn, false);
+    let mut payload = Vec::new();
+    loop {
+        match read_frame(&mut r, &mut payload) {
+            Ok(None) => return (off, last, None),
+            Err(why) => return (off, last, Some(format!("{why} at offset {off}"))),
+            Ok(Some((lsn, rec, n))) => {
+                if !started && lsn <= after_lsn {
+                    off += n as u64;
+                    continue;
+                }
+                if lsn != last + 1 {
+                    return (
+                        off,
+                        last,
+                        Some(format!("record {lsn} at offset {off} does not follow {last}")),
+                    );
+                }
+                started = true;
+                apply(lsn, rec);
+                last = lsn;
+                off += n as u64;
+            }
+        }
+    }
+}
+
 /// Writes `data` to `path` atomically: temp file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), StoreError> {
     let tmp = path.with_extension("tmp");
@@ -406,6 +563,10 @@ mod tests {
                 lock: "l".into(),
                 token: 12,
             }),
+            Record::Lease(Effect::GrantedUpTo {
+                key: "l".into(),
+                token: 9,
+            }),
         ]
     }
 
@@ -472,7 +633,7 @@ mod tests {
         let recs = sample();
         let buf = log_of(&recs);
         let s = scan(&buf, Some(2));
-        assert_eq!(s.records.iter().map(|r| r.0).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(s.records.iter().map(|r| r.0).collect::<Vec<_>>(), vec![3, 4, 5, 6]);
         let s = scan(&buf, Some(10));
         assert!(s.records.is_empty() && s.stopped.is_none());
     }
@@ -488,6 +649,49 @@ mod tests {
             "truncated snapshot rejected"
         );
         assert!(parse_snapshot(b"garbage").is_err());
+    }
+
+    /// The streaming snapshot writer and reader agree with the in-memory image format, and
+    /// the reader refuses a truncated stream or bytes after the end.
+    #[test]
+    fn streamed_snapshot_matches_image() {
+        let recs = sample();
+        let mut w = SnapshotWriter::new(Vec::new(), 42).unwrap();
+        for r in &recs {
+            w.push(r).unwrap();
+        }
+        let (img, size) = w.finish().unwrap();
+        assert_eq!(img, build_snapshot(42, recs.clone().into_iter()));
+        assert_eq!(size, img.len() as u64);
+        let mut got = Vec::new();
+        assert_eq!(read_snapshot(&img[..], |r| got.push(r)), Ok(42));
+        assert_eq!(got, recs);
+        for cut in [img.len() - 1, img.len() / 2, 9, 3] {
+            assert!(read_snapshot(&img[..cut], |_| {}).is_err(), "cut at {cut} accepted");
+        }
+        let mut more = img.clone();
+        more.extend_from_slice(&img[8..]);
+        assert!(read_snapshot(&more[..], |_| {}).is_err());
+    }
+
+    /// The streaming log scan finds the same records, good length and stop reason class as
+    /// the buffer scan, for a log cut at every offset and one with a gap.
+    #[test]
+    fn streamed_scan_matches_buffer_scan() {
+        let buf = log_of(&sample());
+        for cut in 0..=buf.len() {
+            let want = scan(&buf[..cut], Some(0));
+            let mut got = Vec::new();
+            let (good, last, stopped) = scan_reader(&buf[..cut], 0, |lsn, r| got.push((lsn, r)));
+            assert_eq!(got, want.records, "cut at {cut}");
+            assert_eq!(good as usize, want.good_len);
+            assert_eq!(last, got.last().map(|r| r.0).unwrap_or(0));
+            assert_eq!(stopped.is_some(), want.stopped.is_some());
+        }
+        let (_, last, stopped) = scan_reader(&buf[..], 2, |_, _| {});
+        assert_eq!((last, stopped), (6, None));
+        let (_, last, stopped) = scan_reader(&buf[..], 10, |_, _| {});
+        assert_eq!((last, stopped), (10, None), "fully covered log");
     }
 
     proptest::proptest! {

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub watches: IntGauge,
     pub log_bytes: IntGauge,
     pub compactions: IntCounter,
+    /// Refused clients by reason (`crate::auth::Refusal` labels, all present from start).
+    pub auth_failures: IntCounterVec,
 }
 
 impl Metrics {
@@ -62,8 +64,20 @@ impl Metrics {
         let log_bytes = IntGauge::new("vha_lockd_log_bytes", "size of the append-only log").expect("static");
         let compactions =
             IntCounter::new("vha_lockd_compactions_total", "snapshots taken to compact the log").expect("static");
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "vha_lockd_auth_failures_total",
+                "clients refused for missing or wrong credentials, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("static metric definition");
+        for r in crate::auth::Refusal::ALL {
+            auth_failures.with_label_values(&[r.label()]);
+        }
         for c in [
             Box::new(ops.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(auth_failures.clone()),
             Box::new(fsync_seconds.clone()),
             Box::new(batch_records.clone()),
             Box::new(request_seconds.clone()),
@@ -86,6 +100,7 @@ impl Metrics {
             watches,
             log_bytes,
             compactions,
+            auth_failures,
         }
     }
 

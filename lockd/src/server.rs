@@ -4,6 +4,8 @@
 //!
 //! Nothing here panics on input: bodies are size-limited before they are read, JSON errors
 //! become 400 `malformed`, and every failure goes through [`LockdError`]'s single mapping.
+//! Every request but `/v1/health` is authenticated first ([`crate::auth`]); a refused one
+//! reads nothing and changes nothing.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -28,44 +30,71 @@ use vha_core::storage::lockd::protocol::{
     HolderResponse, KeyRequest, LeaseRequest, ListRequest, ListResponse, PutRequest, PutResponse, RenewResponse,
     WatchRequest, WireEvent, MAX_ACQUIRE_WAIT_MS, WATCH_PING_MS,
 };
-use vha_core::storage::MAX_VALUE_LEN;
+use vha_core::storage::validate_value_len;
 
+use crate::auth::{Refusal, TokenCheck};
 use crate::error::LockdError;
 use crate::store::Store;
 
-/// Largest request body: a maximal value base64-encoded (4/3) plus room for the key, fence
-/// and JSON punctuation. Bodies are cut off at this size before being parsed.
-pub const MAX_BODY: usize = MAX_VALUE_LEN.div_ceil(3) * 4 + 64 * 1024;
+/// Largest request body for a value limit: a maximal value base64-encoded (4/3) plus room for
+/// the key, fence and JSON punctuation. Bodies are cut off at this size before being parsed.
+pub fn max_body(max_value: usize) -> usize {
+    max_value.div_ceil(3) * 4 + 64 * 1024
+}
 /// Depth of a watch stream's outgoing queue; a client that does not read gets `resync`
 /// semantics through the store's broadcast lag instead of unbounded memory.
 const WATCH_OUT_QUEUE: usize = 256;
 
-/// Lease TTL limits the server enforces on acquire requests.
+/// Limits the server enforces: lease TTLs on acquire requests, the size of a value.
 #[derive(Clone, Debug)]
-pub struct LeaseLimits {
+pub struct Limits {
     pub default_ttl: Duration,
     pub min_ttl: Duration,
     pub max_ttl: Duration,
+    /// Largest value a put may carry (`max_value_size`).
+    pub max_value: usize,
 }
 
 type Body = BoxBody<Bytes, Infallible>;
 
+/// How clients are authenticated: TLS (with or without required client certificates, as the
+/// acceptor is configured) and the bearer token.
+pub struct Security {
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub tokens: TokenCheck,
+}
+
 struct App {
     store: Store,
-    limits: LeaseLimits,
+    limits: Limits,
+    tokens: TokenCheck,
+}
+
+/// Why a TLS handshake failed, as an auth-failure reason.
+fn handshake_refusal(e: &std::io::Error) -> Refusal {
+    use rustls::{CertificateError, Error as TlsError};
+    match e.get_ref().and_then(|i| i.downcast_ref::<TlsError>()) {
+        Some(TlsError::NoCertificatesPresented) => Refusal::NoClientCert,
+        Some(TlsError::InvalidCertificate(CertificateError::UnknownIssuer)) | Some(TlsError::InvalidCertificate(_)) => {
+            Refusal::BadClientCert
+        }
+        _ => Refusal::TlsHandshake,
+    }
 }
 
 /// Serves `listener` until `shutdown` fires.
 pub async fn serve(
     listener: TcpListener,
     store: Store,
-    limits: LeaseLimits,
-    tls: Option<tokio_rustls::TlsAcceptor>,
+    limits: Limits,
+    security: Security,
     shutdown: CancellationToken,
 ) {
+    let Security { tls, tokens } = security;
     let app = Arc::new(App {
         store: store.clone(),
         limits,
+        tokens,
     });
     tokio::spawn(store.clone().run_expiry());
     loop {
@@ -88,7 +117,15 @@ pub async fn serve(
             match tls {
                 Some(acc) => match acc.accept(stream).await {
                     Ok(s) => serve_conn(TokioIo::new(s), app, peer, shutdown).await,
-                    Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(e) => {
+                        let why = handshake_refusal(&e);
+                        app.store
+                            .metrics()
+                            .auth_failures
+                            .with_label_values(&[why.label()])
+                            .inc();
+                        tracing::warn!(%peer, reason = why.label(), error = %e, "TLS handshake refused");
+                    }
                 },
                 None => serve_conn(TokioIo::new(stream), app, peer, shutdown).await,
             }
@@ -102,7 +139,7 @@ where
 {
     let svc = hyper::service::service_fn(move |req| {
         let app = app.clone();
-        async move { Ok::<_, Infallible>(handle(app, req).await) }
+        async move { Ok::<_, Infallible>(handle(app, req, peer).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection(io, svc);
@@ -122,13 +159,26 @@ fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
 }
 
 fn error_response(e: &LockdError) -> Response<Body> {
-    json(e.status(), &e.body())
+    let mut r = json(e.status(), &e.body());
+    if matches!(e, LockdError::Unauthorized(_)) {
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    r
 }
 
-async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, LockdError> {
-    let body = Limited::new(req.into_body(), MAX_BODY).collect().await.map_err(|e| {
+async fn read_json<T: DeserializeOwned>(app: &App, req: Request<Incoming>) -> Result<T, LockdError> {
+    let limit = max_body(app.limits.max_value);
+    // A declared length over the limit is refused before any of the body is read, so the
+    // client gets its 413 instead of a reset while it is still sending.
+    if vha_core::announced_body_len(req.headers()).is_some_and(|n| n > limit as u64) {
+        return Err(LockdError::TooLarge { limit });
+    }
+    let body = Limited::new(req.into_body(), limit).collect().await.map_err(|e| {
         if e.is::<http_body_util::LengthLimitError>() {
-            LockdError::TooLarge { limit: MAX_BODY }
+            LockdError::TooLarge { limit }
         } else {
             LockdError::Malformed(format!("reading body: {e}"))
         }
@@ -155,7 +205,28 @@ fn op_name(path: &str) -> &'static str {
     }
 }
 
-async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Body> {
+/// Checks the request's credentials (all paths but health), counting and logging a refusal
+/// without what was presented.
+fn authenticate(app: &App, req: &Request<Incoming>, peer: SocketAddr) -> Result<(), LockdError> {
+    if req.uri().path() == paths::HEALTH {
+        return Ok(());
+    }
+    let presented = req.headers().get(hyper::header::AUTHORIZATION).map(|v| v.as_bytes());
+    app.tokens.check(presented).map_err(|why| {
+        app.store
+            .metrics()
+            .auth_failures
+            .with_label_values(&[why.label()])
+            .inc();
+        tracing::warn!(%peer, reason = why.label(), path = %req.uri().path(), "request refused: bad credentials");
+        LockdError::Unauthorized(why)
+    })
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    if let Err(e) = authenticate(&app, &req, peer) {
+        return error_response(&e);
+    }
     let op = op_name(req.uri().path());
     let timer = app
         .store
@@ -201,7 +272,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Lock
                 .map_err(|e| LockdError::Internal(e.to_string()))?)
         }
         paths::KV_GET => {
-            let r: KeyRequest = read_json(req).await?;
+            let r: KeyRequest = read_json(app, req).await?;
             Ok(json(
                 StatusCode::OK,
                 &GetResponse {
@@ -210,17 +281,18 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Lock
             ))
         }
         paths::KV_PUT => {
-            let r: PutRequest = read_json(req).await?;
+            let r: PutRequest = read_json(app, req).await?;
+            validate_value_len(&r.value, app.limits.max_value)?;
             let revision = store.put(r).await?;
             Ok(json(StatusCode::OK, &PutResponse { revision }))
         }
         paths::KV_DELETE => {
-            let r: DeleteRequest = read_json(req).await?;
+            let r: DeleteRequest = read_json(app, req).await?;
             let deleted = store.delete(&r.key, r.fence).await?;
             Ok(json(StatusCode::OK, &DeleteResponse { deleted }))
         }
         paths::KV_LIST => {
-            let r: ListRequest = read_json(req).await?;
+            let r: ListRequest = read_json(app, req).await?;
             Ok(json(
                 StatusCode::OK,
                 &ListResponse {
@@ -229,11 +301,11 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Lock
             ))
         }
         paths::LOCK_ACQUIRE => {
-            let r: AcquireRequest = read_json(req).await?;
+            let r: AcquireRequest = read_json(app, req).await?;
             acquire(app, r).await.map(|a| json(StatusCode::OK, &a))
         }
         paths::LOCK_RENEW => {
-            let r: LeaseRequest = read_json(req).await?;
+            let r: LeaseRequest = read_json(app, req).await?;
             let ttl = store.renew(&r.key, r.token)?;
             Ok(json(
                 StatusCode::OK,
@@ -251,17 +323,17 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Lock
             // process exit) asks. Writes of any later holder carry a higher token, so even a
             // mistaken early release cannot let the old holder's writes land after the new
             // holder's first fenced write. A stale token never releases a newer grant.
-            let r: LeaseRequest = read_json(req).await?;
+            let r: LeaseRequest = read_json(app, req).await?;
             store.release(&r.key, r.token).await?;
             Ok(json(StatusCode::OK, &serde_json::json!({})))
         }
         paths::LOCK_CANCEL => {
-            let r: CancelRequest = read_json(req).await?;
+            let r: CancelRequest = read_json(app, req).await?;
             let released = store.cancel(&r.key, r.attempt).await?;
             Ok(json(StatusCode::OK, &CancelResponse { released }))
         }
         paths::LOCK_HOLDER => {
-            let r: KeyRequest = read_json(req).await?;
+            let r: KeyRequest = read_json(app, req).await?;
             Ok(json(
                 StatusCode::OK,
                 &HolderResponse {
@@ -270,7 +342,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Lock
             ))
         }
         paths::WATCH => {
-            let r: WatchRequest = read_json(req).await?;
+            let r: WatchRequest = read_json(app, req).await?;
             watch(app, r)
         }
         _ => Err(LockdError::NotFound(format!("{method} {path}"))),

@@ -9,10 +9,16 @@
 //! outgrows [`StoreOptions::compact_bytes`] the writer snapshots the state (atomic rename)
 //! and truncates the log. Recovery: snapshot, then log records after it; a torn or corrupt
 //! tail is truncated; held leases restart with a full TTL.
+//!
+//! Background compaction (the default; `VHA_LOCKD_ENGINE=log` selects the older in-lock
+//! compaction for comparison, see `vha lockd bench --entries` and PROTOCOL.md):
+//! the KV map is persistent ([`KvMap::Persistent`]); compaction takes an O(1) view of the
+//! state under the lock, moves the log aside (`log` -> `log.prev`) and starts a fresh one,
+//! and a background thread streams the view into the snapshot, then removes `log.prev`.
+//! Writers never wait for it. Recovery streams snapshot, `log.prev` and `log` in that order.
 
-use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Write;
+use std::io::{BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -21,9 +27,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::{broadcast, watch, Notify};
 use vha_core::storage::lockd::protocol::{PutRequest, WireEntry, WireHolder};
-use vha_core::storage::{list_children, validate_key, validate_value, Fence, MAX_KEY_LEN};
+use vha_core::storage::{list_children, validate_key, validate_value_len, Fence, MAX_KEY_LEN, MAX_LOCAL_VALUE_LEN};
 
 use crate::error::{LockdError, StoreError};
+use crate::kvmap::{KvMap, Stored};
 use crate::lease::{Effect, EndReason, LeaseTable};
 use crate::log::{self, Record};
 use crate::metrics::Metrics;
@@ -41,6 +48,14 @@ pub const CANCEL_MEMORY: Duration = Duration::from_secs(120);
 pub const MAX_HOLDER_VALUE: usize = MAX_KEY_LEN;
 
 const LOG_FILE: &str = "log";
+/// The log being folded into a snapshot by a background compaction (the default design).
+const PREV_LOG_FILE: &str = "log.prev";
+/// Environment variable selecting the storage design: `log` is the design before background
+/// compaction (kept to compare against in `vha lockd bench --engines log,cow`), anything
+/// else the background one. Read once at open.
+pub const ENGINE_ENV: &str = "VHA_LOCKD_ENGINE";
+/// Read and write buffer for streamed snapshots and log replay.
+const STREAM_BUF: usize = 1 << 20;
 const SNAPSHOT_FILE: &str = "snapshot";
 const LOCK_FILE: &str = "LOCK";
 
@@ -61,22 +76,25 @@ pub struct Note {
     pub put: bool,
 }
 
-#[derive(Clone, Debug)]
-struct Stored {
-    value: Bytes,
-    fence_token: Option<u64>,
-    revision: u64,
-}
-
-#[derive(Default)]
 struct State {
-    kv: BTreeMap<String, Stored>,
+    kv: KvMap,
     leases: LeaseTable,
     /// Per lock key: the `(token, attempt)` of the current grant, when the acquire carried an
     /// attempt id (in memory: requests do not outlive a restart).
     grant_attempts: std::collections::HashMap<String, (u64, u64)>,
     /// Cancelled acquire attempts `(key, attempt)` and when, pruned after [`CANCEL_MEMORY`].
     cancelled: std::collections::HashMap<(String, u64), Duration>,
+}
+
+impl State {
+    fn new(persistent: bool) -> State {
+        State {
+            kv: KvMap::new(persistent),
+            leases: LeaseTable::default(),
+            grant_attempts: Default::default(),
+            cancelled: Default::default(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -102,6 +120,8 @@ struct Inner {
     metrics: Arc<Metrics>,
     dir: PathBuf,
     compact_bytes: u64,
+    /// Compaction from a view in the background (see the module header).
+    background: bool,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     _dir_lock: nix::fcntl::Flock<File>,
     closed: AtomicBool,
@@ -158,56 +178,176 @@ fn apply_record(st: &mut State, rec: Record) {
     }
 }
 
-fn state_records(st: &State) -> Vec<Record> {
-    let mut out = Vec::with_capacity(st.kv.len());
-    for (k, s) in &st.kv {
-        out.push(Record::Put {
-            key: k.clone(),
-            value: s.value.clone(),
-            // Empty lock name: carries the entry's token without observing any lock.
-            fence: s.fence_token.map(|token| Fence {
-                lock: String::new(),
-                token,
-            }),
-            revision: s.revision,
-        });
-    }
-    for (k, highest, lease) in st.leases.iter() {
-        if highest > 0 {
-            out.push(Record::Lease(Effect::Observed {
-                lock: k.to_string(),
-                token: highest,
-            }));
-        }
-        if let Some(l) = lease {
-            out.push(Record::Lease(Effect::Granted {
+/// The records that rebuild `kv` and `leases` (a snapshot's body), produced lazily.
+fn view_records<'a>(kv: &'a KvMap, leases: &'a LeaseTable) -> impl Iterator<Item = Record> + 'a {
+    let entries = kv.iter().map(|(k, s)| Record::Put {
+        key: k.to_string(),
+        value: s.value.clone(),
+        // Empty lock name: carries the entry's token without observing any lock.
+        fence: s.fence_token.map(|token| Fence {
+            lock: String::new(),
+            token,
+        }),
+        revision: s.revision,
+    });
+    // Both marks of every lock, then the leases held.
+    let marks = leases.mark_effects().into_iter().map(Record::Lease);
+    let held = leases.iter().filter_map(|(k, _, lease)| {
+        lease.map(|l| {
+            Record::Lease(Effect::Granted {
                 key: k.to_string(),
                 value: l.value.clone(),
                 token: l.token,
                 ttl: l.ttl,
-            }));
+            })
+        })
+    });
+    entries.chain(marks).chain(held)
+}
+
+fn state_records(st: &State) -> Vec<Record> {
+    view_records(&st.kv, &st.leases).collect()
+}
+
+/// Streams a snapshot of `kv` + `leases` at `lsn` into `DIR/snapshot` (temp file, fsync,
+/// atomic rename, directory fsync); returns its size.
+fn write_snapshot_file(dir: &Path, lsn: u64, kv: &KvMap, leases: &LeaseTable) -> Result<u64, StoreError> {
+    let path = dir.join(SNAPSHOT_FILE);
+    let tmp = path.with_extension("tmp");
+    let io = |e: std::io::Error| StoreError::io(tmp.display(), e);
+    let f = File::create(&tmp).map_err(io)?;
+    let mut w = log::SnapshotWriter::new(BufWriter::with_capacity(STREAM_BUF, f), lsn).map_err(io)?;
+    for r in view_records(kv, leases) {
+        w.push(&r).map_err(io)?;
+    }
+    let (out, size) = w.finish().map_err(io)?;
+    let f = out.into_inner().map_err(|e| io(e.into_error()))?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(|e| StoreError::io(path.display(), e))?;
+    log::sync_dir(&path)?;
+    Ok(size)
+}
+
+/// Removes `path` if it exists and makes the removal durable.
+fn remove_durably(path: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => log::sync_dir(path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io(path.display(), e)),
+    }
+}
+
+fn open_reader(path: &Path) -> Result<Option<BufReader<File>>, StoreError> {
+    match File::open(path) {
+        Ok(f) => Ok(Some(BufReader::with_capacity(STREAM_BUF, f))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io(path.display(), e)),
+    }
+}
+
+/// Background-compaction recovery: streams the snapshot, then `log.prev` (a compaction that did
+/// not finish), then the log, never holding a file's whole image. With a `log.prev` left
+/// over, a snapshot of the recovered state is written before serving, so at most one
+/// background compaction is ever in flight. Returns the state, the last LSN and the log's
+/// good length (the caller truncates the log there).
+fn recover_streaming(dir: &Path) -> Result<(State, u64, u64), StoreError> {
+    let mut st = State::new(true);
+    let snap_path = dir.join(SNAPSHOT_FILE);
+    let mut last_lsn = 0;
+    if let Some(r) = open_reader(&snap_path)? {
+        last_lsn = log::read_snapshot(r, |rec| apply_record(&mut st, rec)).map_err(|msg| StoreError::Corrupt {
+            path: snap_path.display().to_string(),
+            msg,
+        })?;
+    }
+    let prev_path = dir.join(PREV_LOG_FILE);
+    let prev = open_reader(&prev_path)?;
+    let had_prev = prev.is_some();
+    let log_path = dir.join(LOG_FILE);
+    let mut good_len = 0;
+    for (path, r) in [(&prev_path, prev), (&log_path, open_reader(&log_path)?)] {
+        let Some(r) = r else { continue };
+        let (good, last, stopped) = log::scan_reader(r, last_lsn, |_, rec| apply_record(&mut st, rec));
+        if let Some(why) = &stopped {
+            tracing::warn!(log = %path.display(), good_bytes = good, "truncating the log's torn or corrupt tail: {why}");
+        }
+        last_lsn = last;
+        if path == &log_path {
+            good_len = good;
+        }
+    }
+    if had_prev {
+        write_snapshot_file(dir, last_lsn, &st.kv, &st.leases)?;
+        remove_durably(&prev_path)?;
+        good_len = 0;
+    }
+    Ok((st, last_lsn, good_len))
+}
+
+/// What an offline restore did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Restored {
+    /// The LSN the snapshot covers up to.
+    pub lsn: u64,
+    /// How many of the replaced directory's lock marks were above the snapshot's and kept.
+    pub kept_marks: usize,
+}
+
+/// The lock marks of `old` that are above those of `new`, as effects that raise them: a
+/// restore never lowers a fence high-water mark, so an older snapshot cannot let a token
+/// that was already superseded (or a token already granted) be granted or accepted again.
+fn raised_marks(old: &LeaseTable, new: &LeaseTable) -> Vec<Effect> {
+    let mut out = Vec::new();
+    for (k, m, _) in old.iter() {
+        if m.granted > new.granted(k) {
+            out.push(Effect::GrantedUpTo {
+                key: k.to_string(),
+                token: m.granted,
+            });
+        }
+        if m.highest > new.highest(k) {
+            out.push(Effect::Observed {
+                lock: k.to_string(),
+                token: m.highest,
+            });
         }
     }
     out
 }
 
-/// Checks a snapshot file and installs it as the state of `data_dir` (offline restore):
-/// the log is removed, so the directory holds exactly the snapshot.
-pub fn restore_snapshot(image: &[u8], data_dir: &Path) -> Result<u64, StoreError> {
-    let (lsn, _) = log::parse_snapshot(image).map_err(|msg| StoreError::Corrupt {
+/// Checks a snapshot file and installs it as the state of `data_dir` (offline restore): the
+/// directory then holds exactly the snapshot's data, plus a log that keeps every lock mark
+/// of the replaced state that was higher than the snapshot's (fence tokens never go back).
+pub fn restore_snapshot(image: &[u8], data_dir: &Path) -> Result<Restored, StoreError> {
+    let (lsn, recs) = log::parse_snapshot(image).map_err(|msg| StoreError::Corrupt {
         path: "snapshot image".into(),
         msg,
     })?;
     std::fs::create_dir_all(data_dir).map_err(|e| StoreError::io(data_dir.display(), e))?;
     let _guard = lock_dir(data_dir)?;
-    log::write_atomic(&data_dir.join(SNAPSHOT_FILE), image)?;
+    let (old, _, _) = recover_streaming(data_dir)?;
+    let mut new = State::new(false);
+    recs.into_iter().for_each(|r| apply_record(&mut new, r));
+    let kept = raised_marks(&old.leases, &new.leases);
     let logp = data_dir.join(LOG_FILE);
-    match std::fs::remove_file(&logp) {
-        Ok(()) => log::sync_dir(&logp)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(StoreError::io(logp.display(), e)),
+    remove_durably(&data_dir.join(PREV_LOG_FILE))?;
+    if kept.is_empty() {
+        log::write_atomic(&data_dir.join(SNAPSHOT_FILE), image)?;
+        remove_durably(&logp)?;
+    } else {
+        let mut buf = Vec::new();
+        for (i, e) in kept.iter().enumerate() {
+            log::encode(&mut buf, lsn + 1 + i as u64, &Record::Lease(e.clone()));
+        }
+        // The log goes first: until the snapshot is replaced, its records (LSNs after the new
+        // snapshot's) are skipped or continue the old state, which only raises marks.
+        log::write_atomic(&logp, &buf)?;
+        log::write_atomic(&data_dir.join(SNAPSHOT_FILE), image)?;
     }
-    Ok(lsn)
+    Ok(Restored {
+        lsn,
+        kept_marks: kept.len(),
+    })
 }
 
 fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>, StoreError> {
@@ -226,38 +366,49 @@ fn lock_dir(dir: &Path) -> Result<nix::fcntl::Flock<File>, StoreError> {
 impl Store {
     /// Opens (or creates) the store in `opts.data_dir` and recovers its state.
     pub fn open(opts: StoreOptions, metrics: Arc<Metrics>) -> Result<Store, StoreError> {
+        let background = std::env::var(ENGINE_ENV).map_or(true, |v| v != "log");
+        Store::open_engine(opts, metrics, background)
+    }
+
+    /// [`Store::open`] with the design chosen explicitly (`background`: compaction from a view in the background).
+    pub fn open_engine(opts: StoreOptions, metrics: Arc<Metrics>, background: bool) -> Result<Store, StoreError> {
         let dir = opts.data_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|e| StoreError::io(dir.display(), e))?;
         let dir_lock = lock_dir(&dir)?;
-        let mut st = State::default();
-        let snap_path = dir.join(SNAPSHOT_FILE);
-        let mut last_lsn = 0;
-        if let Some(img) = log::read_file(&snap_path)? {
-            let (lsn, recs) = log::parse_snapshot(&img).map_err(|msg| StoreError::Corrupt {
-                path: snap_path.display().to_string(),
-                msg,
-            })?;
-            recs.into_iter().for_each(|r| apply_record(&mut st, r));
-            last_lsn = lsn;
-        }
         let log_path = dir.join(LOG_FILE);
-        let buf = log::read_file(&log_path)?.unwrap_or_default();
-        let scan = log::scan(&buf, Some(last_lsn));
-        if let Some(why) = &scan.stopped {
-            tracing::warn!(
-                log = %log_path.display(),
-                dropped_bytes = buf.len() - scan.good_len,
-                "truncating the log's torn or corrupt tail: {why}"
-            );
-        }
-        for (lsn, rec) in scan.records {
-            apply_record(&mut st, rec);
-            last_lsn = lsn;
-        }
-        let file = log::open_log_at(&log_path, scan.good_len as u64)?;
+        let (mut st, last_lsn, good_len) = if background {
+            recover_streaming(&dir)?
+        } else {
+            let mut st = State::new(false);
+            let snap_path = dir.join(SNAPSHOT_FILE);
+            let mut last_lsn = 0;
+            if let Some(img) = log::read_file(&snap_path)? {
+                let (lsn, recs) = log::parse_snapshot(&img).map_err(|msg| StoreError::Corrupt {
+                    path: snap_path.display().to_string(),
+                    msg,
+                })?;
+                recs.into_iter().for_each(|r| apply_record(&mut st, r));
+                last_lsn = lsn;
+            }
+            let buf = log::read_file(&log_path)?.unwrap_or_default();
+            let scan = log::scan(&buf, Some(last_lsn));
+            if let Some(why) = &scan.stopped {
+                tracing::warn!(
+                    log = %log_path.display(),
+                    dropped_bytes = buf.len() - scan.good_len,
+                    "truncating the log's torn or corrupt tail: {why}"
+                );
+            }
+            for (lsn, rec) in scan.records {
+                apply_record(&mut st, rec);
+                last_lsn = lsn;
+            }
+            (st, last_lsn, scan.good_len as u64)
+        };
+        let file = log::open_log_at(&log_path, good_len)?;
         st.leases.recovered(Duration::ZERO);
         metrics.active_leases.set(st.leases.active_leases() as i64);
-        metrics.log_bytes.set(scan.good_len as i64);
+        metrics.log_bytes.set(good_len as i64);
         tracing::info!(dir = %dir.display(), keys = st.kv.len(), lsn = last_lsn, "lockd store recovered");
 
         let (durable, _) = watch::channel(last_lsn);
@@ -277,12 +428,13 @@ impl Store {
             metrics,
             dir,
             compact_bytes: opts.compact_bytes,
+            background,
             writer: Mutex::new(None),
             _dir_lock: dir_lock,
             closed: AtomicBool::new(false),
         });
         let w = inner.clone();
-        let log_len = scan.good_len as u64;
+        let log_len = good_len;
         let handle = std::thread::Builder::new()
             .name("lockd-log".into())
             .spawn(move || writer_loop(w, file, log_len))
@@ -330,7 +482,7 @@ impl Store {
                         put: false,
                     })
                 }
-                Effect::Observed { .. } => None,
+                Effect::Observed { .. } | Effect::GrantedUpTo { .. } => None,
                 Effect::Renewed { .. } => continue,
             };
             lsn = self.append(p, |_| Record::Lease(e.clone()), note);
@@ -391,13 +543,7 @@ impl Store {
         }
         let (keys, lsn) = {
             let st = lock(&self.inner.state);
-            let keys = list_children(
-                prefix,
-                st.kv
-                    .range(prefix.to_string()..)
-                    .map(|(k, _)| k.as_str())
-                    .take_while(|k| k.starts_with(prefix)),
-            );
+            let keys = list_children(prefix, st.kv.keys_from(prefix).take_while(|k| k.starts_with(prefix)));
             (keys, lock(&self.inner.pending).last_lsn)
         };
         self.durable(lsn).await?;
@@ -408,7 +554,8 @@ impl Store {
     pub async fn put(&self, req: PutRequest) -> Result<u64, LockdError> {
         self.check_open()?;
         validate_key(&req.key)?;
-        validate_value(&req.value)?;
+        // The server enforces the configured `max_value_size`; this is the absolute bound.
+        validate_value_len(&req.value, MAX_LOCAL_VALUE_LEN)?;
         if let Some(f) = &req.fence {
             validate_key(&f.lock)?;
         }
@@ -479,7 +626,7 @@ impl Store {
                 Some(f) => st.leases.fence(&f.lock, f.token)?.is_some(),
                 None => false,
             };
-            let existed = st.kv.remove(key).is_some();
+            let existed = st.kv.remove(key);
             let mut p = lock(&self.inner.pending);
             let lsn = if existed || observed {
                 let note = existed.then(|| Note {
@@ -675,6 +822,16 @@ impl Store {
 
     /// A consistent snapshot image of the durable state (for `snapshot save`).
     pub async fn snapshot_image(&self) -> Result<Vec<u8>, LockdError> {
+        if self.inner.background {
+            // An O(1) view under the lock; the image is built without holding it.
+            let (kv, leases, lsn) = {
+                let st = lock(&self.inner.state);
+                let kv = st.kv.view().unwrap_or_else(|| st.kv.clone());
+                (kv, st.leases.clone(), lock(&self.inner.pending).last_lsn)
+            };
+            self.durable(lsn).await?;
+            return Ok(log::build_snapshot(lsn, view_records(&kv, &leases)));
+        }
         let (recs, lsn) = {
             let st = lock(&self.inner.state);
             (state_records(&st), lock(&self.inner.pending).last_lsn)
@@ -708,6 +865,8 @@ fn writer_loop(inner: Arc<Inner>, mut file: File, mut log_len: u64) {
     let log_path = inner.dir.join(LOG_FILE);
     let snap_path = inner.dir.join(SNAPSHOT_FILE);
     let mut snapshot_len: u64 = std::fs::metadata(&snap_path).map(|m| m.len()).unwrap_or(0);
+    // The background compaction in flight, answering the snapshot's size.
+    let mut compaction: Option<std::thread::JoinHandle<u64>> = None;
     loop {
         let (bytes, notes, records, upto, shutdown) = {
             let mut p = lock(&inner.pending);
@@ -736,8 +895,66 @@ fn writer_loop(inner: Arc<Inner>, mut file: File, mut log_len: u64) {
         for n in notes {
             let _ = inner.events.send(Arc::new(n));
         }
+        if compaction.as_ref().is_some_and(|h| h.is_finished() || shutdown) {
+            if let Some(h) = compaction.take() {
+                snapshot_len = h
+                    .join()
+                    .unwrap_or_else(|_| fatal("snapshot", "snapshot thread panicked"));
+            }
+        }
         if shutdown {
             return;
+        }
+        if inner.background {
+            // A view costs O(1) under the lock, so compaction can run often: once the log
+            // is half the snapshot, which bounds replay at restart to 1.5x the live data.
+            if compaction.is_none() && log_len > inner.compact_bytes && log_len > snapshot_len / 2 {
+                let prev_path = inner.dir.join(PREV_LOG_FILE);
+                let (kv, leases, lsn) = {
+                    let st = lock(&inner.state);
+                    let p = lock(&inner.pending);
+                    let kv = st.kv.view().unwrap_or_else(|| st.kv.clone());
+                    (kv, st.leases.clone(), p.last_lsn)
+                };
+                // Everything written to `log` is fsynced; records still pending (some <= lsn)
+                // go to the fresh log, where recovery skips those the snapshot covers.
+                if let Err(e) = std::fs::rename(&log_path, &prev_path) {
+                    fatal("rotate", e);
+                }
+                file = match log::open_log_at(&log_path, 0) {
+                    Ok(f) => f,
+                    Err(e) => fatal("rotate", e),
+                };
+                log_len = 0;
+                inner.metrics.log_bytes.set(0);
+                let bg = inner.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("lockd-snapshot".into())
+                    .spawn(move || {
+                        let t = Instant::now();
+                        let size = match write_snapshot_file(&bg.dir, lsn, &kv, &leases) {
+                            Ok(n) => n,
+                            Err(e) => fatal("snapshot", e),
+                        };
+                        drop((kv, leases));
+                        if let Err(e) = remove_durably(&bg.dir.join(PREV_LOG_FILE)) {
+                            fatal("snapshot", e);
+                        }
+                        bg.metrics.compactions.inc();
+                        tracing::info!(
+                            lsn,
+                            snapshot_bytes = size,
+                            secs = t.elapsed().as_secs_f64(),
+                            "log compacted in the background"
+                        );
+                        size
+                    });
+                compaction = match spawned {
+                    Ok(h) => Some(h),
+                    Err(e) => fatal("snapshot", e),
+                };
+            }
+            continue;
         }
         if log_len > inner.compact_bytes && log_len > 2 * snapshot_len {
             // Serialize the state and take the pending records it already includes, under
@@ -780,12 +997,17 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path, compact_bytes: u64) -> Store {
-        Store::open(
+        open_as(dir, compact_bytes, false)
+    }
+
+    fn open_as(dir: &Path, compact_bytes: u64, background: bool) -> Store {
+        Store::open_engine(
             StoreOptions {
                 data_dir: dir.to_path_buf(),
                 compact_bytes,
             },
             Arc::new(Metrics::new()),
+            background,
         )
         .unwrap()
     }
@@ -831,8 +1053,55 @@ mod tests {
     /// value, entry token, highest fence token and held lease across a reopen.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn compaction_keeps_data() {
+        compaction_keeps_data_as(false).await;
+    }
+
+    /// The same with compaction from a view in the background (the default design).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn background_compaction_keeps_data() {
+        compaction_keeps_data_as(true).await;
+    }
+
+    /// A compaction interrupted by a crash (the log moved aside to `log.prev`, no new
+    /// snapshot yet, newer records in `log`) recovers every record of both logs, folds them
+    /// into a snapshot before serving, and removes `log.prev`.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn interrupted_background_compaction_recovers() {
         let dir = tempfile::tempdir().unwrap();
-        let s = open(dir.path(), 2048);
+        let s = open_as(dir.path(), DEFAULT_COMPACT_BYTES, true);
+        for i in 0..10 {
+            s.put(put_req(&format!("p/{i}"), b"old", Some(("p/lock", 2))))
+                .await
+                .unwrap();
+        }
+        s.close();
+        drop(s);
+        std::fs::rename(dir.path().join(LOG_FILE), dir.path().join(PREV_LOG_FILE)).unwrap();
+        let s = open_as(dir.path(), DEFAULT_COMPACT_BYTES, true);
+        for i in 5..15 {
+            s.put(put_req(&format!("p/{i}"), b"new", None)).await.unwrap();
+        }
+        s.close();
+        drop(s);
+        // Crash state: log.prev holds p/0..9, log holds the overwrites and p/10..14.
+        let prev = std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap();
+        assert!(!dir.path().join(PREV_LOG_FILE).exists(), "log.prev folded at open");
+        std::fs::rename(dir.path().join(LOG_FILE), dir.path().join(PREV_LOG_FILE)).unwrap();
+        let s = open_as(dir.path(), DEFAULT_COMPACT_BYTES, true);
+        assert_ne!(std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap(), prev);
+        for i in 0..15 {
+            let want: &[u8] = if i < 5 { b"old" } else { b"new" };
+            assert_eq!(s.get(&format!("p/{i}")).await.unwrap().unwrap().value, want, "p/{i}");
+        }
+        assert!(matches!(
+            s.put(put_req("p/0", b"stale", Some(("p/lock", 1)))).await,
+            Err(LockdError::Fenced { highest: 2, .. })
+        ));
+    }
+
+    async fn compaction_keeps_data_as(background: bool) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open_as(dir.path(), 2048, background);
         for round in 0..30u32 {
             for i in 0..10 {
                 let v = format!("{round}-{}", "x".repeat(64));
@@ -845,14 +1114,16 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+        // Closing waits for a background compaction still streaming its snapshot.
+        s.close();
         assert!(s.metrics().compactions.get() > 0, "compaction ran");
+        drop(s);
+        assert!(dir.path().join(SNAPSHOT_FILE).exists(), "a snapshot was written");
         assert!(
             std::fs::metadata(dir.path().join(LOG_FILE)).unwrap().len() < 8192,
             "log bounded"
         );
-        s.close();
-        drop(s);
-        let s = open(dir.path(), 2048);
+        let s = open_as(dir.path(), 2048, background);
         for i in 0..10 {
             let e = s.get(&format!("c/{i}")).await.unwrap().unwrap();
             assert!(

@@ -156,15 +156,15 @@ async fn run(cfg: Config, level: &str) -> ExitCode {
         },
         None => None,
     };
-    let proxy_socket = cfg.proxy.as_ref().map(|p| p.node_socket.clone());
+    let proxy_socket = cfg.proxy.as_ref().map(|p| (p.node_socket.clone(), p.allowed_uid));
     let node = Node::new(cfg, opened.stores);
     let shutdown = CancellationToken::new();
     let mut servers = Vec::new();
-    if let Some(path) = proxy_socket {
+    if let Some((path, allowed_uid)) = proxy_socket {
         let (n, s) = (node.clone(), shutdown.clone());
         let socket_name = path.display().to_string();
         servers.push(tokio::spawn(async move {
-            if let Err(e) = crate::local::serve_unix(n, path, limits, s).await {
+            if let Err(e) = crate::local::serve_unix(n, path, allowed_uid, limits, s).await {
                 tracing::error!(error = %e, socket = %socket_name, "local proxy socket failed");
             }
         }));

@@ -46,7 +46,8 @@ struct OperatorArgs {
     cmd: OperatorCmd,
 }
 
-#[derive(Subcommand, Debug)]
+/// `Debug` never shows an unseal key given on the command line.
+#[derive(Subcommand)]
 enum OperatorCmd {
     /// Initialize the barrier and print the unseal keys and root token.
     Init {
@@ -81,6 +82,32 @@ enum OperatorCmd {
         #[command(flatten)]
         common: Common,
     },
+}
+
+impl std::fmt::Debug for OperatorCmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OperatorCmd::Init {
+                common,
+                key_shares,
+                key_threshold,
+            } => f
+                .debug_struct("Init")
+                .field("common", common)
+                .field("key_shares", key_shares)
+                .field("key_threshold", key_threshold)
+                .finish(),
+            OperatorCmd::Unseal { common, key, reset } => f
+                .debug_struct("Unseal")
+                .field("common", common)
+                .field("key", &key.as_ref().map(|_| format_args!("<redacted>")))
+                .field("reset", reset)
+                .finish(),
+            OperatorCmd::Seal { common } => f.debug_struct("Seal").field("common", common).finish(),
+            OperatorCmd::StepDown { common } => f.debug_struct("StepDown").field("common", common).finish(),
+            OperatorCmd::Members { common } => f.debug_struct("Members").field("common", common).finish(),
+        }
+    }
 }
 
 struct Client {
@@ -424,4 +451,19 @@ pub fn operator(args: Vec<String>) -> ExitCode {
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An unseal key typed on the command line never shows in `Debug` of the parsed command
+    /// (of the subcommand, nor of the whole arguments).
+    #[test]
+    fn debug_redacts_the_unseal_key() {
+        let args = OperatorArgs::try_parse_from(["vha operator", "unseal", "UNSEALKEYSECRET"]).unwrap();
+        let dbg = format!("{args:?} {:#?}", args.cmd);
+        assert!(!dbg.contains("UNSEALKEYSECRET"), "{dbg}");
+        assert!(dbg.contains("Unseal") && dbg.contains("<redacted>"), "{dbg}");
+    }
 }

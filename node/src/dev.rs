@@ -226,6 +226,9 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
     };
     let etcd = args.storage == "etcd";
     let (mut lockd_addr, mut lockd_pid) = (String::new(), 0);
+    // lockd requires a bearer token, as a deployment should: a fresh random one per run,
+    // in a 0600 file that lockd and every node read.
+    let token_file = dir.join("lockd.token");
     let mut etcd_members: Vec<(String, u32)> = Vec::new();
     if etcd {
         etcd_members = start_etcd(&dir, &http, procs, &port).await?;
@@ -233,6 +236,9 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
         let lockd_port = port(100)?;
         lockd_addr = format!("http://127.0.0.1:{lockd_port}");
         let lockd_data = dir.join("lockd");
+        let token = zeroize::Zeroizing::new(hex::encode(rand::random::<[u8; 32]>()));
+        write_private(&token_file, format!("{}\n", token.as_str()).as_bytes())
+            .map_err(|e| format!("{}: {e}", token_file.display()))?;
         let lockd = Proc::spawn(
             &[
                 "lockd",
@@ -240,6 +246,8 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
                 &format!("127.0.0.1:{lockd_port}"),
                 "--data-dir",
                 &lockd_data.to_string_lossy(),
+                "--token-file",
+                &token_file.to_string_lossy(),
             ],
             &dir.join("lockd.log"),
         )
@@ -265,8 +273,9 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
         )
     } else {
         format!(
-            "storage \"lockd\" {{\n  address  = \"{lockd_addr}\"\n  lock_ttl = \"{}\"\n}}",
-            args.lock_ttl
+            "storage \"lockd\" {{\n  address    = \"{lockd_addr}\"\n  lock_ttl   = \"{}\"\n  token_file = \"{}\"\n}}",
+            args.lock_ttl,
+            token_file.display()
         )
     };
 
@@ -392,10 +401,37 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
     if !(200..300).contains(&st) {
         return Err(format!("mounting secret/ failed ({st}): {v}"));
     }
+    // Up means ready for a load balancer: every standby answers 429 on sys/health (it
+    // reaches the active) and the active's sys/ha-status lists every node.
+    let addrs: Vec<String> = nodes
+        .iter()
+        .map(|n| n["api_addr"].as_str().unwrap_or_default().to_string())
+        .collect();
+    wait_for(
+        "every standby to report healthy (429) and sys/ha-status to list every node",
+        || async {
+            for a in addrs.iter().filter(|a| **a != active) {
+                match call(&http, "GET", &format!("{a}/v1/sys/health"), None, None).await {
+                    Ok((429, _)) => {}
+                    _ => return None,
+                }
+            }
+            let (st, v) = call(&http, "GET", &format!("{active}/v1/sys/ha-status"), Some(&root), None)
+                .await
+                .ok()?;
+            let listed = v["nodes"].as_array().map_or(0, |n| n.len());
+            (st == 200 && listed == addrs.len()).then_some(())
+        },
+    )
+    .await?;
     let cluster = json!({
         "root_token": root,
         "unseal_keys_b64": [key],
-        "lockd": if etcd { Value::Null } else { json!({ "addr": lockd_addr, "pid": lockd_pid }) },
+        "lockd": if etcd {
+            Value::Null
+        } else {
+            json!({ "addr": lockd_addr, "pid": lockd_pid, "token_file": token_file })
+        },
         "etcd": etcd_members.iter().map(|(a, p)| json!({ "addr": a, "pid": p })).collect::<Vec<_>>(),
         "nodes": nodes,
     });
@@ -484,6 +520,8 @@ fn prometheus_config(cluster: &Value) -> String {
             targets.join(", ")
         )
     };
+    // lockd's /metrics needs its bearer token.
+    let bearer = |file: &str| format!("    authorization:\n      type: Bearer\n      credentials_file: \"{file}\"\n");
     let mut y = String::from(
         "# Written by `vha dev` for the cluster it started (see grafana/README.md).\nglobal:\n  scrape_interval: 5s\n  evaluation_interval: 5s\nscrape_configs:\n",
     );
@@ -498,7 +536,8 @@ fn prometheus_config(cluster: &Value) -> String {
         y += &job("vha-proxy", "/metrics", "", &proxies);
     }
     if let Some(a) = cluster["lockd"]["addr"].as_str() {
-        y += &job("vha-lockd", "/metrics", "", &[host(a)]);
+        let auth = cluster["lockd"]["token_file"].as_str().map(bearer).unwrap_or_default();
+        y += &job("vha-lockd", "/metrics", &auth, &[host(a)]);
     }
     let etcd: Vec<String> = cluster["etcd"]
         .as_array()

@@ -164,12 +164,7 @@ async fn read_request(
         .unwrap_or_default();
     if let Some(max) = limits.max_request_size {
         // Refuse an announced oversized body before reading a byte of it.
-        let announced = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if announced.is_some_and(|n| n > max) {
+        if vha_core::announced_body_len(&parts.headers).is_some_and(|n| n > max) {
             return Err(ApiError::PayloadTooLarge);
         }
     }

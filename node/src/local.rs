@@ -1,13 +1,18 @@
-//! The node's side of the pair's private channel (see `vha_core::local`): a unix socket,
-//! mode 0600, where the node serves its own proxy. API requests arriving here are
+//! The node's side of the pair's private channel (see `vha_core::local`): a unix socket
+//! where the node serves its own proxy. API requests arriving here are
 //! [`Origin::LocalProxy`] (the client-address header is trusted); `GET /vha/local/state`
 //! streams the node's state, with the keyring while unsealed.
+//!
+//! Two gates, both closed from the first instant: the socket appears at its path already
+//! with its final mode (bound in a fresh 0700 directory, then renamed into place), and every
+//! accepted connection's peer credentials must name the node's own user or `allowed_uid`;
+//! any other peer is dropped before a byte is read or written, counted in
+//! `vha_node_local_socket_refused_total{reason}` and logged.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use base64::Engine;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
@@ -17,34 +22,32 @@ use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 use tokio_util::sync::CancellationToken;
 
-use vha_core::local::{LocalState, STATE_PATH};
+use vha_core::local::{node_accepts, socket_mode, LocalState, WireKeyring, STATE_PATH};
 
 use crate::api::Origin;
 use crate::ha::Role;
 use crate::http::{handle_http, Limits, DRAIN_TIMEOUT};
 use crate::node::Node;
+use vha_core::pair::PairRole;
 
 type Body = BoxBody<Bytes, Infallible>;
 
 /// The state line for the node as it is now.
 pub async fn current_state(node: &Node) -> LocalState {
     let initialized = node.barrier().initialized().await.unwrap_or(false);
-    let keyring = node
-        .barrier()
-        .keyring()
-        .map(|k| base64::engine::general_purpose::STANDARD.encode(k.to_bytes().as_slice()));
+    let keyring = node.barrier().keyring().map(|k| WireKeyring::encode(&k));
     let st = node.ha().status();
     let sealed = node.barrier().is_sealed();
     let role = match (sealed, st.role) {
-        (true, _) | (_, Role::Sealed) => "sealed",
-        (false, Role::Disabled) => "disabled",
-        (false, Role::Standby) => "standby",
-        (false, Role::Active) => "active",
+        (true, _) | (_, Role::Sealed) => PairRole::Sealed,
+        (false, Role::Disabled) => PairRole::Disabled,
+        (false, Role::Standby) => PairRole::Standby,
+        (false, Role::Active) => PairRole::Active,
     };
     LocalState {
         initialized,
         sealed,
-        role: role.to_string(),
+        role: role.as_str().to_string(),
         keyring,
         fence: st.fence,
         pid: std::process::id(),
@@ -52,16 +55,30 @@ pub async fn current_state(node: &Node) -> LocalState {
     }
 }
 
-/// Binds the socket (replacing a stale one), restricts it to 0600, and serves until
-/// `shutdown`, then drains (bounded).
+/// How many fresh names are tried for the private directory the socket is bound in before
+/// giving up (a name is taken only by a leftover of a crash or by someone squatting it).
+const PRIVATE_DIR_ATTEMPTS: u32 = 16;
+
+/// Binds the socket (replacing a stale one) with mode 0600, or 0666 when another
+/// `allowed_uid` must reach it, and serves until `shutdown`, then drains (bounded). Only
+/// peers that [`node_accepts`] are served.
 pub async fn serve_unix(
     node: Arc<Node>,
     path: PathBuf,
+    allowed_uid: Option<u32>,
     limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let listener = bind_private(&path)?;
-    tracing::info!(path = %path.display(), "serving the local proxy socket");
+    let own_uid = nix::unistd::geteuid().as_raw();
+    if allowed_uid.is_some() && allowed_uid == overflow_uid() {
+        tracing::warn!(
+            allowed_uid,
+            "proxy.allowed_uid is the kernel's overflow uid: a process of another user namespace \
+             whose uid is not mapped here shows as that uid too; give the proxy a user of its own"
+        );
+    }
+    let listener = bind_private(&path, socket_mode(own_uid, allowed_uid))?;
+    tracing::info!(path = %path.display(), own_uid, allowed_uid, "serving the local proxy socket");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
@@ -74,6 +91,29 @@ pub async fn serve_unix(
             },
             _ = shutdown.cancelled() => break,
         };
+        // Before anything is read: who is there, by the kernel's word.
+        match stream.peer_cred() {
+            Ok(cred) if node_accepts(cred.uid(), own_uid, allowed_uid) => {}
+            Ok(cred) => {
+                node.metrics().local_socket_refused.with_label_values(&["uid"]).inc();
+                tracing::warn!(
+                    uid = cred.uid(),
+                    pid = cred.pid(),
+                    own_uid,
+                    allowed_uid,
+                    "refused a local socket connection from a user that is not this node's proxy"
+                );
+                continue;
+            }
+            Err(e) => {
+                node.metrics()
+                    .local_socket_refused
+                    .with_label_values(&["no_credentials"])
+                    .inc();
+                tracing::warn!(error = %e, "refused a local socket connection whose peer credentials are unknown");
+                continue;
+            }
+        }
         let node = node.clone();
         let stop = shutdown.clone();
         let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -97,21 +137,52 @@ pub async fn serve_unix(
     Ok(())
 }
 
-/// Creates the unix socket with mode 0600 (the umask is tightened around `bind` so the
-/// socket never exists with wider permissions).
-fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+/// The uid the kernel reports for a peer whose uid has no mapping in this user namespace
+/// (`/proc/sys/kernel/overflowuid`, 65534 unless changed).
+fn overflow_uid() -> Option<u32> {
+    std::fs::read_to_string("/proc/sys/kernel/overflowuid")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// Creates the listening socket at `path` so that it never exists there with another mode
+/// than `mode`, not even for an instant: it is bound inside a fresh directory of mode 0700
+/// next to `path` (nobody else can reach a socket in there, whatever mode `bind` gave it
+/// under the process umask), set to `mode`, then renamed over `path` (atomic: a stale socket
+/// is replaced, there is no moment without a socket or with a wider one), and the directory
+/// is removed. The process umask is left alone: it is process-wide, and the node runs many
+/// threads.
+fn bind_private(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir)?;
+    let mut attempt = 0;
+    let private = loop {
+        let candidate = dir.join(format!(".vha-sock-{:08x}", rand::random::<u32>()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&candidate) {
+            Ok(()) => break candidate,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && attempt + 1 < PRIVATE_DIR_ATTEMPTS => {
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    // A short name inside: a unix socket path must fit in 108 bytes.
+    let tmp = private.join("s");
+    let bound = (|| {
+        let l = UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(l)
+    })();
+    if bound.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(l)
+    let _ = std::fs::remove_dir(&private);
+    bound
 }
 
 async fn serve(node: Arc<Node>, req: Request<Incoming>, limits: Limits, stop: CancellationToken) -> Response<Body> {
@@ -132,9 +203,15 @@ fn state_stream(node: Arc<Node>, stop: CancellationToken) -> Response<Body> {
         loop {
             let st = current_state(&node).await;
             if last.as_ref() != Some(&st) {
-                let mut line = serde_json::to_vec(&st).unwrap_or_default();
-                line.push(b'\n');
-                if tx.send(Bytes::from(line)).await.is_err() {
+                let line = match st.to_line() {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::error!(error = %e, "serializing the local state failed");
+                        return;
+                    }
+                };
+                // The buffer itself goes out (zeroized once the connection is done with it).
+                if tx.send(Bytes::from_owner(line)).await.is_err() {
                     return;
                 }
                 last = Some(st);

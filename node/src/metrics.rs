@@ -33,7 +33,13 @@ pub struct NodeMetrics {
     pub fencing_rejections: IntCounter,
     /// Cluster-listener TLS handshakes refused, by reason (bounded set).
     pub cluster_handshake_failures: IntCounterVec,
+    /// Connections to the pair socket refused by their peer credentials, by reason:
+    /// `uid` (another user), `no_credentials` (the kernel gave none).
+    pub local_socket_refused: IntCounterVec,
 }
+
+/// The reasons of `vha_node_local_socket_refused_total`, all exported from the start.
+pub const LOCAL_SOCKET_REFUSED_REASONS: [&str; 2] = ["uid", "no_credentials"];
 
 fn hist(name: &str, help: &str, buckets: &[f64]) -> Histogram {
     Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("valid histogram")
@@ -98,7 +104,19 @@ impl NodeMetrics {
                 &["reason"],
             )
             .expect("counter vec"),
+            local_socket_refused: IntCounterVec::new(
+                Opts::new(
+                    "vha_node_local_socket_refused_total",
+                    "Connections to the pair socket refused because the peer is not this node's proxy user",
+                ),
+                &["reason"],
+            )
+            .expect("counter vec"),
         };
+        // At 0 from the start, so a rate or an alert works before the first refusal.
+        for reason in LOCAL_SOCKET_REFUSED_REASONS {
+            m.local_socket_refused.with_label_values(&[reason]);
+        }
         for c in [
             Box::new(m.core_active.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(m.core_unsealed.clone()),
@@ -112,6 +130,7 @@ impl NodeMetrics {
             Box::new(m.term.clone()),
             Box::new(m.fencing_rejections.clone()),
             Box::new(m.cluster_handshake_failures.clone()),
+            Box::new(m.local_socket_refused.clone()),
         ] {
             m.registry.register(c).expect("unique metric names");
         }
@@ -129,5 +148,20 @@ impl NodeMetrics {
 impl Default for NodeMetrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The pair-socket refusal counter is exported at 0 for every reason before any refusal.
+    #[test]
+    fn local_socket_refused_exists_at_zero() {
+        let text = NodeMetrics::new().render();
+        for reason in LOCAL_SOCKET_REFUSED_REASONS {
+            let series = format!("vha_node_local_socket_refused_total{{reason=\"{reason}\"}} 0");
+            assert!(text.lines().any(|l| l == series), "{series} missing from:\n{text}");
+        }
     }
 }

@@ -8,11 +8,9 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
-use vha_core::barrier::{shamir, Barrier};
+use vha_core::barrier::{shamir, Barrier, InitClaim};
 use vha_core::config::Config;
 use vha_core::storage::Stores;
-
-use vha_core::storage::Fence;
 
 use crate::audit::AuditBroker;
 use crate::error::ApiError;
@@ -25,6 +23,13 @@ use crate::view::View;
 
 /// Where the cluster's name and id live (through the barrier).
 const CLUSTER_INFO_PATH: &str = "core/cluster/local/info";
+/// The lock every `sys/init` of an HA cluster holds while it writes (a key of its own, so
+/// taking it never looks like a leader to standbys or proxies).
+pub const INIT_LOCK_KEY: &str = "core/init-lock";
+/// How long an init waits for another node's init to finish: an init writes a handful of
+/// entries (milliseconds), so this only runs out when the store is unreachable or another
+/// initializer hangs; its lease then frees the lock within the lock TTL.
+const INIT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// The cluster identity, created at init.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -63,6 +68,8 @@ pub struct Node {
     in_flight: crate::inflight::InFlight,
     ha: HaHandle,
     metrics: NodeMetrics,
+    /// One `sys/init` at a time in this process.
+    init: tokio::sync::Mutex<()>,
     /// Fires when the process is shutting down.
     pub shutdown: CancellationToken,
 }
@@ -85,6 +92,7 @@ impl Node {
             in_flight: crate::inflight::InFlight::new(!ha_enabled),
             ha: HaHandle::new(ha_enabled),
             metrics: NodeMetrics::new(),
+            init: tokio::sync::Mutex::new(()),
             shutdown: CancellationToken::new(),
         })
     }
@@ -118,12 +126,6 @@ impl Node {
     pub fn kv_locks(&self) -> &crate::mounts::kv::KeyLocks {
         &self.kv_locks
     }
-    /// The fencing token every storage write of this node carries: `None` until HA hands
-    /// the active node its lock's fence (then: that fence, so a deposed leader's writes are
-    /// rejected by the store).
-    pub fn storage_fence(&self) -> Option<Fence> {
-        self.ha.fence()
-    }
     /// HA state: role, fence, known leader.
     pub fn ha(&self) -> &HaHandle {
         &self.ha
@@ -151,9 +153,6 @@ impl Node {
     pub fn storage_type(&self) -> &'static str {
         self.stores.data.kind()
     }
-    pub fn ha_enabled(&self) -> bool {
-        self.stores.ha.is_some()
-    }
     pub fn cluster_info(&self) -> Option<ClusterInfo> {
         self.cluster.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -169,12 +168,60 @@ impl Node {
 
     /// `sys/init`: creates the barrier, the root token and the cluster identity, then leaves
     /// the node sealed. Returns the key shares and the root token.
+    ///
+    /// Atomic across the cluster: with HA the init holds the store's init lock
+    /// ([`INIT_LOCK_KEY`]) and fences every write with it, and the keyring and seal
+    /// configuration are created only if absent. Of concurrent inits on any nodes exactly one
+    /// returns keys; the others wait for it and answer "Vault is already initialized",
+    /// having written nothing.
     pub async fn initialize(
         &self,
         shares: u64,
         threshold: u64,
     ) -> Result<(Vec<Zeroizing<Vec<u8>>>, Zeroizing<String>), ApiError> {
-        let (out, seal_config) = self.barrier.initialize(shares, threshold).await?;
+        let _one_at_a_time = self.init.lock().await;
+        if self.barrier.initialized().await? {
+            return Err(ApiError::BadRequest("Vault is already initialized".into()));
+        }
+        let Some(ha) = self.stores.ha.clone() else {
+            // No HA: a local store is this process's alone; a shared one has no lock to take.
+            let claim = match self.stores.data.kind() {
+                "file" | "inmem" => InitClaim::Exclusive,
+                _ => InitClaim::Unlocked,
+            };
+            return self.initialize_claimed(shares, threshold, claim).await;
+        };
+        let cancel = CancellationToken::new();
+        let value = format!("init-{}", uuid::Uuid::new_v4());
+        let guard = match tokio::time::timeout(INIT_LOCK_WAIT, ha.acquire(INIT_LOCK_KEY, &value, cancel.clone())).await
+        {
+            Ok(Ok(Some(g))) => g,
+            Ok(Ok(None)) => return Err(ApiError::Unavailable("initialization cancelled".into())),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                cancel.cancel();
+                return Err(ApiError::Unavailable(format!(
+                    "another node's initialization did not finish within {INIT_LOCK_WAIT:?}; try again"
+                )));
+            }
+        };
+        let fence = guard.fence().clone();
+        let result = self
+            .initialize_claimed(shares, threshold, InitClaim::Locked(&fence))
+            .await;
+        if let Err(e) = guard.release().await {
+            tracing::warn!(error = %e, "releasing the init lock failed (it expires with its lease)");
+        }
+        result
+    }
+
+    async fn initialize_claimed(
+        &self,
+        shares: u64,
+        threshold: u64,
+        claim: InitClaim<'_>,
+    ) -> Result<(Vec<Zeroizing<Vec<u8>>>, Zeroizing<String>), ApiError> {
+        let (out, seal_config) = self.barrier.initialize(shares, threshold, claim).await?;
         let result = async {
             let name = self
                 .config
@@ -186,12 +233,12 @@ impl Node {
                 id: uuid::Uuid::new_v4().to_string(),
             };
             let bytes = serde_json::to_vec(&info).map_err(|e| ApiError::Internal(e.to_string()))?;
-            self.barrier.put(CLUSTER_INFO_PATH, &bytes, None).await?;
-            // Init is the one unfenced writer (no term exists yet; the store is empty).
-            let view = View::new(&self.barrier, None);
+            self.barrier.put(CLUSTER_INFO_PATH, &bytes, claim.fence()).await?;
+            // Init writes under its claim: fenced by the init lock with HA.
+            let view = View::new(&self.barrier, claim.fence().cloned());
             let root = self.tokens.create_root(&view).await?;
             self.policies.create_default(&view).await?;
-            self.barrier.commit_init(&seal_config).await?;
+            self.barrier.commit_init(&seal_config, claim).await?;
             Ok::<_, ApiError>(root)
         }
         .await;

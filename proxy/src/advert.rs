@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use pingora::protocols::tls::CaType;
 use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
 use tokio::sync::{mpsc, watch};
@@ -30,7 +29,7 @@ use vha_core::local::LocalState;
 use vha_core::storage::{Stores, WatchEvent};
 
 use crate::error::ProxyError;
-use crate::local::LocalEvent;
+use crate::local::{LocalEvent, NodeSocket};
 use crate::metrics::Metrics;
 use crate::route::LocalRole;
 
@@ -140,7 +139,7 @@ fn same(a: &View, b: &View) -> bool {
 }
 
 /// Runs the controller until the process ends.
-pub async fn run(stores: Stores, socket: std::path::PathBuf, tx: watch::Sender<Arc<View>>, metrics: Metrics) {
+pub async fn run(stores: Stores, socket: Arc<NodeSocket>, tx: watch::Sender<Arc<View>>, metrics: Metrics) {
     let (local_tx, mut local_rx) = mpsc::channel::<LocalEvent>(16);
     tokio::spawn(crate::local::run(socket, local_tx, stores.ha.clone()));
     let (dirty_tx, mut dirty_rx) = mpsc::channel::<()>(1);
@@ -217,14 +216,9 @@ fn apply_state(mut st: LocalState, view: &mut View, keyring: &mut Option<Keyring
     if view.local == LocalRole::Sealed {
         *keyring = None;
         view.active = None;
-    } else if let Some(mut b64) = st.keyring.take() {
-        let bytes = zeroize::Zeroizing::new(
-            base64::engine::general_purpose::STANDARD
-                .decode(b64.as_bytes())
-                .unwrap_or_default(),
-        );
-        zeroize::Zeroize::zeroize(&mut b64);
-        match Keyring::from_bytes(&bytes) {
+    } else if let Some(wire) = st.keyring.take() {
+        // `wire` and every intermediate of the decoding are zeroized when dropped.
+        match wire.decode() {
             Ok(k) => *keyring = Some(k),
             Err(e) => tracing::warn!(error = %e, "the local node sent an unusable keyring"),
         }

@@ -18,6 +18,7 @@ use vha_core::config::{Config, ProcessEnv};
 use crate::advert::View;
 use crate::error::ProxyError;
 use crate::head::HeadDeadlineApp;
+use crate::local::NodeSocket;
 use crate::metrics::Metrics;
 use crate::service::{Settings, VhaProxy};
 use crate::tls::ForwardProtocol;
@@ -104,7 +105,7 @@ fn run(cfg: Config) -> Result<(), ProxyError> {
     // Before anything builds a rustls config (Pingora would install ring otherwise).
     vha_core::cluster_tls::provider();
     let listener = cfg.listener().clone();
-    let socket = pcfg.node_socket.to_string_lossy().into_owned();
+    let socket = Arc::new(NodeSocket::new(pcfg.node_socket.clone(), pcfg.node_uid));
     let metrics = Metrics::new();
     let (view_tx, view_rx) = watch::channel(Arc::new(View::initial()));
 
@@ -121,12 +122,7 @@ fn run(cfg: Config) -> Result<(), ProxyError> {
             .map_err(|e| ProxyError::Startup(e.to_string()))?
             .stores
     };
-    bg.spawn(crate::advert::run(
-        stores,
-        pcfg.node_socket.clone(),
-        view_tx,
-        metrics.clone(),
-    ));
+    bg.spawn(crate::advert::run(stores, socket.clone(), view_tx, metrics.clone()));
     if let Some(addr) = pcfg.metrics_address {
         let m = metrics.clone();
         bg.spawn(async move {
@@ -157,7 +153,7 @@ fn run(cfg: Config) -> Result<(), ProxyError> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let settings = Settings {
-        local_socket: socket,
+        local_socket: socket.clone(),
         hold_timeout: pcfg.hold_timeout,
         max_request_size: listener.max_request_size,
         max_request_duration: listener.max_request_duration,
@@ -185,13 +181,15 @@ fn run(cfg: Config) -> Result<(), ProxyError> {
         HeadDeadlineApp::new(app, vha_core::HEADER_READ_TIMEOUT, tls),
     );
     let addr = listener.address.to_string();
+    let node_uid = socket.expected_uid();
     // Plain TCP either way: with TLS the handshake runs in the app, under a deadline.
     svc.add_tcp(&addr);
     server.add_service(svc);
     eprintln!(
-        "==> vha proxy started\n    Listener: {addr} (tls: {})\n    Node socket: {}\n    Threads: {threads}\n    Forwarding: {forward_protocol:?}",
+        "==> vha proxy started\n    Listener: {addr} (tls: {})\n    Node socket: {} (node uid {})\n    Threads: {threads}\n    Forwarding: {forward_protocol:?}",
         if listener.tls_disable { "disabled" } else { "enabled" },
-        pcfg.node_socket.display()
+        pcfg.node_socket.display(),
+        node_uid
     );
     server.run_forever();
 }

@@ -13,6 +13,12 @@ pub enum ProxyError {
     /// The node's unix socket could not be reached.
     #[error("local node socket: {0}")]
     LocalSocket(#[source] std::io::Error),
+    /// The process listening on the node's socket is not the node: it runs as another user.
+    #[error(
+        "the process at the node socket (pid {}) runs as uid {uid}, not as the node's uid {expected}",
+        pid.map_or_else(|| "unknown".to_string(), |p| p.to_string())
+    )]
+    LocalImpostor { uid: u32, pid: Option<i32>, expected: u32 },
     /// The node's state stream failed.
     #[error("local node state stream: {0}")]
     LocalStream(String),
@@ -47,9 +53,6 @@ pub enum ProxyError {
     /// the request's body was too large to send again to the next active. Nothing ran.
     #[error("active node stepped down before running the request; nothing was applied, retry it")]
     NotActive,
-    /// The request took longer than `max_request_duration`.
-    #[error("context deadline exceeded")]
-    Timeout,
 }
 
 impl ProxyError {
@@ -61,7 +64,6 @@ impl ProxyError {
             ProxyError::ForwardBroken(_) => 502,
             ProxyError::BadFraming => 400,
             ProxyError::PayloadTooLarge => 413,
-            ProxyError::Timeout => 503,
             _ => 500,
         }
     }

@@ -2,6 +2,15 @@
 //! node's NDJSON state stream on the unix socket, reconnecting while the node is down, and
 //! turns it into [`LocalEvent`]s for the controller ([`crate::advert`]).
 //!
+//! Every connection to the socket, the state stream's and each one Pingora opens for API
+//! requests ([`CheckedConnect`]), first checks the listening process's credentials
+//! ([`NodeSocket::connect`]): a process of another user that took over the socket path gets
+//! no request and cannot feed the proxy a keyring or a state.
+//!
+//! The stream is read as HTTP/1.0 (the node's answer then ends with the connection, no
+//! chunked framing) into one fixed-size buffer that is zeroized on drop and never grows
+//! ([`LineBuf`]), so the keyring's bytes are left nowhere else in the proxy's memory.
+//!
 //! When the stream ends while the node last said it was active, the proxy looks for proof
 //! that the node process is gone and, on proof, releases the node's lock early
 //! ([`release_if_dead`]): a kill -9 of the active then fails over in well under a second
@@ -11,14 +20,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
+use zeroize::{Zeroize, Zeroizing};
 
 use vha_core::advert::LOCK_KEY;
-use vha_core::local::{LocalState, STATE_PATH};
+use vha_core::local::{proxy_accepts, LocalState, STATE_PATH};
 use vha_core::storage::HaBackend;
 
 use crate::error::ProxyError;
@@ -35,6 +43,11 @@ const DEATH_PROOF_WINDOW: Duration = Duration::from_secs(2);
 const DEATH_PROOF_POLL: Duration = Duration::from_millis(10);
 /// Longest state line accepted (a keyring with many terms stays far below this).
 const MAX_LINE: usize = 1024 * 1024;
+/// Longest response head accepted before the lines (the node's is about 100 bytes).
+const MAX_HEAD: usize = 8 * 1024;
+/// Bound on the node's answer to the state request (it answers at once; a process that
+/// accepts and stays silent must not hold the stream forever).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the controller learns from the node.
 #[derive(Debug)]
@@ -45,8 +58,77 @@ pub enum LocalEvent {
     Gone,
 }
 
+/// The node's socket and who must be listening on it.
+#[derive(Debug)]
+pub struct NodeSocket {
+    pub path: PathBuf,
+    /// This proxy's effective user id.
+    own_uid: u32,
+    /// `proxy { node_uid }`: the node's user when it is not the proxy's.
+    node_uid: Option<u32>,
+}
+
+impl NodeSocket {
+    pub fn new(path: PathBuf, node_uid: Option<u32>) -> NodeSocket {
+        NodeSocket {
+            path,
+            own_uid: nix::unistd::geteuid().as_raw(),
+            node_uid,
+        }
+    }
+
+    /// The user the node must run as.
+    pub fn expected_uid(&self) -> u32 {
+        self.node_uid.unwrap_or(self.own_uid)
+    }
+
+    /// Connects, and keeps the connection only if the listening process runs as the
+    /// node's user (by the kernel's record of it, `SO_PEERCRED`); nothing has been sent
+    /// when it is refused.
+    pub async fn connect(&self) -> Result<UnixStream, ProxyError> {
+        let stream = UnixStream::connect(&self.path).await.map_err(ProxyError::LocalSocket)?;
+        let cred = stream.peer_cred().map_err(ProxyError::LocalSocket)?;
+        if !proxy_accepts(cred.uid(), self.own_uid, self.node_uid) {
+            let err = ProxyError::LocalImpostor {
+                uid: cred.uid(),
+                pid: cred.pid(),
+                expected: self.expected_uid(),
+            };
+            tracing::warn!(socket = %self.path.display(), error = %err, "refusing to talk to the process at the node socket");
+            return Err(err);
+        }
+        Ok(stream)
+    }
+}
+
+/// Pingora's connector for the local node: the peer-checked [`NodeSocket::connect`] under
+/// `timeout`, so API requests (tokens, bodies) only ever go to the node.
+#[derive(Debug)]
+pub struct CheckedConnect {
+    pub socket: Arc<NodeSocket>,
+    pub timeout: Duration,
+}
+
+#[async_trait::async_trait]
+impl pingora::connectors::L4Connect for CheckedConnect {
+    async fn connect(
+        &self,
+        _addr: &pingora::protocols::l4::socket::SocketAddr,
+    ) -> pingora::Result<pingora::protocols::l4::stream::Stream> {
+        use pingora::{Error, ErrorType};
+        match tokio::time::timeout(self.timeout, self.socket.connect()).await {
+            Ok(Ok(s)) => Ok(s.into()),
+            Ok(Err(e)) => Error::e_because(ErrorType::ConnectRefused, "connecting to the local node", e),
+            Err(_) => Error::e_explain(
+                ErrorType::ConnectTimedout,
+                format!("connecting to the local node took over {:?}", self.timeout),
+            ),
+        }
+    }
+}
+
 /// Follows the node's state stream forever (until the receiver is dropped).
-pub async fn run(socket: PathBuf, tx: mpsc::Sender<LocalEvent>, ha: Option<Arc<dyn HaBackend>>) {
+pub async fn run(socket: Arc<NodeSocket>, tx: mpsc::Sender<LocalEvent>, ha: Option<Arc<dyn HaBackend>>) {
     let mut delay = RECONNECT_MIN;
     let mut was_up = true;
     loop {
@@ -55,9 +137,10 @@ pub async fn run(socket: PathBuf, tx: mpsc::Sender<LocalEvent>, ha: Option<Arc<d
         if tx.is_closed() {
             return;
         }
+        let path = socket.path.display();
         match &res {
-            Ok(()) => tracing::info!(socket = %socket.display(), "local node state stream ended"),
-            Err(e) if was_up => tracing::info!(socket = %socket.display(), error = %e, "local node not reachable"),
+            Ok(()) => tracing::info!(socket = %path, "local node state stream ended"),
+            Err(e) if was_up => tracing::info!(socket = %path, error = %e, "local node not reachable"),
             Err(_) => {}
         }
         if last.is_some() || was_up {
@@ -80,48 +163,104 @@ pub async fn run(socket: PathBuf, tx: mpsc::Sender<LocalEvent>, ha: Option<Arc<d
     }
 }
 
+/// A fixed-size read buffer, zeroized on drop and never reallocated (a grown buffer would
+/// leave its old copy, keyring included, in freed memory). Data is read into its free
+/// tail; lines are taken from its front, the rest moved down and the vacated bytes zeroed.
+struct LineBuf {
+    buf: Zeroizing<Vec<u8>>,
+    len: usize,
+}
+
+impl LineBuf {
+    fn new(capacity: usize) -> LineBuf {
+        LineBuf {
+            buf: Zeroizing::new(vec![0u8; capacity]),
+            len: 0,
+        }
+    }
+    fn filled(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+    fn spare(&mut self) -> &mut [u8] {
+        &mut self.buf[self.len..]
+    }
+    fn is_full(&self) -> bool {
+        self.len == self.buf.len()
+    }
+    fn advance(&mut self, n: usize) {
+        self.len = (self.len + n).min(self.buf.len());
+    }
+    /// Drops the first `n` bytes.
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.len);
+        self.buf.copy_within(n..self.len, 0);
+        let kept = self.len - n;
+        self.buf[kept..self.len].zeroize();
+        self.len = kept;
+    }
+    /// Reads more; `Ok(0)` at the end of the stream.
+    async fn read_from(&mut self, stream: &mut UnixStream) -> std::io::Result<usize> {
+        let n = stream.read(self.spare()).await?;
+        self.advance(n);
+        Ok(n)
+    }
+}
+
+/// Where the body starts in `buf` once a whole `200` response head is in it (`Ok(None)`
+/// until then); an error for any other status or a malformed or oversized head.
+fn response_head(buf: &[u8]) -> Result<Option<usize>, String> {
+    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+        if buf.len() > MAX_HEAD {
+            return Err("response head too long".into());
+        }
+        return Ok(None);
+    };
+    let status_line = buf[..end].split(|b| *b == b'\r').next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, |b| *b == b' ');
+    let (version, code) = (parts.next().unwrap_or_default(), parts.next().unwrap_or_default());
+    if !version.starts_with(b"HTTP/1.") {
+        return Err("not an HTTP/1 response".into());
+    }
+    if code != b"200" {
+        return Err(format!("state stream answered {}", String::from_utf8_lossy(code)));
+    }
+    Ok(Some(end + 4))
+}
+
 /// One connection: request the stream and forward every line until it ends.
 async fn follow(
-    socket: &PathBuf,
+    socket: &NodeSocket,
     tx: &mpsc::Sender<LocalEvent>,
     last: &mut Option<LocalState>,
 ) -> Result<(), ProxyError> {
-    let stream = UnixStream::connect(socket).await.map_err(ProxyError::LocalSocket)?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let mut stream = socket.connect().await?;
+    let request = format!("GET {STATE_PATH} HTTP/1.0\r\nHost: vha-node\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
         .await
-        .map_err(|e| ProxyError::LocalStream(e.to_string()))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let req = http::Request::get(STATE_PATH)
-        .header(http::header::HOST, "vha-node")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| ProxyError::LocalStream(e.to_string()))?;
-    let resp = sender
-        .send_request(req)
+        .map_err(ProxyError::LocalSocket)?;
+    let mut buf = LineBuf::new(MAX_LINE);
+    let head = async {
+        loop {
+            if let Some(body) = response_head(buf.filled()).map_err(ProxyError::LocalStream)? {
+                buf.consume(body);
+                return Ok(());
+            }
+            if buf.read_from(&mut stream).await.map_err(ProxyError::LocalSocket)? == 0 {
+                return Err(ProxyError::LocalStream("closed before answering".into()));
+            }
+        }
+    };
+    tokio::time::timeout(HEAD_TIMEOUT, head)
         .await
-        .map_err(|e| ProxyError::LocalStream(e.to_string()))?;
-    if !resp.status().is_success() {
-        return Err(ProxyError::LocalStream(format!(
-            "state stream answered {}",
-            resp.status()
-        )));
-    }
-    let mut body = resp.into_body();
-    let mut buf = BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ProxyError::LocalStream(e.to_string()))?;
-        let Ok(data) = frame.into_data() else { continue };
-        buf.extend_from_slice(&data);
-        while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
-            let mut line = buf.split_to(nl + 1);
-            let parsed = serde_json::from_slice::<LocalState>(&line[..nl]);
-            zeroize::Zeroize::zeroize(&mut line[..]);
+        .map_err(|_| ProxyError::LocalStream("no answer to the state request".into()))??;
+    loop {
+        while let Some(nl) = buf.filled().iter().position(|b| *b == b'\n') {
+            let parsed = LocalState::from_line(&buf.filled()[..nl]);
+            buf.consume(nl + 1);
             match parsed {
                 Ok(st) => {
-                    let mut kept = st.clone();
-                    kept.keyring = None;
-                    *last = Some(kept);
+                    *last = Some(st.without_keyring());
                     if tx.send(LocalEvent::State(Box::new(st))).await.is_err() {
                         return Ok(());
                     }
@@ -129,11 +268,13 @@ async fn follow(
                 Err(e) => tracing::warn!(error = %e, "unparseable local state line"),
             }
         }
-        if buf.len() > MAX_LINE {
+        if buf.is_full() {
             return Err(ProxyError::LocalStream("state line too long".into()));
         }
+        if buf.read_from(&mut stream).await.map_err(ProxyError::LocalSocket)? == 0 {
+            return Ok(());
+        }
     }
-    Ok(())
 }
 
 /// Whether process `pid` is provably gone: `kill(pid, 0)` fails with ESRCH, or it is a
@@ -193,6 +334,37 @@ pub async fn release_if_dead(ha: Arc<dyn HaBackend>, pid: u32, token: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A line buffer takes lines from its front and zeroes what it vacates: after taking a
+    /// line nothing of it is left anywhere in the buffer.
+    #[test]
+    fn line_buffer_zeroes_taken_lines() {
+        let mut b = LineBuf::new(16);
+        b.spare()[..10].copy_from_slice(b"SECRET\nab\n");
+        b.advance(10);
+        assert_eq!(b.filled(), b"SECRET\nab\n");
+        b.consume(7);
+        assert_eq!(b.filled(), b"ab\n");
+        assert!(!b.buf.windows(6).any(|w| w == b"SECRET"), "{:?}", &b.buf[..]);
+        assert!(b.buf[3..].iter().all(|x| *x == 0));
+        b.consume(3);
+        assert!(b.buf.iter().all(|x| *x == 0));
+        b.advance(100);
+        assert!(b.is_full());
+    }
+
+    /// The response head: found only when whole, 200 only, bounded.
+    #[test]
+    fn response_head_rules() {
+        let ok = b"HTTP/1.0 200 OK\r\ncontent-type: application/x-ndjson\r\n\r\n{\"a\":1}\n";
+        assert_eq!(response_head(ok), Ok(Some(ok.len() - 8)));
+        assert_eq!(response_head(b"HTTP/1.1 200 OK\r\n"), Ok(None));
+        assert!(response_head(b"HTTP/1.0 404 Not Found\r\n\r\n")
+            .unwrap_err()
+            .contains("404"));
+        assert!(response_head(b"SSH-2.0\r\n\r\n").is_err());
+        assert!(response_head(&vec![b'x'; MAX_HEAD + 1]).is_err());
+    }
 
     /// Our own process is alive; a PID that cannot exist is gone; PID 0 is never "gone".
     #[test]

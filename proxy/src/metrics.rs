@@ -30,6 +30,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
+use vha_core::pair::PairRole;
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -55,10 +56,10 @@ const LOCAL_ROLES: [LocalRole; 5] = [
 fn role_label(role: LocalRole) -> &'static str {
     match role {
         LocalRole::Down => "down",
-        LocalRole::Sealed => "sealed",
-        LocalRole::Standby => "standby",
-        LocalRole::Active => "active",
-        LocalRole::Disabled => "disabled",
+        LocalRole::Sealed => PairRole::Sealed.as_str(),
+        LocalRole::Standby => PairRole::Standby.as_str(),
+        LocalRole::Active => PairRole::Active.as_str(),
+        LocalRole::Disabled => PairRole::Disabled.as_str(),
     }
 }
 

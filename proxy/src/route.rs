@@ -13,18 +13,8 @@
 //! standby ───────────────────────────────────────────────────► Forward (mTLS cluster channel)
 //! ```
 
-/// Paths under `/v1/` the local node answers whatever its state (Vault's sealed-safe and
-/// node-local endpoints). `sys/seal` is here because a standby must answer Vault's "cannot
-/// seal when in standby mode" error itself rather than seal the active.
-pub const LOCAL_ONLY: [&str; 7] = [
-    "sys/health",
-    "sys/leader",
-    "sys/seal-status",
-    "sys/unseal",
-    "sys/init",
-    "sys/seal",
-    "sys/metrics",
-];
+use vha_core::pair::PairRole;
+pub use vha_core::pair::LOCAL_ONLY;
 
 /// What the local node last said about itself (or that it is not reachable).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -40,16 +30,14 @@ pub enum LocalRole {
 }
 
 impl LocalRole {
-    /// From the state stream's `role` field (`sealed`, `standby`, `active`, `disabled`).
+    /// From the state stream's `role` field ([`PairRole`]); sealed, or a role this proxy
+    /// does not know, is `Sealed` (serve nothing but the local-only paths).
     pub fn parse(role: &str, sealed: bool) -> LocalRole {
-        if sealed {
-            return LocalRole::Sealed;
-        }
-        match role {
-            "active" => LocalRole::Active,
-            "standby" => LocalRole::Standby,
-            "disabled" => LocalRole::Disabled,
-            _ => LocalRole::Sealed,
+        match (sealed, PairRole::parse(role)) {
+            (true, _) | (_, None | Some(PairRole::Sealed)) => LocalRole::Sealed,
+            (false, Some(PairRole::Active)) => LocalRole::Active,
+            (false, Some(PairRole::Standby)) => LocalRole::Standby,
+            (false, Some(PairRole::Disabled)) => LocalRole::Disabled,
         }
     }
 }

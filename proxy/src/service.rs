@@ -31,15 +31,12 @@ use vha_core::config::IpNet;
 
 use crate::advert::{Target, View};
 use crate::error::ProxyError;
+use crate::local::NodeSocket;
 use crate::metrics::{class, Metrics};
 use crate::route::{self, after_failure, after_hold, ForwardFailure, HoldEnd, Route, RouteInput};
 use crate::tls::{forward_peer, local_peer, ForwardProtocol};
 
-/// The internal client-address header the node trusts from its proxy and the cluster
-/// channel (`vha_node::api::CLIENT_ADDR_HEADER`).
-pub const CLIENT_ADDR_HEADER: &str = "x-vha-client-addr";
-/// Vault's header asking a standby for a 307 instead of forwarding.
-pub const NO_FORWARD_HEADER: &str = "x-vault-no-request-forwarding";
+use vha_core::pair::{CLIENT_ADDR_HEADER, NO_FORWARD_HEADER};
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) removed before a request goes upstream, in
 /// addition to those the `Connection` header names. `Transfer-Encoding` framing is redone
 /// by Pingora for each hop.
@@ -48,7 +45,7 @@ const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "
 /// Static settings of the service.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub local_socket: String,
+    pub local_socket: Arc<NodeSocket>,
     pub hold_timeout: Duration,
     pub max_request_size: Option<u64>,
     pub max_request_duration: Option<Duration>,
@@ -258,13 +255,7 @@ impl ProxyHttp for VhaProxy {
             return Ok(true);
         }
         if let Some(max) = self.settings.max_request_size {
-            let announced = session
-                .req_header()
-                .headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok());
-            if announced.is_some_and(|n| n > max) {
+            if vha_core::announced_body_len(&session.req_header().headers).is_some_and(|n| n > max) {
                 ctx.route = "rejected";
                 session.set_keepalive(None);
                 write_error(session, &ProxyError::PayloadTooLarge).await?;

@@ -15,6 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::advert::Target;
 use crate::error::ProxyError;
+use crate::local::{CheckedConnect, NodeSocket};
 
 /// TCP connect bound to the active's cluster listener. A refused connection fails at once;
 /// this bounds a blackholed one, after which the proxy holds for a new advertisement.
@@ -88,9 +89,14 @@ pub fn forward_peer(t: &Target, proto: ForwardProtocol) -> HttpPeer {
     p
 }
 
-/// The peer for the local node: plain HTTP/1.1 on the pair's unix socket, pooled.
-pub fn local_peer(socket: &str) -> pingora::Result<HttpPeer> {
-    let mut p = HttpPeer::new_uds(socket, false, String::new())?;
+/// The peer for the local node: plain HTTP/1.1 on the pair's unix socket, pooled, every
+/// new connection checked to be the node's ([`CheckedConnect`]).
+pub fn local_peer(socket: &Arc<NodeSocket>) -> pingora::Result<HttpPeer> {
+    let mut p = HttpPeer::new_uds(&socket.path.to_string_lossy(), false, String::new())?;
+    p.options.custom_l4 = Some(Arc::new(CheckedConnect {
+        socket: socket.clone(),
+        timeout: LOCAL_CONNECT_TIMEOUT,
+    }));
     p.options.connection_timeout = Some(LOCAL_CONNECT_TIMEOUT);
     p.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
     Ok(p)

@@ -1,18 +1,18 @@
 //! `TestEtcd`: real etcd members (`/usr/bin/etcd`, Debian's `etcd-server` 3.4) on free
-//! 127.0.0.1 ports with temp data dirs, single-member or an n-member raft cluster, plain or
+//! 127.0.0.1 ports (or each on its own test host, [`TestEtcd::cluster_on`]) with temp data dirs, single-member or an n-member raft cluster, plain or
 //! TLS with client certificates. Health and leadership are read over plain HTTP on each
 //! member's metrics port (`/health`, `/metrics`), polling, never sleeping blind. Each member
 //! can be killed (SIGKILL), stopped (SIGTERM), paused (SIGSTOP) and restarted by PID on its
 //! ports and data dir; [`TestEtcd::leader`] finds the raft leader.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
+use crate::net::{command_on, NetHost};
 use crate::process::{free_port, ChildProc};
 use crate::wait::wait_until;
 
@@ -43,14 +43,30 @@ pub struct EtcdMember {
     pub metrics_port: u16,
     scheme: &'static str,
     data_dir: PathBuf,
+    /// The test host it runs on (`None`: 127.0.0.1 of the test's own namespace).
+    host: Option<NetHost>,
     proc: Option<ChildProc>,
     starts: u32,
 }
 
 impl EtcdMember {
-    /// `http://127.0.0.1:CLIENT_PORT` (`https://` with TLS).
+    /// `http://127.0.0.1:CLIENT_PORT` (`https://` with TLS; the host's address on a test host).
     pub fn address(&self) -> String {
-        format!("{}://127.0.0.1:{}", self.scheme, self.client_port)
+        format!("{}://{}:{}", self.scheme, self.ip(), self.client_port)
+    }
+
+    /// 127.0.0.1, or the test host's address.
+    fn ip(&self) -> Ipv4Addr {
+        self.host.as_ref().map_or(Ipv4Addr::LOCALHOST, |h| h.ip)
+    }
+
+    /// A GET on the member's plain-HTTP metrics listener, from its own host.
+    fn get(&self, path: &str) -> Option<String> {
+        let addr = SocketAddr::from((self.ip(), self.metrics_port));
+        match &self.host {
+            Some(h) => h.run(|| http_get(addr, path)),
+            None => http_get(addr, path),
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -104,9 +120,18 @@ impl TestEtcd {
     /// free a moment before etcd binds them; when another process wins that race the whole
     /// cluster is started again on new ports.
     pub fn cluster_with(n: usize, extra: &[&str]) -> TestEtcd {
+        Self::start_cluster(n, extra, None)
+    }
+
+    /// A cluster with member `i` on test host `hosts[i]`, listening on the host's address.
+    pub fn cluster_on(hosts: &[NetHost]) -> TestEtcd {
+        Self::start_cluster(hosts.len(), &[], Some(hosts))
+    }
+
+    fn start_cluster(n: usize, extra: &[&str], hosts: Option<&[NetHost]>) -> TestEtcd {
         assert!(n >= 1, "an etcd cluster needs a member");
         for attempt in 1.. {
-            let mut e = Self::prepare(n, extra, "http");
+            let mut e = Self::prepare(n, extra, "http", hosts);
             for i in 0..n {
                 e.spawn(i);
             }
@@ -131,7 +156,7 @@ impl TestEtcd {
             "--client-cert-auth".to_string(),
         ];
         let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-        let mut e = Self::prepare(1, &extra, "https");
+        let mut e = Self::prepare(1, &extra, "https", None);
         e.spawn(0);
         if let Err(out) = e.wait_healthy(0) {
             panic!("{out}");
@@ -139,7 +164,7 @@ impl TestEtcd {
         e
     }
 
-    fn prepare(n: usize, extra: &[&str], scheme: &'static str) -> TestEtcd {
+    fn prepare(n: usize, extra: &[&str], scheme: &'static str, hosts: Option<&[NetHost]>) -> TestEtcd {
         let tmp = tempfile::tempdir().expect("temp dir");
         let members: Vec<EtcdMember> = (0..n)
             .map(|i| EtcdMember {
@@ -149,13 +174,14 @@ impl TestEtcd {
                 metrics_port: free_port(),
                 scheme,
                 data_dir: tmp.path().join(format!("m{i}.etcd")),
+                host: hosts.map(|h| h[i].clone()),
                 proc: None,
                 starts: 0,
             })
             .collect();
         let initial_cluster = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}=http://{}:{}", m.name, m.ip(), m.peer_port))
             .collect::<Vec<_>>()
             .join(",");
         TestEtcd {
@@ -186,8 +212,8 @@ impl TestEtcd {
         let m = &mut self.members[i];
         m.starts += 1;
         let client = m.address();
-        let peer = format!("http://127.0.0.1:{}", m.peer_port);
-        let mut cmd = Command::new(etcd_binary());
+        let peer = format!("http://{}:{}", m.ip(), m.peer_port);
+        let mut cmd = command_on(m.host.as_ref(), etcd_binary());
         cmd.arg("--name")
             .arg(&m.name)
             .arg("--data-dir")
@@ -211,7 +237,7 @@ impl TestEtcd {
             .arg("--log-outputs")
             .arg("stderr")
             .arg("--listen-metrics-urls")
-            .arg(format!("http://127.0.0.1:{}", m.metrics_port))
+            .arg(format!("http://{}:{}", m.ip(), m.metrics_port))
             .args(&self.extra);
         let log = self.tmp.path().join(format!("{}-{}.log", m.name, m.starts));
         m.proc = Some(ChildProc::spawn(&format!("etcd {}", m.name), cmd, &log));
@@ -219,7 +245,6 @@ impl TestEtcd {
 
     /// Waits until member `i` answers `/health`; `Err(its output)` when it exits first.
     fn wait_healthy(&mut self, i: usize) -> Result<(), String> {
-        let port = self.members[i].metrics_port;
         let m = &mut self.members[i];
         let deadline = std::time::Instant::now() + ETCD_START_TIMEOUT;
         loop {
@@ -227,14 +252,14 @@ impl TestEtcd {
             if !p.is_running() {
                 return Err(format!("etcd {} exited during start:\n{}", m.name, p.output()));
             }
-            if healthy(port) {
+            if healthy(m) {
                 return Ok(());
             }
             if std::time::Instant::now() >= deadline {
                 return Err(format!(
                     "etcd {} not healthy after {ETCD_START_TIMEOUT:?}:\n{}",
                     m.name,
-                    p.output()
+                    m.output()
                 ));
             }
             std::thread::sleep(crate::wait::POLL_INTERVAL);
@@ -279,14 +304,14 @@ impl TestEtcd {
 
     /// Waits until every running member answers `/health` (the cluster has a leader).
     pub fn wait_all_healthy(&mut self, timeout: Duration) {
-        let ports: Vec<u16> = self
-            .members
-            .iter()
-            .filter(|m| m.is_running())
-            .map(|m| m.metrics_port)
-            .collect();
         wait_until(
-            || ports.iter().all(|p| healthy(*p)).then_some(()),
+            || {
+                self.members
+                    .iter()
+                    .filter(|m| m.is_running())
+                    .all(healthy)
+                    .then_some(())
+            },
             "every running etcd member healthy",
             timeout,
         );
@@ -296,7 +321,7 @@ impl TestEtcd {
     pub fn leader(&self) -> Option<usize> {
         self.members
             .iter()
-            .position(|m| m.is_running() && metric(m.metrics_port, "etcd_server_is_leader") == Some(1.0))
+            .position(|m| m.is_running() && metric(m, "etcd_server_is_leader") == Some(1.0))
     }
 
     /// Waits until some running member is raft leader; returns its index.
@@ -307,8 +332,8 @@ impl TestEtcd {
 
 /// A blocking GET to an etcd member; the body on 200. HTTP/1.0, so the answer is never
 /// chunked (`/metrics` is large).
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+fn http_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: etcd\r\n\r\n").as_bytes())
         .ok()?;
@@ -322,13 +347,13 @@ fn http_get(port: u16, path: &str) -> Option<String> {
 }
 
 /// `/health` says `"health":"true"` (etcd 3.4: a leader exists and the member serves).
-fn healthy(port: u16) -> bool {
-    http_get(port, "/health").is_some_and(|b| b.contains("\"health\":\"true\""))
+fn healthy(m: &EtcdMember) -> bool {
+    m.get("/health").is_some_and(|b| b.contains("\"health\":\"true\""))
 }
 
 /// One unlabelled Prometheus metric of a member.
-fn metric(port: u16, name: &str) -> Option<f64> {
-    let body = http_get(port, "/metrics")?;
+fn metric(m: &EtcdMember, name: &str) -> Option<f64> {
+    let body = m.get("/metrics")?;
     body.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }

@@ -1,16 +1,25 @@
-//! `TestLockd`: a real `vha lockd` process on a free 127.0.0.1 port with a temp data dir.
+//! `TestLockd`: a real `vha lockd` process on a free 127.0.0.1 port (or a test host's
+//! address, [`TestLockdBuilder::host`]) with a temp data dir.
 //! Waits until it answers `GET /v1/health` (polling, never sleeping blind); `kill()` sends
 //! SIGKILL, `stop()` SIGTERM, `restart()` brings it back on the same port and data dir.
 //! Generic on purpose: lockd tests and the node harness both use it.
+//!
+//! Authentication is on by default, as it should be everywhere: lockd requires a bearer
+//! token (a random one per instance, in a token file); `.mtls()` adds TLS with required
+//! client certificates from a test CA; `.no_auth()` is for the tests of the unauthenticated
+//! case itself. [`TestLockd::client`] and [`TestLockd::stanza_auth`] carry the credentials.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
+use vha_core::storage::lockd::{LockdBackend, LockdCredentials};
 
+use crate::net::{command_on, NetHost};
+use crate::pki::{CertFiles, TestCa};
 use crate::process::{free_port, vha_binary, ChildProc};
 use crate::wait::wait_until;
 
@@ -19,13 +28,42 @@ use crate::wait::wait_until;
 pub const LOCKD_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Builder for [`TestLockd`].
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct TestLockdBuilder {
     args: Vec<String>,
     data_dir: Option<PathBuf>,
+    token: bool,
+    mtls: bool,
+    host: Option<NetHost>,
+}
+
+impl Default for TestLockdBuilder {
+    fn default() -> Self {
+        TestLockdBuilder {
+            args: Vec::new(),
+            data_dir: None,
+            token: true,
+            mtls: false,
+            host: None,
+        }
+    }
+}
+
+/// The TLS material of a lockd started with `.mtls()`.
+pub struct LockdTls {
+    /// The CA that signs lockd's server certificate and the clients' certificates.
+    pub ca: TestCa,
+    pub server: CertFiles,
+    /// A client certificate lockd accepts.
+    pub client: CertFiles,
 }
 
 impl TestLockdBuilder {
+    /// Runs lockd on test host `host`, listening on the host's address.
+    pub fn host(mut self, host: NetHost) -> Self {
+        self.host = Some(host);
+        self
+    }
     /// Default lease TTL (`--lease-ttl`).
     pub fn lease_ttl(self, ttl: &str) -> Self {
         self.arg("--lease-ttl").arg(ttl)
@@ -44,20 +82,69 @@ impl TestLockdBuilder {
         self.args.push(a.to_string());
         self
     }
+    /// No bearer token (and no TLS unless `.mtls()`): lockd accepts anyone on loopback.
+    pub fn no_auth(mut self) -> Self {
+        self.token = false;
+        self
+    }
+    /// TLS with required client certificates from a test CA (with the token unless
+    /// `.no_auth()` comes after).
+    pub fn mtls(mut self) -> Self {
+        self.mtls = true;
+        self
+    }
     pub fn start(self) -> TestLockd {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data_dir = self.data_dir.clone().unwrap_or_else(|| tmp.path().join("data"));
+        let mut args = self.args;
+        let token = self.token.then(|| {
+            let token = random_token();
+            let file = tmp.path().join("lockd.token");
+            std::fs::write(&file, format!("{token}\n")).expect("write token file");
+            args.extend(["--token-file".to_string(), file.display().to_string()]);
+            (token, file)
+        });
+        let tls = self.mtls.then(|| {
+            let ca = TestCa::new(&tmp.path().join("pki"), "lockd");
+            let server = ca.server("server", &["127.0.0.1", "localhost"]);
+            let client = ca.client("client", "vha-node");
+            args.extend([
+                "--tls-cert-file".to_string(),
+                server.cert.display().to_string(),
+                "--tls-key-file".to_string(),
+                server.key.display().to_string(),
+                "--tls-client-ca-file".to_string(),
+                ca.ca_file.display().to_string(),
+            ]);
+            LockdTls { ca, server, client }
+        });
         let mut l = TestLockd {
             port: free_port(),
             tmp,
             data_dir,
-            args: self.args,
+            args,
+            host: self.host,
             proc: None,
             starts: 0,
+            token,
+            tls,
         };
         l.spawn();
         l
     }
+}
+
+/// 32 random bytes, hex: a token no test could guess.
+fn random_token() -> String {
+    use std::fmt::Write as _;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .expect("reading /dev/urandom");
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// A running `vha lockd`.
@@ -66,8 +153,12 @@ pub struct TestLockd {
     tmp: tempfile::TempDir,
     data_dir: PathBuf,
     args: Vec<String>,
+    host: Option<NetHost>,
     proc: Option<ChildProc>,
     starts: u32,
+    /// The bearer token and its file, unless started `.no_auth()`.
+    token: Option<(String, PathBuf)>,
+    tls: Option<LockdTls>,
 }
 
 impl TestLockd {
@@ -80,9 +171,88 @@ impl TestLockd {
         Self::builder().start()
     }
 
-    /// `http://127.0.0.1:PORT`
+    /// `http://127.0.0.1:PORT` (the host's address when on a test host; `https://` with
+    /// `.mtls()`).
     pub fn address(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.listen())
+    }
+
+    /// The listen address: 127.0.0.1, or the test host's address.
+    fn listen(&self) -> SocketAddr {
+        let ip = self.host.as_ref().map_or(Ipv4Addr::LOCALHOST, |h| h.ip);
+        SocketAddr::from((ip, self.port))
+    }
+
+    /// The bearer token lockd requires, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_ref().map(|(t, _)| t.as_str())
+    }
+
+    /// The file holding the token, if any.
+    pub fn token_file(&self) -> Option<&Path> {
+        self.token.as_ref().map(|(_, f)| f.as_path())
+    }
+
+    /// The TLS material (`.mtls()` only).
+    pub fn tls(&self) -> Option<&LockdTls> {
+        self.tls.as_ref()
+    }
+
+    /// Credentials that lockd accepts.
+    pub fn credentials(&self) -> LockdCredentials {
+        let mut c = match self.token() {
+            Some(t) => LockdCredentials::token(t).expect("valid test token"),
+            None => LockdCredentials::default(),
+        };
+        if let Some(tls) = &self.tls {
+            c.tls_ca_file = Some(tls.ca.ca_file.clone());
+            c.tls_cert_file = Some(tls.client.cert.clone());
+            c.tls_key_file = Some(tls.client.key.clone());
+        }
+        c
+    }
+
+    /// A client with this lockd's credentials.
+    pub fn client(&self) -> LockdBackend {
+        LockdBackend::connect_with(&self.address(), &self.credentials()).expect("lockd client")
+    }
+
+    /// The credential lines of a `storage "lockd"` / `ha_storage "lockd"` stanza for this
+    /// lockd (empty when it needs none), each ending in a newline.
+    pub fn stanza_auth(&self) -> String {
+        let mut s = String::new();
+        if let Some(f) = self.token_file() {
+            s.push_str(&format!("  token_file = \"{}\"\n", f.display()));
+        }
+        if let Some(tls) = &self.tls {
+            s.push_str(&format!(
+                "  tls_ca_file = \"{}\"\n  tls_cert_file = \"{}\"\n  tls_key_file = \"{}\"\n",
+                tls.ca.ca_file.display(),
+                tls.client.cert.display(),
+                tls.client.key.display()
+            ));
+        }
+        s
+    }
+
+    /// `vha lockd` client arguments with this lockd's credentials (`snapshot save`, `hold`).
+    pub fn client_args(&self) -> Vec<String> {
+        let mut a = vec!["--address".to_string(), self.address()];
+        if let Some(f) = self.token_file() {
+            a.extend(["--token-file".to_string(), f.display().to_string()]);
+        }
+        if let Some(tls) = &self.tls {
+            a.extend([
+                "--tls-ca-file".to_string(),
+                tls.ca.ca_file.display().to_string(),
+                "--tls-cert-file".to_string(),
+                tls.client.cert.display().to_string(),
+                "--tls-key-file".to_string(),
+                tls.client.key.display().to_string(),
+            ]);
+        }
+        a
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -110,23 +280,30 @@ impl TestLockd {
 
     fn spawn(&mut self) {
         self.starts += 1;
-        let mut cmd = Command::new(vha_binary());
+        let mut cmd = command_on(self.host.as_ref(), vha_binary());
         cmd.arg("lockd")
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(self.listen().to_string())
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(&self.args)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()));
         let log = self.tmp.path().join(format!("lockd-{}.log", self.starts));
         let mut p = ChildProc::spawn("lockd", cmd, &log);
-        let port = self.port;
+        let tls = self.tls.is_some();
         wait_until(
             || {
                 if !p.is_running() {
                     panic!("lockd exited during start:\n{}", p.output());
                 }
-                health(port).then_some(())
+                // With TLS a plain probe cannot pass the handshake: lockd prints its
+                // address once it listens.
+                let ready = if tls {
+                    p.output().contains("lockd listening on")
+                } else {
+                    self.is_ready()
+                };
+                ready.then_some(())
             },
             "lockd answers /v1/health",
             LOCKD_START_TIMEOUT,
@@ -134,9 +311,14 @@ impl TestLockd {
         self.proc = Some(p);
     }
 
-    /// Whether lockd answers its health endpoint now.
+    /// Whether lockd answers its health endpoint now (asked from its own host; plain HTTP
+    /// lockd only).
     pub fn is_ready(&self) -> bool {
-        health(self.port)
+        let addr = self.listen();
+        match &self.host {
+            Some(h) => h.run(|| health(addr)),
+            None => health(addr),
+        }
     }
 
     /// SIGKILL (no flush, no cleanup): what a crash looks like.
@@ -177,8 +359,8 @@ impl TestLockd {
 }
 
 /// A blocking `GET /v1/health` over HTTP/1.1 (lockd speaks both HTTP/1.1 and h2c).
-fn health(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+fn health(addr: SocketAddr) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
         return false;
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
@@ -214,20 +396,11 @@ pub fn run_lockd_cmd(args: &[&str]) -> (bool, String) {
 /// Starts the hidden `vha lockd hold` helper: a separate process that holds `key` with
 /// `value` and a lease of `ttl`, printing `acquired token=N unix_ms=T` and later
 /// `lost deadline_unix_ms=D unix_ms=T`.
-pub fn spawn_holder(address: &str, key: &str, value: &str, ttl: &str, log: &Path) -> ChildProc {
+pub fn spawn_holder(l: &TestLockd, key: &str, value: &str, ttl: &str, log: &Path) -> ChildProc {
     let mut cmd = Command::new(vha_binary());
-    cmd.args([
-        "lockd",
-        "hold",
-        "--address",
-        address,
-        "--key",
-        key,
-        "--value",
-        value,
-        "--ttl",
-        ttl,
-    ]);
+    cmd.args(["lockd", "hold"])
+        .args(l.client_args())
+        .args(["--key", key, "--value", value, "--ttl", ttl]);
     ChildProc::spawn("holder", cmd, log)
 }
 

@@ -1,6 +1,8 @@
-//! `TestNode`: one real `vha server` process on a free 127.0.0.1 port with its own temp
-//! directory and config file, plus the Vault API calls tests need (init, unseal, raw
-//! requests). `TestCluster` groups several nodes on shared storage (grows with HA).
+//! `TestNode`: one real `vha server` process on a free 127.0.0.1 port (or on a test host's
+//! address, [`TestNodeBuilder::host`]) with its own temp directory and config file, plus the
+//! Vault API calls tests need (init, unseal, raw requests). `TestCluster` groups several
+//! nodes on shared storage (grows with HA); [`TestClusterBuilder::on_hosts`] deploys it on
+//! test hosts, one pair per host.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,6 +11,7 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
+use crate::net::{command_on, NetHost};
 use crate::process::{free_port, vha_binary, ChildProc};
 use crate::prometheus::series_value;
 use crate::wait::wait_until_async;
@@ -47,6 +50,17 @@ pub struct TestNodeBuilder {
     behind_proxy: bool,
     /// The client-facing listener serves TLS (a fresh self-signed certificate).
     listener_tls: bool,
+    /// Extra lines inside the `proxy {}` block (with `behind_proxy`).
+    proxy_extra: String,
+    /// The pair socket's path (with `behind_proxy`; default `node.sock` in the temp dir).
+    node_socket: Option<PathBuf>,
+    /// The umask the node process starts with (default: the test's).
+    umask: Option<u32>,
+    /// The test host the node (and its proxy) runs on; `None`: 127.0.0.1 of the test's own
+    /// namespace.
+    host: Option<NetHost>,
+    /// The advertised `api_addr` (default: the pair's own listener).
+    api_addr: Option<String>,
 }
 
 impl Default for TestNodeBuilder {
@@ -62,6 +76,11 @@ impl Default for TestNodeBuilder {
             advertise_cluster: None,
             behind_proxy: false,
             listener_tls: false,
+            proxy_extra: String::new(),
+            node_socket: None,
+            umask: None,
+            host: None,
+            api_addr: None,
         }
     }
 }
@@ -117,6 +136,21 @@ impl TestNodeBuilder {
         self
     }
 
+    /// Runs the node (and, with `behind_proxy`, its proxy) on test host `host`: the listener,
+    /// the cluster listener, `api_addr`, `cluster_addr` and the proxy's metrics address use
+    /// the host's address (the proxy's `node_address` stays on the host's loopback).
+    pub fn host(mut self, host: NetHost) -> Self {
+        self.host = Some(host);
+        self
+    }
+
+    /// The advertised `api_addr` (for example a load balancer's address shared by every
+    /// node); default: the pair's own listener.
+    pub fn api_addr(mut self, url: impl Into<String>) -> Self {
+        self.api_addr = Some(url.into());
+        self
+    }
+
     /// Run as the node of a proxy + node pair: the config gets a `proxy {}` block (socket in
     /// the node's temp dir, `node_address` on a free loopback port); the api address then
     /// belongs to the proxy, which the caller starts (`vha proxy --config <config_path>`).
@@ -125,14 +159,37 @@ impl TestNodeBuilder {
         self
     }
 
+    /// Extra lines inside the `proxy {}` block (with [`TestNodeBuilder::behind_proxy`]),
+    /// e.g. `allowed_uid = 65534` or `hold_timeout = "3s"`.
+    pub fn proxy_extra(mut self, hcl: impl Into<String>) -> Self {
+        self.proxy_extra.push_str(&hcl.into());
+        self.proxy_extra.push('\n');
+        self
+    }
+
+    /// The pair socket at `path` instead of `node.sock` in the node's temp dir (with
+    /// [`TestNodeBuilder::behind_proxy`]).
+    pub fn node_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.node_socket = Some(path.into());
+        self
+    }
+
+    /// Starts the node process with this umask (through `sh -c 'umask ...; exec ...'`, so
+    /// the process is still the node's own PID).
+    pub fn umask(mut self, mask: u32) -> Self {
+        self.umask = Some(mask);
+        self
+    }
+
     /// Writes the config, starts the process and waits until it answers HTTP.
     pub async fn start(self) -> TestNode {
         let dir = tempfile::Builder::new().prefix("vha-node-").tempdir().expect("tempdir");
         let (port, cluster_port) = self.ports.unwrap_or_else(|| (free_port(), free_port()));
+        let ip = self.host.as_ref().map_or(std::net::Ipv4Addr::LOCALHOST, |h| h.ip);
         let advertised = self
             .advertise_cluster
             .clone()
-            .unwrap_or_else(|| format!("https://127.0.0.1:{cluster_port}"));
+            .unwrap_or_else(|| format!("https://{ip}:{cluster_port}"));
         let storage = match &self.storage {
             Storage::File => format!(
                 "storage \"file\" {{\n  path = \"{}\"\n}}",
@@ -143,18 +200,19 @@ impl TestNodeBuilder {
         };
         let ha = self.ha_storage.clone().unwrap_or_default();
         let node_port = free_port();
-        let socket = dir.path().join("node.sock");
+        let socket = self.node_socket.clone().unwrap_or_else(|| dir.path().join("node.sock"));
         let proxy_block = if self.behind_proxy {
             format!(
-                "proxy {{\n  node_socket = \"{}\"\n  node_address = \"127.0.0.1:{node_port}\"\n  metrics_address = \"127.0.0.1:{}\"\n}}\n",
+                "proxy {{\n  node_socket = \"{}\"\n  node_address = \"127.0.0.1:{node_port}\"\n  metrics_address = \"{ip}:{}\"\n{}}}\n",
                 socket.display(),
-                free_port()
+                free_port(),
+                self.proxy_extra
             )
         } else {
             String::new()
         };
         let ca_pem = self.listener_tls.then(|| {
-            let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            let ck = rcgen::generate_simple_self_signed(vec![ip.to_string(), "localhost".to_string()])
                 .expect("self-signed certificate");
             let (cert, key) = (ck.cert.pem(), ck.signing_key.serialize_pem());
             std::fs::write(dir.path().join("listener.crt"), &cert).expect("write cert");
@@ -173,8 +231,10 @@ impl TestNodeBuilder {
         } else {
             ("  tls_disable = true\n".to_string(), "http")
         };
+        let addr = format!("{scheme}://{ip}:{port}");
+        let api_addr = self.api_addr.clone().unwrap_or_else(|| addr.clone());
         let config = format!(
-            "{storage}\n{ha}\nlistener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  cluster_address = \"127.0.0.1:{cluster_port}\"\n{tls_lines}{}}}\napi_addr = \"{scheme}://127.0.0.1:{port}\"\ncluster_addr = \"{advertised}\"\nlog_level = \"debug\"\n{}{proxy_block}",
+            "{storage}\n{ha}\nlistener \"tcp\" {{\n  address = \"{ip}:{port}\"\n  cluster_address = \"{ip}:{cluster_port}\"\n{tls_lines}{}}}\napi_addr = \"{api_addr}\"\ncluster_addr = \"{advertised}\"\nlog_level = \"debug\"\n{}{proxy_block}",
             self.listener_extra, self.top_extra
         );
         let mut http = reqwest::Client::builder()
@@ -189,10 +249,11 @@ impl TestNodeBuilder {
             node_addr: if self.behind_proxy {
                 format!("http://127.0.0.1:{node_port}")
             } else {
-                format!("http://127.0.0.1:{port}")
+                format!("http://{ip}:{port}")
             },
             socket: self.behind_proxy.then_some(socket),
-            addr: format!("{scheme}://127.0.0.1:{port}"),
+            addr,
+            api_addr,
             ca_pem,
             port,
             cluster_port,
@@ -212,6 +273,8 @@ impl TestNodeBuilder {
 pub struct TestNode {
     /// The pair's api address (the node itself, or its proxy when `behind_proxy`).
     pub addr: String,
+    /// The node's advertised `api_addr`: `addr`, or what the builder set (a load balancer).
+    pub api_addr: String,
     /// Where the node process itself answers HTTP (`node_address` behind a proxy).
     pub node_addr: String,
     /// The listener's self-signed certificate (PEM) with `listener_tls`.
@@ -265,8 +328,22 @@ impl TestNode {
         .await
     }
 
+    /// The test host the node runs on (`None`: the test's own namespace).
+    pub fn host(&self) -> Option<&NetHost> {
+        self.builder.host.as_ref()
+    }
+
     fn command(&self) -> Command {
-        let mut cmd = Command::new(vha_binary());
+        let mut cmd = match self.builder.umask {
+            Some(mask) => {
+                let mut c = command_on(self.host(), "sh");
+                c.arg("-c")
+                    .arg(format!("umask {mask:03o} && exec \"$0\" \"$@\""))
+                    .arg(vha_binary());
+                c
+            }
+            None => command_on(self.host(), vha_binary()),
+        };
         cmd.arg("server")
             .arg("--config")
             .arg(&self.config_path)
@@ -286,11 +363,9 @@ impl TestNode {
 
     /// Polls `sys/seal-status` until the node answers (or panics with its log).
     pub async fn wait_ready(&mut self) {
-        let url = format!("{}/v1/sys/seal-status", self.node_addr);
-        let http = self.http.clone();
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
-            if http.get(&url).send().await.is_ok() {
+            if self.get_node_local("sys/seal-status", None).await.is_some() {
                 return;
             }
             let running = self.proc.as_mut().map(|p| p.is_running()).unwrap_or(false);
@@ -306,6 +381,31 @@ impl TestNode {
 
     pub fn is_running(&self) -> bool {
         self.proc.as_ref().is_some_and(|p| p.is_running_shared())
+    }
+
+    /// GET `path` (after `/v1/`) from the node process itself (`node_addr`), asked from the
+    /// node's own host: a loopback `node_address` is reachable only there. `(status, body)`,
+    /// `None` when it does not answer.
+    pub async fn get_node_local(&self, path: &str, token: Option<&str>) -> Option<(u16, String)> {
+        let headers: Vec<(&str, &str)> = token.map(|t| ("X-Vault-Token", t)).into_iter().collect();
+        match self.host() {
+            Some(h) => {
+                let addr: std::net::SocketAddr = self.node_addr.strip_prefix("http://")?.parse().ok()?;
+                h.http_get_async(addr, &format!("/v1/{path}"), &headers).await
+            }
+            None => {
+                let mut rb = self
+                    .http
+                    .get(format!("{}/v1/{path}", self.node_addr))
+                    .timeout(Duration::from_secs(5));
+                for (k, v) in headers {
+                    rb = rb.header(k, v);
+                }
+                let r = rb.send().await.ok()?;
+                let status = r.status().as_u16();
+                Some((status, r.text().await.unwrap_or_default()))
+            }
+        }
     }
 
     /// Like [`TestNode::request`], but `None` when the node cannot be reached.
@@ -512,7 +612,8 @@ pub struct TestCluster {
     pub ha_lockd: Option<crate::lockd::TestLockd>,
     /// The etcd cluster, when the builder asked for etcd (`etcd(n)` or an etcd split pair).
     pub etcd: Option<crate::etcd::TestEtcd>,
-    /// Relay i sits between node i and the (HA) store, when requested.
+    /// Relay i sits between node i and the (HA) store, when requested (with etcd, relay
+    /// `i * members + j` sits between node i and member j).
     pub store_relays: Vec<crate::relay::Relay>,
     /// Relay i sits in front of node i's cluster listener (its advertised cluster_addr).
     pub cluster_relays: Vec<crate::relay::Relay>,
@@ -538,9 +639,28 @@ pub struct TestClusterBuilder {
     proxies: bool,
     /// Extra environment of every proxy (`proxy_env`).
     proxy_env: Vec<(String, String)>,
-    /// Data in a `file` store on this directory, shared by the nodes; the HA lock in lockd.
-    file_data: Option<PathBuf>,
+    /// lockd's and the stanzas' `max_value_size` (large secrets), when set.
+    max_value_size: Option<usize>,
+    /// Test hosts for the pairs and the store (`on_hosts`).
+    hosts: Option<HostLayout>,
+    /// Every node's advertised `api_addr` (`api_addr`).
+    api_addr: Option<String>,
 }
+
+/// Where a cluster's processes run on a [`crate::TestNet`] ([`TestClusterBuilder::on_hosts`]):
+/// pair `i` (node and proxy) on `pairs[i]`, lockd on `stores[0]` or etcd member `j` on
+/// `stores[j]`.
+#[derive(Clone, Debug)]
+pub struct HostLayout {
+    pub pairs: Vec<NetHost>,
+    pub stores: Vec<NetHost>,
+}
+
+/// The API port of every pair on a test host: each host has its own addresses, so the pairs
+/// use Vault's standard ports as a real deployment does.
+pub const HOST_API_PORT: u16 = 8200;
+/// The cluster port of every pair on a test host (Vault's standard).
+pub const HOST_CLUSTER_PORT: u16 = 8201;
 
 /// A store kind for [`TestClusterBuilder::split_stores`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -563,7 +683,9 @@ impl TestCluster {
             stores: None,
             proxies: false,
             proxy_env: Vec::new(),
-            file_data: None,
+            max_value_size: None,
+            hosts: None,
+            api_addr: None,
         }
     }
 
@@ -624,7 +746,7 @@ impl TestCluster {
             || async {
                 let actives = self.actives().await;
                 let [a] = actives.as_slice() else { return None };
-                let want = self.nodes[*a].addr.clone();
+                let want = self.nodes[*a].api_addr.clone();
                 for i in 0..self.nodes.len() {
                     if !self.nodes[i].is_running() {
                         continue;
@@ -642,6 +764,52 @@ impl TestCluster {
         .await;
         self.wait_proxies_follow(a, timeout).await;
         a
+    }
+
+    /// Writes `{"v": v}` to the KV v2 key `secret/data/<key>` through node (or pair) `i`
+    /// with the root token: its status, or `None` when nothing answered.
+    pub async fn kv_put(&self, i: usize, key: &str, v: &str) -> Option<StatusCode> {
+        self.nodes[i]
+            .try_request(
+                "POST",
+                &format!("secret/data/{key}"),
+                Some(self.root_token()),
+                Some(serde_json::json!({"data": {"v": v}})),
+            )
+            .await
+            .map(|(st, _)| st)
+    }
+
+    /// Reads `secret/data/<key>` through node (or pair) `i`: the stored `v` on 200.
+    pub async fn kv_get(&self, i: usize, key: &str) -> Option<String> {
+        let (st, v) = self.nodes[i]
+            .try_request("GET", &format!("secret/data/{key}"), Some(self.root_token()), None)
+            .await?;
+        (st == StatusCode::OK).then(|| v["data"]["data"]["v"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// Waits until the cluster is ready as a load balancer sees it, with node `a` active:
+    /// every other running node answers 429 on `sys/health` (it reaches the active) and the
+    /// active's `sys/ha-status` lists every running node (as `vha dev` waits before "up").
+    pub async fn wait_ready(&self, a: usize, timeout: Duration) {
+        let running = self.nodes.iter().filter(|n| n.is_running()).count();
+        wait_until_async(
+            || async {
+                for (i, n) in self.nodes.iter().enumerate() {
+                    if i != a && n.is_running() && n.request("GET", "sys/health", None, None).await.0.as_u16() != 429 {
+                        return None;
+                    }
+                }
+                let (st, v) = self.nodes[a]
+                    .request("GET", "sys/ha-status", Some(self.root_token()), None)
+                    .await;
+                let listed = v["nodes"].as_array().map_or(0, |n| n.len());
+                (st == StatusCode::OK && listed == running).then_some(())
+            },
+            "every standby healthy (429) and listed in sys/ha-status",
+            timeout,
+        )
+        .await;
     }
 
     /// With `.proxies()`: waits until every running pair's proxy routes by node `a` being
@@ -684,20 +852,21 @@ impl TestCluster {
     /// Node `i`'s `vha_node_term`, read with the root token; `None` when the cluster was not
     /// initialized here or the node does not answer.
     async fn node_term(&self, i: usize) -> Option<f64> {
+        self.node_metric(i, "vha_node_term").await
+    }
+
+    /// Node `i`'s unlabelled metric `name` (0 when absent), read from its own listener with
+    /// the root token; `None` when the cluster was not initialized here or the node does
+    /// not answer.
+    pub async fn node_metric(&self, i: usize, name: &str) -> Option<f64> {
         let token = &self.keys.as_ref()?.root_token;
-        let url = format!("{}/v1/sys/metrics?format=prometheus", self.nodes[i].node_addr);
-        let r = reqwest::Client::new()
-            .get(url)
-            .header("X-Vault-Token", token)
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .ok()?;
-        if r.status() != StatusCode::OK {
+        let (status, text) = self.nodes[i]
+            .get_node_local("sys/metrics?format=prometheus", Some(token))
+            .await?;
+        if status != 200 {
             return None;
         }
-        let text = r.text().await.ok()?;
-        Some(series_value(&text, "vha_node_term", &[]))
+        Some(series_value(&text, name, &[]))
     }
 
     /// Waits until a node other than `old` is active; returns it.
@@ -733,7 +902,8 @@ impl TestClusterBuilder {
         self.lock_ttl = ttl.into();
         self
     }
-    /// A relay between each node and the store.
+    /// A relay between each node and the store (lockd: `store_relays[i]` for node `i`;
+    /// etcd: `store_relays[i * members + j]` between node `i` and member `j`).
     pub fn relay_store(mut self) -> Self {
         self.relay_store = true;
         self
@@ -743,11 +913,10 @@ impl TestClusterBuilder {
         self.relay_cluster = true;
         self
     }
-    /// Split mode with data in a `file` store on `dir` (shared by the nodes: a test setup,
-    /// the file store cannot fence across processes) and the HA lock in lockd. The file
-    /// store has no watches: proxies poll it.
-    pub fn file_data(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.file_data = Some(dir.into());
+    /// Values up to `bytes` in lockd (`--max-value-size` and the stanzas' `max_value_size`),
+    /// for large secrets.
+    pub fn max_value_size(mut self, bytes: usize) -> Self {
+        self.max_value_size = Some(bytes);
         self
     }
     /// Split mode: data on one lockd, the HA lock on a second lockd.
@@ -799,11 +968,46 @@ impl TestClusterBuilder {
         self
     }
 
+    /// Runs the cluster as users deploy it, on test hosts: pair `i` on `pairs[i]` (its
+    /// listener on the host's address at [`HOST_API_PORT`], the cluster listener at
+    /// [`HOST_CLUSTER_PORT`], `api_addr` and `cluster_addr` the host's own), lockd on
+    /// `stores[0]` (with `etcd(n)`: member `j` on `stores[j]`). The caller reaches them from a host of the same net
+    /// ([`crate::TestNet::block_on`]). Not combinable with relays, split mode or file data.
+    pub fn on_hosts(mut self, pairs: Vec<NetHost>, stores: Vec<NetHost>) -> Self {
+        self.hosts = Some(HostLayout { pairs, stores });
+        self
+    }
+
+    /// Every node advertises `url` as its `api_addr` (a load balancer in front of all pairs).
+    pub fn api_addr(mut self, url: impl Into<String>) -> Self {
+        self.api_addr = Some(url.into());
+        self
+    }
+
     pub async fn start(self) -> TestCluster {
+        if let Some(h) = &self.hosts {
+            assert!(
+                !self.relay_store && !self.relay_cluster && !self.split,
+                "on_hosts: relays and split mode are not supported on test hosts"
+            );
+            assert!(
+                h.pairs.len() >= self.nodes,
+                "on_hosts: a host for each of the {} pairs",
+                self.nodes
+            );
+            assert!(!h.stores.is_empty(), "on_hosts: a host for the store");
+        }
         if self.etcd_members.is_some() {
             return self.start_etcd().await;
         }
-        let lockd = crate::lockd::TestLockd::start();
+        let mut lockd = crate::lockd::TestLockd::builder();
+        if let Some(h) = &self.hosts {
+            lockd = lockd.host(h.stores[0].clone());
+        }
+        if let Some(n) = self.max_value_size {
+            lockd = lockd.arg("--max-value-size").arg(&n.to_string());
+        }
+        let lockd = lockd.start();
         let ha_lockd = self.split.then(crate::lockd::TestLockd::start);
         let lock_store = ha_lockd.as_ref().unwrap_or(&lockd);
         let mut store_relays = Vec::new();
@@ -818,22 +1022,22 @@ impl TestClusterBuilder {
             }
         }
         let ttl = &self.lock_ttl;
+        let lock_auth = lock_store.stanza_auth();
+        let max_value = self
+            .max_value_size
+            .map(|n| format!("  max_value_size = {n}\n"))
+            .unwrap_or_default();
         let ha_stanza = |block: &str, addr: &str| {
-            format!("{block} \"lockd\" {{\n  address = \"{addr}\"\n  lock_ttl = \"{ttl}\"\n}}")
+            format!("{block} \"lockd\" {{\n  address = \"{addr}\"\n  lock_ttl = \"{ttl}\"\n{max_value}{lock_auth}}}")
         };
         let (nodes, proxies, cluster_relays) = self
             .start_pairs(|i, b| {
                 let lock_addr = &lock_addrs[i];
-                if let Some(dir) = &self.file_data {
+                if self.split {
                     b.storage(Storage::Raw(format!(
-                        "storage \"file\" {{\n  path = \"{}\"\n}}",
-                        dir.display()
-                    )))
-                    .ha_storage(ha_stanza("ha_storage", lock_addr))
-                } else if self.split {
-                    b.storage(Storage::Raw(format!(
-                        "storage \"lockd\" {{\n  address = \"{}\"\n  ha_enabled = \"false\"\n}}",
-                        lockd.address()
+                        "storage \"lockd\" {{\n  address = \"{}\"\n  ha_enabled = \"false\"\n{}}}",
+                        lockd.address(),
+                        lockd.stanza_auth()
                     )))
                     .ha_storage(ha_stanza("ha_storage", lock_addr))
                 } else {
@@ -857,32 +1061,86 @@ impl TestClusterBuilder {
     /// `start` when etcd is involved: one etcd cluster, plus one lockd when a split pair
     /// names lockd.
     async fn start_etcd(self) -> TestCluster {
-        assert!(!self.relay_store, "relay_store is lockd-only");
         let members = self.etcd_members.unwrap_or(3);
-        let etcd = crate::etcd::TestEtcd::cluster(members);
+        let etcd = match &self.hosts {
+            Some(h) => {
+                assert!(
+                    self.stores.is_none() && h.stores.len() >= members,
+                    "on_hosts with etcd: a store host for each of the {members} members, no split mode"
+                );
+                crate::etcd::TestEtcd::cluster_on(&h.stores[..members])
+            }
+            None => crate::etcd::TestEtcd::cluster(members),
+        };
         let (data, ha) = self.stores.unwrap_or((Store::Etcd, Store::Etcd));
         let split = self.stores.is_some();
+        // The relays sit in front of the store that holds the lock.
+        let relay_etcd = self.relay_store && ha == Store::Etcd;
+        assert!(
+            !self.relay_store || self.hosts.is_none() && (!split || ha == Store::Lockd),
+            "relay_store with etcd: on 127.0.0.1, etcd for both data and lock or the lock on lockd"
+        );
+        // With `relay_store` and the lock in etcd: node i reaches every member through
+        // relays of its own (store_relays[i * members + j] in front of member j), so one node
+        // can be cut from the whole etcd cluster.
+        let mut store_relays = Vec::new();
+        let mut etcd_addrs = Vec::new();
+        for _ in 0..self.nodes {
+            if relay_etcd {
+                let mut addrs = Vec::new();
+                for m in &etcd.members {
+                    let r = crate::relay::Relay::start(([127, 0, 0, 1], m.client_port).into()).await;
+                    addrs.push(format!("http://{}", r.addr()));
+                    store_relays.push(r);
+                }
+                etcd_addrs.push(addrs.join(","));
+            } else {
+                etcd_addrs.push(etcd.address());
+            }
+        }
         let lockd = (data == Store::Lockd || ha == Store::Lockd).then(crate::lockd::TestLockd::start);
         let lockd_addr = lockd.as_ref().map(|l| l.address()).unwrap_or_default();
+        let lockd_auth = lockd.as_ref().map(|l| l.stanza_auth()).unwrap_or_default();
+        // With `relay_store` and the lock on lockd (split mode): store_relays[i] sits between
+        // node i and lockd.
+        if self.relay_store && ha == Store::Lockd {
+            let port = lockd.as_ref().expect("lockd holds the HA lock").port;
+            for _ in 0..self.nodes {
+                store_relays.push(crate::relay::Relay::start(([127, 0, 0, 1], port).into()).await);
+            }
+        }
+        let ha_lockd_addrs: Vec<String> = if ha == Store::Lockd {
+            store_relays.iter().map(|r| format!("http://{}", r.addr())).collect()
+        } else {
+            Vec::new()
+        };
         let ttl = &self.lock_ttl;
-        let stanza = |block: &str, store: Store, ha_enabled: bool, path: &str| -> String {
+        let stanza = |i: usize, block: &str, store: Store, ha_enabled: bool, path: &str, lockd_addr: &str| -> String {
             match store {
                 Store::Etcd => format!(
                     "{block} \"etcd\" {{\n  address = \"{}\"\n  path = \"{path}\"\n  ha_enabled = \"{ha_enabled}\"\n  lock_timeout = \"{ttl}\"\n}}",
-                    etcd.address()
+                    etcd_addrs[i]
                 ),
                 Store::Lockd => format!(
-                    "{block} \"lockd\" {{\n  address = \"{lockd_addr}\"\n  ha_enabled = \"{ha_enabled}\"\n  lock_ttl = \"{ttl}\"\n}}"
+                    "{block} \"lockd\" {{\n  address = \"{lockd_addr}\"\n  ha_enabled = \"{ha_enabled}\"\n  lock_ttl = \"{ttl}\"\n{lockd_auth}}}"
                 ),
             }
         };
         let (nodes, proxies, cluster_relays) = self
-            .start_pairs(|_, b| {
+            .start_pairs(|i, b| {
+                let ha_lockd = ha_lockd_addrs.get(i).unwrap_or(&lockd_addr);
                 if split {
-                    b.storage(Storage::Raw(stanza("storage", data, false, "vault/")))
-                        .ha_storage(stanza("ha_storage", ha, true, "vault-ha/"))
+                    b.storage(Storage::Raw(stanza(i, "storage", data, false, "vault/", &lockd_addr)))
+                        .ha_storage(stanza(i, "ha_storage", ha, true, "vault-ha/", ha_lockd))
                 } else {
-                    b.storage(Storage::Raw(stanza("storage", Store::Etcd, true, "vault/")))
+                    b.storage(Storage::Raw(stanza(
+                        i,
+                        "storage",
+                        Store::Etcd,
+                        true,
+                        "vault/",
+                        &lockd_addr,
+                    )))
                 }
             })
             .await;
@@ -891,7 +1149,7 @@ impl TestClusterBuilder {
             lockd,
             ha_lockd: None,
             etcd: Some(etcd),
-            store_relays: Vec::new(),
+            store_relays,
             cluster_relays,
             proxies,
             keys: None,
@@ -910,8 +1168,17 @@ impl TestClusterBuilder {
         let mut nodes = Vec::new();
         let mut proxies = Vec::new();
         for i in 0..self.nodes {
-            let (api, cluster) = (free_port(), free_port());
+            let (api, cluster) = match &self.hosts {
+                Some(_) => (HOST_API_PORT, HOST_CLUSTER_PORT),
+                None => (free_port(), free_port()),
+            };
             let mut b = self.template.clone().ports(api, cluster);
+            if let Some(h) = &self.hosts {
+                b = b.host(h.pairs[i].clone());
+            }
+            if let Some(a) = &self.api_addr {
+                b = b.api_addr(a.clone());
+            }
             if self.proxies {
                 b = b.behind_proxy();
             }
@@ -922,9 +1189,11 @@ impl TestClusterBuilder {
             }
             let node = stores(i, b).start().await;
             if self.proxies {
-                proxies.push(crate::proxy::TestProxy::start_with_env(
+                let ip = node.host().map_or(std::net::Ipv4Addr::LOCALHOST, |h| h.ip);
+                proxies.push(crate::proxy::TestProxy::start_in(
+                    node.host().cloned(),
                     &node.config_path,
-                    ([127, 0, 0, 1], api).into(),
+                    (ip, api).into(),
                     self.proxy_env.clone(),
                 ));
             }
@@ -942,7 +1211,8 @@ impl TestClusterBuilder {
             for i in 0..c.nodes.len() {
                 c.unseal(i).await;
             }
-            c.wait_one_active(START_TIMEOUT).await;
+            let a = c.wait_one_active(START_TIMEOUT).await;
+            c.wait_ready(a, START_TIMEOUT).await;
         }
         c
     }

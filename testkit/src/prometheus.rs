@@ -27,6 +27,8 @@ pub struct ScrapeJob {
     pub metrics_path: String,
     pub params: Vec<(String, String)>,
     pub targets: Vec<String>,
+    /// A file holding a bearer token Prometheus sends (lockd's `/metrics` needs one).
+    pub bearer_token_file: Option<std::path::PathBuf>,
 }
 
 impl ScrapeJob {
@@ -37,7 +39,14 @@ impl ScrapeJob {
             metrics_path: path.into(),
             params: Vec::new(),
             targets: targets.into_iter().map(|t| strip_scheme(&t).to_string()).collect(),
+            bearer_token_file: None,
         }
+    }
+
+    /// Sends `Authorization: Bearer <content of file>` (when `file` is `Some`).
+    pub fn bearer_token_file(mut self, file: Option<&Path>) -> ScrapeJob {
+        self.bearer_token_file = file.map(Path::to_path_buf);
+        self
     }
 
     /// Adds a URL query parameter (`format=prometheus` for the node).
@@ -61,6 +70,12 @@ pub fn config_yaml(jobs: &[ScrapeJob], interval: &str) -> String {
             "  - job_name: {}\n    metrics_path: {}\n",
             j.name, j.metrics_path
         ));
+        if let Some(f) = &j.bearer_token_file {
+            y.push_str(&format!(
+                "    authorization:\n      type: Bearer\n      credentials_file: \"{}\"\n",
+                f.display()
+            ));
+        }
         if !j.params.is_empty() {
             y.push_str("    params:\n");
             for (k, v) in &j.params {

@@ -1,13 +1,14 @@
 //! `TestProxy`: a real `vha proxy --config <node config>` process in front of a
-//! [`crate::TestNode`] built `.behind_proxy()`. Started after its node; waits until the
+//! [`crate::TestNode`] built `.behind_proxy()`, on the node's test host when it has one.
+//! Started after its node; waits until the
 //! proxy's listener accepts TCP connections (the proxy answers even while its node is down
 //! or sealed, so readiness is the listener, not an API status).
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
+use crate::net::{command_on, NetHost};
 use crate::process::{vha_binary, ChildProc};
 use crate::prometheus::series_value;
 use crate::wait::wait_until_async;
@@ -29,6 +30,8 @@ pub struct TestProxy {
     config_path: PathBuf,
     dir: PathBuf,
     env: Vec<(String, String)>,
+    /// The test host it runs on (`None`: the test's own namespace).
+    host: Option<NetHost>,
     proc: Option<ChildProc>,
     starts: u32,
 }
@@ -41,6 +44,17 @@ impl TestProxy {
 
     /// Like [`TestProxy::start`] with extra environment variables.
     pub fn start_with_env(config_path: &Path, listen: SocketAddr, env: Vec<(String, String)>) -> TestProxy {
+        TestProxy::start_in(None, config_path, listen, env)
+    }
+
+    /// Like [`TestProxy::start_with_env`], on test host `host` when given (the node's host:
+    /// a pair shares one host).
+    pub fn start_in(
+        host: Option<NetHost>,
+        config_path: &Path,
+        listen: SocketAddr,
+        env: Vec<(String, String)>,
+    ) -> TestProxy {
         let cfg = std::fs::read_to_string(config_path).unwrap_or_default();
         let metrics_addr = cfg
             .lines()
@@ -57,6 +71,7 @@ impl TestProxy {
             config_path: config_path.to_path_buf(),
             dir: config_path.parent().unwrap_or(Path::new(".")).to_path_buf(),
             env,
+            host,
             proc: None,
             starts: 0,
         };
@@ -65,7 +80,7 @@ impl TestProxy {
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new(vha_binary());
+        let mut cmd = command_on(self.host.as_ref(), vha_binary());
         cmd.arg("proxy")
             .arg("--config")
             .arg(&self.config_path)
@@ -82,7 +97,12 @@ impl TestProxy {
     fn wait_listening(&mut self) {
         let deadline = std::time::Instant::now() + PROXY_START_TIMEOUT;
         loop {
-            if TcpStream::connect_timeout(&self.listen, Duration::from_millis(200)).is_ok() {
+            let listen = self.listen;
+            let up = match &self.host {
+                Some(h) => h.tcp_connects(listen, Duration::from_millis(200)),
+                None => TcpStream::connect_timeout(&listen, Duration::from_millis(200)).is_ok(),
+            };
+            if up {
                 return;
             }
             let running = self.proc.as_mut().is_some_and(|p| p.is_running());

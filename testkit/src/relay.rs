@@ -26,10 +26,16 @@ pub enum Fault {
     CutUpstream,
     /// Blackhole only upstream -> client.
     CutDownstream,
+    /// Forward nothing (both directions) but keep every byte, and deliver it in order once
+    /// the fault is lifted: a partition that heals, with TCP retransmitting what was sent
+    /// across it (a write sent before the cut arrives after the heal).
+    Hold,
 }
 
 struct Shared {
     fault: Mutex<Fault>,
+    /// Wakes held chunks when the fault changes.
+    changed: tokio::sync::Notify,
     conns: Mutex<JoinSet<()>>,
 }
 
@@ -60,6 +66,7 @@ impl Relay {
         let listen = listener.local_addr().expect("relay addr");
         let shared = Arc::new(Shared {
             fault: Mutex::new(Fault::None),
+            changed: tokio::sync::Notify::new(),
             conns: Mutex::new(JoinSet::new()),
         });
         let task = tokio::spawn(accept_loop(listener, upstream, shared.clone()));
@@ -82,6 +89,7 @@ impl Relay {
     /// Sets the fault. `Drop` also closes every open connection now.
     pub fn set(&self, fault: Fault) {
         *self.shared.fault.lock().unwrap_or_else(|e| e.into_inner()) = fault;
+        self.shared.changed.notify_waiters();
         if fault == Fault::Drop {
             self.shared.conns.lock().unwrap_or_else(|e| e.into_inner()).abort_all();
         }
@@ -142,8 +150,16 @@ async fn pump(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        loop {
+            // Registered before the check, so a change in between is not missed.
+            let changed = shared.changed.notified();
+            if shared.fault() != Fault::Hold {
+                break;
+            }
+            changed.await;
+        }
         match shared.fault() {
-            Fault::None => {}
+            Fault::None | Fault::Hold => {}
             Fault::Delay(d) => tokio::time::sleep(d).await,
             Fault::Blackhole => continue,
             Fault::CutUpstream if upstream_dir => continue,

@@ -9,6 +9,12 @@
 //!
 //! Sealed, the barrier holds no key material; every data operation returns
 //! [`BarrierError::Sealed`]. Unsealing decrypts the keyring; sealing drops (and zeroizes) it.
+//!
+//! Init is atomic on every store: the keyring and the seal configuration are written with
+//! create-if-absent, and the caller holds an [`InitClaim`]: the store's init lock (whose
+//! fence every init write carries, so an initializer that lost the lock cannot write), or
+//! the store to itself (no HA). Under the claim, a keyring without a seal configuration is
+//! what an interrupted init left behind, and is replaced.
 
 pub mod keyring;
 pub mod shamir;
@@ -42,6 +48,28 @@ pub struct SealConfig {
 /// What `initialize` hands back: the unseal key parts (shown to the operator once).
 pub struct InitOutput {
     pub key_shares: Vec<Zeroizing<Vec<u8>>>,
+}
+
+/// Why no other initializer can be writing while this one runs.
+#[derive(Clone, Copy, Debug)]
+pub enum InitClaim<'a> {
+    /// The caller holds the store's init lock: every init write carries its fence.
+    Locked(&'a Fence),
+    /// The store belongs to this process alone (no HA: one node), and the process runs one
+    /// init at a time.
+    Exclusive,
+    /// A shared store without an HA lock: only create-if-absent decides, and an existing
+    /// keyring (another init running, or an interrupted one) is never replaced.
+    Unlocked,
+}
+
+impl InitClaim<'_> {
+    pub fn fence(&self) -> Option<&Fence> {
+        match self {
+            InitClaim::Locked(f) => Some(f),
+            InitClaim::Exclusive | InitClaim::Unlocked => None,
+        }
+    }
 }
 
 /// The barrier over one backend.
@@ -92,10 +120,16 @@ impl Barrier {
         Ok(self.seal_config().await?.is_some())
     }
 
-    /// Phase one of init: a fresh root key and keyring; the keyring is written encrypted and
+    /// Phase one of init: a fresh root key and keyring; the keyring is written encrypted
+    /// (create-if-absent; under `claim` an interrupted init's keyring is replaced) and
     /// installed (unsealed) so the caller can write its first entries (the root token). The
     /// barrier only counts as initialized after [`Barrier::commit_init`].
-    pub async fn initialize(&self, shares: u64, threshold: u64) -> Result<(InitOutput, SealConfig), BarrierError> {
+    pub async fn initialize(
+        &self,
+        shares: u64,
+        threshold: u64,
+        claim: InitClaim<'_>,
+    ) -> Result<(InitOutput, SealConfig), BarrierError> {
         if self.initialized().await? {
             return Err(BarrierError::AlreadyInitialized);
         }
@@ -103,7 +137,17 @@ impl Barrier {
         let root = keyring::random_key();
         let keyring = Keyring::generate();
         let sealed_ring = Keyring::from_key(ROOT_TERM, &root).encrypt(KEYRING_PATH, &keyring.to_bytes());
-        self.backend.put(KEYRING_PATH, sealed_ring, None).await?;
+        let fence = claim.fence();
+        if !self.backend.create(KEYRING_PATH, sealed_ring.clone(), fence).await? {
+            // A keyring without a seal configuration. Under a lock or alone, its initializer
+            // is gone (its lock lost and its writes fenced, or it was this process), so its
+            // init was interrupted; without either, another init may be running.
+            if matches!(claim, InitClaim::Unlocked) {
+                return Err(BarrierError::AlreadyInitialized);
+            }
+            tracing::warn!("replacing the keyring of an interrupted init");
+            self.backend.put(KEYRING_PATH, sealed_ring, fence).await?;
+        }
         let key_shares = shamir::split(root.as_ref(), n, k)?;
         *self.keyring.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keyring));
         Ok((
@@ -116,12 +160,15 @@ impl Barrier {
         ))
     }
 
-    /// Phase two of init: marks the barrier initialized and seals it (Vault leaves a freshly
-    /// initialized server sealed).
-    pub async fn commit_init(&self, config: &SealConfig) -> Result<(), BarrierError> {
+    /// Phase two of init: marks the barrier initialized (create-if-absent) and seals it
+    /// (Vault leaves a freshly initialized server sealed).
+    pub async fn commit_init(&self, config: &SealConfig, claim: InitClaim<'_>) -> Result<(), BarrierError> {
         let bytes = serde_json::to_vec(config).map_err(|e| BarrierError::InvalidParameters(e.to_string()))?;
-        self.backend.put(SEAL_CONFIG_PATH, bytes, None).await?;
+        let created = self.backend.create(SEAL_CONFIG_PATH, bytes, claim.fence()).await;
         self.seal();
+        if !created? {
+            return Err(BarrierError::AlreadyInitialized);
+        }
         Ok(())
     }
 
@@ -181,8 +228,8 @@ mod tests {
     use crate::storage::inmem::InmemBackend;
 
     async fn init_unsealed(b: &Barrier, shares: u64, threshold: u64) -> Vec<Zeroizing<Vec<u8>>> {
-        let (out, cfg) = b.initialize(shares, threshold).await.unwrap();
-        b.commit_init(&cfg).await.unwrap();
+        let (out, cfg) = b.initialize(shares, threshold, InitClaim::Exclusive).await.unwrap();
+        b.commit_init(&cfg, InitClaim::Exclusive).await.unwrap();
         assert!(b.is_sealed(), "init leaves the barrier sealed");
         let root = shamir::combine(&out.key_shares[..threshold as usize], threshold as u8).unwrap();
         b.unseal(&root).await.unwrap();
@@ -219,7 +266,7 @@ mod tests {
         assert!(b.unseal(&[0u8; 32]).await.is_err());
         assert!(b.is_sealed());
         assert!(matches!(
-            b.initialize(1, 1).await,
+            b.initialize(1, 1, InitClaim::Exclusive).await,
             Err(BarrierError::AlreadyInitialized)
         ));
     }
@@ -229,12 +276,54 @@ mod tests {
     async fn interrupted_init_is_not_initialized() {
         let backend = Arc::new(InmemBackend::new());
         let b = Barrier::new(backend.clone());
-        let _ = b.initialize(1, 1).await.unwrap();
+        let _ = b.initialize(1, 1, InitClaim::Exclusive).await.unwrap();
         let b2 = Barrier::new(backend);
         assert!(!b2.initialized().await.unwrap());
-        let (_, cfg) = b2.initialize(1, 1).await.unwrap();
-        b2.commit_init(&cfg).await.unwrap();
+        let (_, cfg) = b2.initialize(1, 1, InitClaim::Exclusive).await.unwrap();
+        b2.commit_init(&cfg, InitClaim::Exclusive).await.unwrap();
         assert!(b2.initialized().await.unwrap());
+    }
+
+    /// Under the init lock, an interrupted init's keyring is replaced by the next
+    /// initializer, whose keys unseal; the interrupted initializer (older fence) can write
+    /// nothing afterwards, not even its seal configuration.
+    #[tokio::test]
+    async fn locked_init_replaces_an_interrupted_one_and_fences_it() {
+        let backend = Arc::new(InmemBackend::new());
+        let fence = |token| Fence {
+            lock: "core/init-lock".into(),
+            token,
+        };
+        let (old, new) = (fence(1), fence(2));
+        let a = Barrier::new(backend.clone());
+        let (_, cfg_a) = a.initialize(1, 1, InitClaim::Locked(&old)).await.unwrap();
+        let b = Barrier::new(backend.clone());
+        let (out, cfg_b) = b.initialize(1, 1, InitClaim::Locked(&new)).await.unwrap();
+        b.commit_init(&cfg_b, InitClaim::Locked(&new)).await.unwrap();
+        assert!(matches!(
+            a.commit_init(&cfg_a, InitClaim::Locked(&old)).await,
+            Err(BarrierError::Storage(crate::StorageError::Fenced { .. }))
+        ));
+        let c = Barrier::new(backend);
+        let root = shamir::combine(&out.key_shares, 1).unwrap();
+        c.unseal(&root).await.expect("the winner's key unseals");
+    }
+
+    /// Without a lock on a shared store, a keyring already there (another init running, or
+    /// an interrupted one) is never replaced: the init is refused and writes nothing.
+    #[tokio::test]
+    async fn unlocked_init_never_replaces_a_keyring() {
+        let backend = Arc::new(InmemBackend::new());
+        let a = Barrier::new(backend.clone());
+        let _ = a.initialize(1, 1, InitClaim::Unlocked).await.unwrap();
+        let before = backend.get(KEYRING_PATH).await.unwrap().unwrap().value;
+        let b = Barrier::new(backend.clone());
+        assert!(matches!(
+            b.initialize(1, 1, InitClaim::Unlocked).await,
+            Err(BarrierError::AlreadyInitialized)
+        ));
+        assert_eq!(backend.get(KEYRING_PATH).await.unwrap().unwrap().value, before);
+        assert!(b.is_sealed());
     }
 
     /// An entry copied to another path inside the backend does not decrypt there.

@@ -109,9 +109,13 @@ pub struct StanzaValue {
     pub line: Option<usize>,
 }
 
+/// Stanza options whose values are secrets: printed as `<redacted>` by `Debug`.
+pub const SECRET_OPTIONS: &[&str] = &["token", "password"];
+
 /// A `storage "<type>" { ... }` or `ha_storage "<type>" { ... }` stanza. Option checking is
 /// the backend's job (it knows its keys); [`Stanza::error`] builds positioned errors for it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// `Debug` redacts the values of [`SECRET_OPTIONS`].
+#[derive(Clone, PartialEq, Eq)]
 pub struct Stanza {
     /// `storage` or `ha_storage`.
     pub block: &'static str,
@@ -120,6 +124,30 @@ pub struct Stanza {
     pub options: BTreeMap<String, StanzaValue>,
     pub file: PathBuf,
     pub line: Option<usize>,
+}
+
+impl std::fmt::Debug for Stanza {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let options: BTreeMap<&str, &str> = self
+            .options
+            .iter()
+            .map(|(k, v)| {
+                let shown = if SECRET_OPTIONS.contains(&k.as_str()) {
+                    "<redacted>"
+                } else {
+                    v.value.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("Stanza")
+            .field("block", &self.block)
+            .field("kind", &self.kind)
+            .field("options", &options)
+            .field("file", &self.file)
+            .field("line", &self.line)
+            .finish()
+    }
 }
 
 impl Stanza {
@@ -329,9 +357,17 @@ pub const DEFAULT_HOLD_TIMEOUT: Duration = Duration::from_secs(10);
 /// `listener "tcp"` address and the node serves only on `node_socket` (and `node_address`).
 #[derive(Clone, Debug, PartialEq)]
 pub struct ProxyConfig {
-    /// Unix socket (mode 0600) where the node serves its proxy: API requests, and the
-    /// keyring/state stream. Default [`DEFAULT_NODE_SOCKET`] next to the config file.
+    /// Unix socket where the node serves its proxy: API requests, and the keyring/state
+    /// stream. Default [`DEFAULT_NODE_SOCKET`] next to the config file. Mode 0600, or 0666
+    /// with another `allowed_uid` (see `vha_core::local::socket_mode`).
     pub node_socket: std::path::PathBuf,
+    /// A user besides the node's own that may connect to `node_socket` (the proxy's, when
+    /// the pair runs as two users). Checked by the kernel's peer credentials on every
+    /// connection; everyone else is refused before a byte is read.
+    pub allowed_uid: Option<u32>,
+    /// The user the proxy expects the node to run as; default: the proxy's own. The proxy
+    /// talks to nothing else listening at `node_socket`.
+    pub node_uid: Option<u32>,
     /// Optional loopback TCP listener of the node (benchmarks' "node" scenario).
     pub node_address: Option<SocketAddr>,
     /// Where the proxy serves its Prometheus metrics.
@@ -346,6 +382,8 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         ProxyConfig {
             node_socket: std::path::PathBuf::from(DEFAULT_NODE_SOCKET),
+            allowed_uid: None,
+            node_uid: None,
             node_address: None,
             metrics_address: None,
             hold_timeout: DEFAULT_HOLD_TIMEOUT,

@@ -263,6 +263,19 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// A numeric user id: 0 up to 4294967294 (`u32::MAX` is the kernel's "no user").
+    fn uid(&self, key: &str, attr: &Attribute) -> Result<u32, ConfigError> {
+        let n = self.integer(key, attr)?;
+        match u32::try_from(n) {
+            Ok(uid) if uid != u32::MAX => Ok(uid),
+            _ => Err(self.invalid(
+                self.line(attr.span()),
+                key,
+                format!("{n} is not a user id (a number from 0 to {})", u32::MAX - 1),
+            )),
+        }
+    }
+
     /// A duration (`"90s"`, `"1m30s"`, bare seconds); `Ok(None)` for a negative value
     /// (Vault's "unlimited").
     fn duration(&self, key: &str, attr: &Attribute) -> Result<Option<Duration>, ConfigError> {
@@ -527,6 +540,8 @@ impl<'a> Ctx<'a> {
                     p.node_address = Some(a);
                 }
                 "metrics_address" => p.metrics_address = Some(self.socket_addr(&key, attr)?),
+                "allowed_uid" => p.allowed_uid = Some(self.uid(&key, attr)?),
+                "node_uid" => p.node_uid = Some(self.uid(&key, attr)?),
                 "hold_timeout" => {
                     p.hold_timeout = self.duration(&key, attr)?.unwrap_or(Duration::ZERO);
                 }

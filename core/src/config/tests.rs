@@ -649,6 +649,31 @@ fn unknown_listener_telemetry_key_reports_line() {
     );
 }
 
+/// `proxy { allowed_uid, node_uid }`: numeric user ids, absent by default; a negative,
+/// too large or non-numeric value is Invalid naming `proxy.<key>` and its line.
+#[test]
+fn proxy_block_user_ids() {
+    let c = ok(&format!("{MINIMAL}proxy {{\n}}\n"));
+    let p = c.proxy.unwrap();
+    assert_eq!((p.allowed_uid, p.node_uid), (None, None));
+    let c = ok(&format!(
+        "{MINIMAL}proxy {{\n  allowed_uid = 65534\n  node_uid = \"0\"\n}}\n"
+    ));
+    let p = c.proxy.unwrap();
+    assert_eq!((p.allowed_uid, p.node_uid), (Some(65534), Some(0)));
+    for (line, key) in [
+        ("allowed_uid = -1", "proxy.allowed_uid"),
+        ("allowed_uid = 4294967295", "proxy.allowed_uid"),
+        ("node_uid = 99999999999", "proxy.node_uid"),
+        ("node_uid = \"vha\"", "proxy.node_uid"),
+        ("allowed_uid = true", "proxy.allowed_uid"),
+    ] {
+        let e = err(&format!("{MINIMAL}proxy {{\n  {line}\n}}\n"));
+        assert_eq!(invalid(&e), (key, Some(6)), "{line}");
+        assert!(e.to_string().starts_with(&format!("file.hcl:6: {key}: ")), "{e}");
+    }
+}
+
 /// The top-level telemetry block accepts Vault's Prometheus keys and rejects sinks vha does
 /// not implement (UnknownKey with line).
 #[test]

@@ -125,6 +125,42 @@ pub async fn exercise_backend(b: &dyn Backend) {
         .await
         .expect("tokens are per lock");
 
+    // Create-if-absent: the first create writes, a second one writes nothing.
+    assert!(b.create(&k("once"), b"first".to_vec(), None).await.expect("create"));
+    assert!(!b
+        .create(&k("once"), b"second".to_vec(), None)
+        .await
+        .expect("create again"));
+    assert_eq!(b.get(&k("once")).await.unwrap().unwrap().value, b"first");
+    assert!(!b
+        .create(&k("fenced"), b"x".to_vec(), Some(&f6))
+        .await
+        .expect("fenced create of an existing key"));
+    assert_eq!(b.get(&k("fenced")).await.unwrap().unwrap().value, b"v6b");
+    match b.create(&k("fenced-new"), b"x".to_vec(), Some(&f4)).await {
+        Err(StorageError::Fenced { .. }) => {}
+        other => panic!("stale token create must be Fenced, got {other:?}"),
+    }
+    assert!(
+        b.get(&k("fenced-new")).await.unwrap().is_none(),
+        "a fenced create must not apply"
+    );
+    assert!(b
+        .create(&k("fenced-new"), b"x".to_vec(), Some(&f6))
+        .await
+        .expect("fenced create"));
+    // Of concurrent creates of one key, exactly one wins, and its value is what is stored.
+    let race = k("race");
+    let racers = (0..8u8).map(|i| b.create(&race, vec![i], None));
+    let results = futures::future::join_all(racers).await;
+    let winners: Vec<u8> = results
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().expect("create").then_some(i as u8))
+        .collect();
+    assert_eq!(winners.len(), 1, "exactly one concurrent create wins: {results:?}");
+    assert_eq!(b.get(&k("race")).await.unwrap().unwrap().value, winners);
+
     // Limits: bad keys are rejected, not stored.
     for bad in ["", "/abs", "a/../b", "a/./b"] {
         assert!(

@@ -1,6 +1,11 @@
 //! Opens the backends a configuration names (`storage` and optional `ha_storage`) and
 //! decides, as Vault does, whether HA is available: the data store's own HA when it has it
 //! and `ha_enabled` is not off, or the separate `ha_storage`, which must be HA-capable.
+//!
+//! With an `ha_storage`, several nodes share one lock, so their data must live in a store
+//! they all reach and that checks fencing tokens durably (lockd, etcd): `file` keeps its
+//! fence high-water mark in one process's memory and `inmem` is one process's memory, so a
+//! deposed active elsewhere could still write. Such a pairing is refused at start.
 
 use std::sync::Arc;
 
@@ -126,6 +131,19 @@ pub fn open_stores(cfg: &Config) -> Result<OpenedStores, ConfigError> {
                     msg: why,
                 });
             };
+            if matches!(cfg.storage.kind.as_str(), "file" | "inmem") {
+                return Err(ConfigError::Invalid {
+                    file: cfg.storage.file.clone(),
+                    line: cfg.storage.line,
+                    key: "storage".into(),
+                    msg: format!(
+                        "storage {:?} cannot be used with ha_storage: nodes that share an HA lock must keep their \
+                         data in a shared store that fences writes (storage \"lockd\" or \"etcd\"); the {} \
+                         backend is local to one process",
+                        cfg.storage.kind, cfg.storage.kind
+                    ),
+                });
+            }
             Ok(OpenedStores {
                 stores: Stores {
                     data: data.data,
@@ -136,5 +154,41 @@ pub fn open_stores(cfg: &Config) -> Result<OpenedStores, ConfigError> {
                 ha_storage_line: Some(hs.kind.clone()),
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{parse_str, MapEnv};
+
+    fn open(src: &str) -> Result<OpenedStores, ConfigError> {
+        let cfg = parse_str(src, Path::new("node.hcl"), &MapEnv::default()).expect("parses");
+        open_stores(&cfg)
+    }
+
+    /// `file` or `inmem` data with an `ha_storage` is refused with an error naming the file,
+    /// the storage stanza's line and the shared stores to use instead; a shared data store
+    /// with an `ha_storage` is accepted.
+    #[test]
+    fn local_data_store_with_ha_storage_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = "listener \"tcp\" {\n  tls_disable = true\n}\n";
+        for data in [
+            format!("storage \"file\" {{\n  path = \"{}\"\n}}\n", dir.path().display()),
+            "storage \"inmem\" {}\n".to_string(),
+        ] {
+            let src = format!("\n{data}ha_storage \"inmem\" {{}}\n{listener}");
+            let e = open(&src).err().expect("refused").to_string();
+            assert!(e.starts_with("node.hcl:2: storage: storage "), "{e}");
+            assert!(
+                e.contains("cannot be used with ha_storage") && e.contains("\"lockd\" or \"etcd\""),
+                "{e}"
+            );
+        }
+        let src = format!("storage \"lockd\" {{\n  address = \"http://127.0.0.1:1\"\n  ha_enabled = \"false\"\n}}\nha_storage \"inmem\" {{}}\n{listener}");
+        assert!(open(&src).unwrap().stores.split);
     }
 }

@@ -61,6 +61,27 @@ impl FileBackend {
     }
 
     /// Applies the fencing rule and persists a raised high-water mark before the write.
+    /// One entry write (`put` or `create`, which differ only in `write`): key and size
+    /// checked, the fence checked and recorded under the fence lock, which is held until the
+    /// file is in place, so a stale writer can never land after a newer one.
+    async fn write_entry<T: Send + 'static>(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        fence: Option<&Fence>,
+        write: fn(&Path, &[&[u8]]) -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        validate_key(key)?;
+        validate_value_len(&value, MAX_LOCAL_VALUE_LEN)?;
+        let mut fences = self.fences.lock().await;
+        self.check_fence(&mut fences, fence)?;
+        let path = self.file_for(key);
+        let head = header(fence.map(|f| f.token));
+        tokio::task::spawn_blocking(move || write(&path, &[&head, &value]))
+            .await
+            .map_err(|e| StorageError::Unavailable(format!("file worker failed: {e}")))?
+    }
+
     fn check_fence(&self, fences: &mut HashMap<String, u64>, fence: Option<&Fence>) -> Result<(), StorageError> {
         let Some(f) = fence else { return Ok(()) };
         let highest = fences.get(&f.lock).copied().unwrap_or(0);
@@ -89,13 +110,11 @@ fn create_private_dir(p: &Path) -> Result<(), StorageError> {
         .map_err(|e| StorageError::io(p.display(), e))
 }
 
-/// Writes `bytes` to `target` atomically and durably: temp file, fsync, rename, fsync dir.
-fn atomic_write(target: &Path, parts: &[&[u8]]) -> Result<(), StorageError> {
+/// Writes `parts` to a new temp file in `dir` and fsyncs it; returns its path.
+fn synced_temp(dir: &Path, parts: &[&[u8]]) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::OpenOptionsExt;
-    let dir = target.parent().unwrap_or(Path::new("."));
-    create_private_dir(dir)?;
     let tmp = dir.join(format!(".tmp-{}", uuid::Uuid::new_v4()));
-    let res = (|| {
+    let written = (|| {
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -104,13 +123,48 @@ fn atomic_write(target: &Path, parts: &[&[u8]]) -> Result<(), StorageError> {
         for p in parts {
             f.write_all(p)?;
         }
-        f.sync_all()?;
-        fs::rename(&tmp, target)?;
-        fs::File::open(dir)?.sync_all()
+        f.sync_all()
     })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
+    match written {
+        Ok(()) => Ok(tmp),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
     }
+}
+
+/// Writes `bytes` to `target` atomically and durably: temp file, fsync, rename, fsync dir.
+fn atomic_write(target: &Path, parts: &[&[u8]]) -> Result<(), StorageError> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    create_private_dir(dir)?;
+    let res = synced_temp(dir, parts).and_then(|tmp| {
+        fs::rename(&tmp, target).inspect_err(|_| {
+            let _ = fs::remove_file(&tmp);
+        })?;
+        fs::File::open(dir)?.sync_all()
+    });
+    res.map_err(|e| StorageError::io(target.display(), e))
+}
+
+/// Creates `target` with `parts` only if it does not exist, atomically and durably: a synced
+/// temp file is hard-linked to `target` (`link` fails when the target exists, also against
+/// another process), then removed; the directory is fsynced. `Ok(false)` when `target`
+/// existed.
+fn atomic_create(target: &Path, parts: &[&[u8]]) -> Result<bool, StorageError> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    create_private_dir(dir)?;
+    let res = synced_temp(dir, parts).and_then(|tmp| {
+        let linked = fs::hard_link(&tmp, target);
+        fs::remove_file(&tmp)?;
+        let created = match linked {
+            Ok(()) => true,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e),
+        };
+        fs::File::open(dir)?.sync_all()?;
+        Ok(created)
+    });
     res.map_err(|e| StorageError::io(target.display(), e))
 }
 
@@ -173,15 +227,11 @@ impl Backend for FileBackend {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, fence: Option<&Fence>) -> Result<(), StorageError> {
-        validate_key(key)?;
-        validate_value_len(&value, MAX_LOCAL_VALUE_LEN)?;
-        let mut fences = self.fences.lock().await;
-        self.check_fence(&mut fences, fence)?;
-        let path = self.file_for(key);
-        let head = header(fence.map(|f| f.token));
-        tokio::task::spawn_blocking(move || atomic_write(&path, &[&head, &value]))
-            .await
-            .map_err(|e| StorageError::Unavailable(format!("file worker failed: {e}")))?
+        self.write_entry(key, value, fence, atomic_write).await
+    }
+
+    async fn create(&self, key: &str, value: Vec<u8>, fence: Option<&Fence>) -> Result<bool, StorageError> {
+        self.write_entry(key, value, fence, atomic_create).await
     }
 
     async fn delete(&self, key: &str, fence: Option<&Fence>) -> Result<(), StorageError> {

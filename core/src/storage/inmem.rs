@@ -112,6 +112,19 @@ impl Backend for InmemBackend {
         Ok(())
     }
 
+    async fn create(&self, key: &str, value: Vec<u8>, fence: Option<&Fence>) -> Result<bool, StorageError> {
+        validate_key(key)?;
+        validate_value_len(&value, MAX_LOCAL_VALUE_LEN)?;
+        let mut st = self.lock_state();
+        st.check_fence(fence)?;
+        if st.data.contains_key(key) {
+            return Ok(false);
+        }
+        st.data.insert(key.to_string(), (value, fence.map(|f| f.token)));
+        st.notify(WatchEvent::Put(key.to_string()));
+        Ok(true)
+    }
+
     async fn delete(&self, key: &str, fence: Option<&Fence>) -> Result<(), StorageError> {
         validate_key(key)?;
         let mut st = self.lock_state();

@@ -142,12 +142,18 @@ pub fn list_children<'a>(prefix: &str, keys: impl Iterator<Item = &'a str>) -> V
 /// - A write carrying a [`Fence`] is rejected with [`StorageError::Fenced`] when the store has
 ///   seen a higher token for the same lock; it is then not applied at all.
 /// - `list` returns immediate children only (Vault semantics, see [`list_children`]).
+/// - `create` is atomic: of any number of concurrent creates of one key (from any process)
+///   exactly one returns `Ok(true)` and writes; the others return `Ok(false)` and write
+///   nothing. A stale fence is refused first, as for `put`.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Short name for banners and `sys/seal-status` (`file`, `inmem`, `lockd`, `etcd`).
     fn kind(&self) -> &'static str;
     async fn get(&self, key: &str) -> Result<Option<Entry>, StorageError>;
     async fn put(&self, key: &str, value: Vec<u8>, fence: Option<&Fence>) -> Result<(), StorageError>;
+    /// Writes `value` at `key` only if `key` does not exist: `Ok(true)` when it was created,
+    /// `Ok(false)` when the key existed (nothing written).
+    async fn create(&self, key: &str, value: Vec<u8>, fence: Option<&Fence>) -> Result<bool, StorageError>;
     async fn delete(&self, key: &str, fence: Option<&Fence>) -> Result<(), StorageError>;
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
     /// Watches every key starting with `prefix`. Events arrive in write order; after a gap the

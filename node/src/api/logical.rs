@@ -21,8 +21,9 @@ use crate::node::Node;
 use crate::policy::{Acl, Operation};
 use crate::token::TokenEntry;
 
-/// What a handler answers, before the envelope.
-#[derive(Clone, Debug)]
+/// What a handler answers, before the envelope. `Debug` shows neither `data` nor `auth`
+/// (secrets, client tokens).
+#[derive(Clone)]
 pub struct LogicalResponse {
     pub status: StatusCode,
     pub data: Option<Value>,
@@ -37,6 +38,23 @@ pub struct LogicalResponse {
     /// Also copy `data`'s fields to the top level (Vault does this for the old `sys/`
     /// endpoints: mounts, policy, capabilities, audit).
     pub merge_top: bool,
+}
+
+impl std::fmt::Debug for LogicalResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |v: &Option<Value>| v.as_ref().map(|_| format_args!("<redacted>"));
+        f.debug_struct("LogicalResponse")
+            .field("status", &self.status)
+            .field("data", &redacted(&self.data))
+            .field("auth", &redacted(&self.auth))
+            .field("warnings", &self.warnings)
+            .field("lease_duration", &self.lease_duration)
+            .field("error", &self.error)
+            .field("errors", &self.errors)
+            .field("empty", &self.empty)
+            .field("merge_top", &self.merge_top)
+            .finish()
+    }
 }
 
 impl LogicalResponse {
@@ -417,5 +435,25 @@ async fn dispatch(ctx: &Ctx<'_>, target: Target) -> Result<LogicalResponse, ApiE
             "no handler for route {:?}. route entry not found.",
             ctx.req.path.trim_start_matches('/')
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Debug` of a handler's answer shows neither its data (a secret) nor its auth block
+    /// (a client token); status and warnings stay readable.
+    #[test]
+    fn debug_redacts_data_and_auth() {
+        let mut r = LogicalResponse::data(json!({"password": "DATASECRET"}));
+        r.auth = Some(json!({"client_token": "hvs.TOKENSECRET"}));
+        r.warnings = vec!["a warning".into()];
+        let dbg = format!("{r:?} {r:#?}");
+        assert!(!dbg.contains("SECRET"), "{dbg}");
+        assert!(
+            dbg.contains("<redacted>") && dbg.contains("a warning") && dbg.contains("200"),
+            "{dbg}"
+        );
     }
 }

@@ -26,8 +26,9 @@ pub fn list_method() -> Method {
     Method::from_bytes(b"LIST").expect("LIST is a valid method token")
 }
 
-/// A request as the API sees it.
-#[derive(Debug, Clone)]
+/// A request as the API sees it. `Debug` shows no header value, query value or body: they
+/// carry tokens, unseal keys and secrets.
+#[derive(Clone)]
 pub struct ApiRequest {
     pub method: Method,
     /// The path after `/v1/`, percent-decoded, without leading slash.
@@ -55,11 +56,44 @@ pub enum Origin {
     LocalProxy,
 }
 
-/// The internal header carrying the original client address across a hop. Removed from
-/// everything that does not come from a trusted origin.
-pub const CLIENT_ADDR_HEADER: &str = "x-vha-client-addr";
-/// Vault's header that asks a standby for a 307 instead of forwarding.
-pub const NO_FORWARD_HEADER: &str = "x-vault-no-request-forwarding";
+pub use vha_core::pair::CLIENT_ADDR_HEADER;
+
+/// Header names without their values (for redacted `Debug` output).
+struct HeaderNames<'a>(&'a HeaderMap);
+
+impl std::fmt::Debug for HeaderNames<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.0.keys().map(|k| k.as_str())).finish()
+    }
+}
+
+impl std::fmt::Debug for ApiRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiRequest")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .field(
+                "query_keys",
+                &self.query.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            )
+            .field("header_names", &HeaderNames(&self.headers))
+            .field("body_len", &self.body.len())
+            .field("client_addr", &self.client_addr)
+            .field("origin", &self.origin)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ApiResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiResponse")
+            .field("status", &self.status)
+            .field("header_names", &HeaderNames(&self.headers))
+            .field("body", &self.body.as_ref().map(|_| format_args!("<redacted>")))
+            .field("raw_len", &self.raw.as_ref().map(Bytes::len))
+            .finish()
+    }
+}
 
 impl ApiRequest {
     pub fn query(&self, key: &str) -> Option<&str> {
@@ -98,8 +132,9 @@ impl ApiRequest {
     }
 }
 
-/// A response as the API produces it.
-#[derive(Debug, Clone)]
+/// A response as the API produces it. `Debug` shows no header value and no body: they
+/// carry root tokens, unseal keys and secrets.
+#[derive(Clone)]
 pub struct ApiResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
@@ -206,4 +241,48 @@ async fn route(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     }
     // Token, ACL, audit, then sys/policy, sys/mounts, sys/audit, auth/token and mounts.
     logical::serve(node, req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `Debug` of a request and of a response shows neither a token (header), nor a body
+    /// (unseal key, secret), nor a query value; method, path and status stay readable.
+    #[test]
+    fn debug_redacts_tokens_and_bodies() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-vault-token", "hvs.TOKENSECRET1".parse().unwrap());
+        headers.insert(http::header::AUTHORIZATION, "Bearer TOKENSECRET2".parse().unwrap());
+        let req = ApiRequest {
+            method: Method::PUT,
+            path: "sys/unseal".into(),
+            query: vec![("wrap".into(), "QUERYSECRET".into())],
+            headers: headers.clone(),
+            body: Bytes::from_static(br#"{"key":"UNSEALSECRET"}"#),
+            client_addr: None,
+            origin: Origin::LocalProxy,
+            raw_path_query: "/v1/sys/unseal?wrap=QUERYSECRET".into(),
+        };
+        let resp = ApiResponse {
+            status: StatusCode::OK,
+            headers,
+            body: Some(serde_json::json!({"root_token": "ROOTSECRET"})),
+            raw: Some(Bytes::from_static(b"RAWSECRET")),
+        };
+        let dbg = format!("{req:?} {resp:?} {req:#?} {resp:#?}");
+        // Every secret above contains the word.
+        assert!(!dbg.contains("SECRET"), "{dbg}");
+        for shown in [
+            "sys/unseal",
+            "PUT",
+            "x-vault-token",
+            "authorization",
+            "200",
+            "<redacted>",
+            "LocalProxy",
+        ] {
+            assert!(dbg.contains(shown), "{shown} missing: {dbg}");
+        }
+    }
 }

@@ -232,16 +232,13 @@ async fn health(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> 
         Ok(p) => p,
         Err(e) => return Ok(health_err(e)),
     };
-    let initialized = node.barrier().initialized().await?;
+    // An unsealed barrier was initialized: only a sealed node asks the store, so a load
+    // balancer's polling costs the store nothing while the node serves.
     let sealed = node.barrier().is_sealed();
+    let initialized = !sealed || node.barrier().initialized().await?;
     let status = node.ha().status();
     let standby = !sealed && status.role == Role::Standby;
-    // 474: a standby that knows an active node but has not reached it for two heartbeats.
-    let ha_unhealthy = standby
-        && status.leader.is_some()
-        && status
-            .last_echo
-            .is_none_or(|t| t.elapsed() > 2 * crate::ha::leader::ECHO_INTERVAL);
+    let ha_unhealthy = !sealed && status.ha_unhealthy(std::time::Instant::now());
     let code = if !initialized {
         uninit
     } else if sealed {

@@ -73,7 +73,6 @@ async fn step_down(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiErro
 async fn ha_status(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     super::logical::authorize(node, req, "sys/ha-status", Operation::Read, false).await?;
     let cfg = node.config();
-    let now = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
     let mut nodes = vec![json!({
         "hostname": crate::ha::leader::hostname(),
         "api_address": cfg.api_addr.as_str().trim_end_matches('/'),
@@ -93,7 +92,6 @@ async fn ha_status(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiErro
             "version": e.version,
         }));
     }
-    let _ = now;
     Ok(ApiResponse::ok(json!({ "nodes": nodes })))
 }
 

@@ -35,8 +35,8 @@ const DEFAULT_MODE: u32 = 0o600;
 /// The prefix Vault puts on every hashed value.
 pub const HMAC_PREFIX: &str = "hmac-sha256:";
 
-/// One enabled device, as stored.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// One enabled device, as stored. `Debug` does not show the salt (the HMAC key).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct AuditEntry {
     /// With trailing slash: `file/`.
     pub path: String,
@@ -50,6 +50,19 @@ pub struct AuditEntry {
     pub local: bool,
     /// Hex HMAC key, generated at enable time.
     pub salt: String,
+}
+
+impl std::fmt::Debug for AuditEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditEntry")
+            .field("path", &self.path)
+            .field("kind", &self.kind)
+            .field("description", &self.description)
+            .field("options", &self.options)
+            .field("local", &self.local)
+            .field("salt", &format_args!("<redacted>"))
+            .finish()
+    }
 }
 
 impl AuditEntry {
@@ -475,6 +488,22 @@ fn entry_json(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Debug` of a device never shows its salt (the key of every hash in its log).
+    #[test]
+    fn debug_redacts_the_salt() {
+        let e = AuditEntry {
+            path: "file/".into(),
+            kind: "file".into(),
+            description: String::new(),
+            options: BTreeMap::from([("file_path".to_string(), "/tmp/audit.log".to_string())]),
+            local: false,
+            salt: "5a17".repeat(16),
+        };
+        let dbg = format!("{e:?} {e:#?}");
+        assert!(!dbg.contains("5a17"), "{dbg}");
+        assert!(dbg.contains("<redacted>") && dbg.contains("/tmp/audit.log"), "{dbg}");
+    }
 
     /// Every string at any depth is replaced by a prefixed HMAC that depends on the salt;
     /// numbers, booleans and keys stay readable.

@@ -50,7 +50,8 @@ pub async fn current_leader(node: &Node) -> Result<Option<Arc<LeaderInfo>>, Stor
         return Ok(None);
     };
     let bytes = match node.barrier().get(&leader_path(&holder.value)).await {
-        Ok(Some(b)) => b,
+        // The plaintext carries the term's private key.
+        Ok(Some(b)) => zeroize::Zeroizing::new(b),
         Ok(None) => return Ok(None),
         Err(vha_core::BarrierError::Storage(e)) => return Err(e),
         Err(e) => {
@@ -127,14 +128,26 @@ async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
     let hostname = hostname();
     let mut tick = tokio::time::interval(ECHO_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut status = node.ha().subscribe();
+    // The active the last heartbeat went to: a new one gets its first heartbeat at once, so
+    // it lists this standby and this standby counts as reaching it without waiting a period.
+    let mut sent_to: Option<String> = None;
     loop {
+        let new_leader = |s: &super::HaStatus| s.leader.as_ref().is_some_and(|l| sent_to.as_ref() != Some(&l.uuid));
         tokio::select! {
             _ = tick.tick() => {}
+            r = status.wait_for(new_leader) => {
+                if r.is_err() {
+                    return;
+                }
+                tick.reset();
+            }
             _ = stop.cancelled() => return,
         }
         let Some(leader) = node.ha().status().leader else {
             continue;
         };
+        sent_to = Some(leader.uuid.clone());
         if client.as_ref().is_none_or(|(u, _)| *u != leader.uuid) {
             client = ClusterIdentity::from_advertisement(&leader.uuid, &leader.adv)
                 .ok()

@@ -25,7 +25,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
 use vha_core::advert::{leader_path, Advertisement, LEADER_PREFIX, LOCK_KEY};
 use vha_core::cluster_tls::ClusterIdentity;
@@ -49,6 +50,10 @@ const SETUP_RETRY: Duration = Duration::from_secs(1);
 const ADVERT_DELETE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a standby heartbeat record stays in `sys/ha-status` without a new echo.
 pub const ECHO_RETENTION: Duration = Duration::from_secs(30);
+
+/// Room for a serialized advertisement: about 1.5 KiB (a P-521 certificate and key in
+/// base64, two addresses); twice that so it never needs to grow.
+const ADVERTISEMENT_CAPACITY: usize = 4096;
 
 /// The node's HA role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -81,6 +86,24 @@ pub struct HaStatus {
     pub leader: Option<Arc<LeaderInfo>>,
     /// Standby: last successful heartbeat to the active.
     pub last_echo: Option<Instant>,
+    /// Standby: when it learned of the active it knows now (a new active resets the
+    /// heartbeat record, and the first heartbeat to it goes out at once).
+    pub leader_since: Option<Instant>,
+}
+
+impl HaStatus {
+    /// `sys/health`'s 474: a standby that knows an active node and has not reached it for
+    /// two heartbeat periods, counted from its last heartbeat or, before the first one to
+    /// this active, from when it learned of it. A leader change alone is never unhealthy.
+    pub fn ha_unhealthy(&self, now: Instant) -> bool {
+        if self.role != Role::Standby || self.leader.is_none() {
+            return false;
+        }
+        match self.last_echo.or(self.leader_since) {
+            Some(t) => now.saturating_duration_since(t) > 2 * leader::ECHO_INTERVAL,
+            None => true,
+        }
+    }
 }
 
 /// A standby seen through its heartbeats (for `sys/ha-status`).
@@ -108,9 +131,10 @@ enum TermEnd {
 pub struct HaHandle {
     status: watch::Sender<HaStatus>,
     sealed: watch::Sender<bool>,
-    step_down: Notify,
-    /// Fired when the store rejected one of our writes as fenced: we were deposed.
-    fenced: Notify,
+    /// The running term's end signals (`None` between terms): a signal belongs to one term,
+    /// so a step-down or fencing report that arrives as a term ends for another reason is
+    /// dropped with it and can never end the next term.
+    term: Mutex<Option<TermSignals>>,
     echoes: Mutex<BTreeMap<String, EchoRecord>>,
     identity: RwLock<Option<Arc<ClusterIdentity>>>,
     enabled: bool,
@@ -124,12 +148,12 @@ impl HaHandle {
             active_since: None,
             leader: None,
             last_echo: None,
+            leader_since: None,
         };
         HaHandle {
             status: watch::channel(status).0,
             sealed: watch::channel(true).0,
-            step_down: Notify::new(),
-            fenced: Notify::new(),
+            term: Mutex::new(None),
             echoes: Mutex::new(BTreeMap::new()),
             identity: RwLock::new(None),
             enabled,
@@ -197,6 +221,7 @@ impl HaHandle {
                     s.active_since = None;
                     s.leader = None;
                     s.last_echo = None;
+                    s.leader_since = None;
                 }
             });
         } else if !self.enabled {
@@ -239,10 +264,11 @@ impl HaHandle {
                 (None, None) => false,
                 _ => true,
             };
-            s.leader = leader;
             if changed {
                 s.last_echo = None;
+                s.leader_since = leader.as_ref().map(|_| Instant::now());
             }
+            s.leader = leader;
             changed
         });
     }
@@ -260,7 +286,9 @@ impl HaHandle {
         rec.last_echo = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
         let mut e = self.echoes.lock().unwrap_or_else(|e| e.into_inner());
         e.retain(|_, r| r.seen.is_some_and(|t| t.elapsed() < ECHO_RETENTION));
-        e.insert(rec.api_address.clone(), rec);
+        // Keyed by the cluster address: each node's own, while behind a load balancer every
+        // node may advertise the same api_addr.
+        e.insert(rec.cluster_address.clone(), rec);
     }
 
     /// Standbys heard from recently.
@@ -272,23 +300,47 @@ impl HaHandle {
             .collect()
     }
 
-    /// Reports that the store refused a write as fenced: the term ends as lost at once.
+    /// Reports that the store refused a write as fenced: the running term, if any, ends as
+    /// lost at once.
     pub fn fenced(&self) {
-        if self.role() == Role::Active {
-            self.fenced.notify_one();
+        if let Some(t) = self.term.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            t.fenced.cancel();
         }
     }
 
     /// Asks the lock loop to step down; resolves once this node is no longer active
-    /// (bounded by `timeout`).
+    /// (bounded by `timeout`). Between terms it asks nothing of the next one.
     pub async fn step_down(&self, timeout: Duration) -> bool {
         let mut rx = self.subscribe();
-        self.step_down.notify_one();
+        if let Some(t) = self.term.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            t.step_down.cancel();
+        }
         let ok = tokio::time::timeout(timeout, rx.wait_for(|s| s.role != Role::Active))
             .await
             .is_ok();
         ok
     }
+
+    /// A new term's end signals, installed before the role turns active.
+    fn begin_term(&self) -> TermSignals {
+        let t = TermSignals::default();
+        *self.term.lock().unwrap_or_else(|e| e.into_inner()) = Some(t.clone());
+        t
+    }
+
+    /// The term is over: later signals have no term to end.
+    fn end_term(&self) {
+        *self.term.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// How a running term is asked to end from outside the lock loop.
+#[derive(Clone, Default)]
+struct TermSignals {
+    /// The store refused one of the term's writes as fenced: it was deposed.
+    fenced: CancellationToken,
+    /// `sys/step-down` or SIGTERM asked it to step down.
+    step_down: CancellationToken,
 }
 
 /// The lock loop. Runs for the life of the process when HA is enabled.
@@ -299,6 +351,10 @@ pub async fn run(node: Arc<Node>) {
     let handle = node.ha();
     let mut sealed_rx = handle.sealed.subscribe();
     let shutdown = node.shutdown.clone();
+    // How long the next standby phase waits before contending: after a step-down (Vault's
+    // `step_down_wait`) or a failed attempt. The node is a standby meanwhile: it follows the
+    // active and heartbeats to it, so `sys/health` and `sys/ha-status` see it at once.
+    let mut hold_off = Duration::ZERO;
     loop {
         // Sealed: wait for unseal (or shutdown).
         tokio::select! {
@@ -314,10 +370,19 @@ pub async fn run(node: Arc<Node>) {
         let standby_cancel = shutdown.child_token();
         let watcher = tokio::spawn(leader::standby_tasks(node.clone(), standby_cancel.clone()));
         let uuid = uuid::Uuid::new_v4().to_string();
+        let contend = tokio::select! {
+            _ = tokio::time::sleep(std::mem::take(&mut hold_off)) => true,
+            _ = sealed_rx.wait_for(|s| *s) => false,
+            _ = shutdown.cancelled() => false,
+        };
         let contend_start = Instant::now();
-        let acquired = tokio::select! {
-            r = ha_backend.acquire(LOCK_KEY, &uuid, standby_cancel.clone()) => r,
-            _ = sealed_rx.wait_for(|s| *s) => Ok(None),
+        let acquired = if contend {
+            tokio::select! {
+                r = ha_backend.acquire(LOCK_KEY, &uuid, standby_cancel.clone()) => r,
+                _ = sealed_rx.wait_for(|s| *s) => Ok(None),
+            }
+        } else {
+            Ok(None)
         };
         standby_cancel.cancel();
         let _ = watcher.await;
@@ -331,10 +396,7 @@ pub async fn run(node: Arc<Node>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "contending for the HA lock failed; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(ACQUIRE_RETRY) => {}
-                    _ = shutdown.cancelled() => return,
-                }
+                hold_off = ACQUIRE_RETRY;
                 continue;
             }
         };
@@ -351,22 +413,14 @@ pub async fn run(node: Arc<Node>) {
         match active_term(&node, guard, &uuid, &mut sealed_rx).await {
             Ok(TermEnd::Shutdown) => return,
             Ok(TermEnd::StepDown) => {
-                let wait = node.config().step_down_wait;
-                tracing::info!(?wait, "stepped down; waiting before contending again");
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = shutdown.cancelled() => return,
-                    _ = sealed_rx.wait_for(|s| *s) => {}
-                }
+                hold_off = node.config().step_down_wait;
+                tracing::info!(wait = ?hold_off, "stepped down; following the new active before contending again");
             }
             Ok(TermEnd::Lost | TermEnd::Sealed) => {}
             Err(e) => {
                 node.metrics().leadership_setup_failed.inc();
                 tracing::error!(error = %e, "leadership setup failed; back to standby");
-                tokio::select! {
-                    _ = tokio::time::sleep(SETUP_RETRY) => {}
-                    _ = shutdown.cancelled() => return,
-                }
+                hold_off = SETUP_RETRY;
             }
         }
     }
@@ -425,7 +479,10 @@ async fn active_term(
     };
     let path = leader_path(uuid);
     let write = async {
-        let bytes = serde_json::to_vec(&adv).map_err(|e| BarrierError::InvalidParameters(e.to_string()))?;
+        // The plaintext carries the term's private key: zeroized once written, and sized
+        // up front so that growing it leaves no copy behind.
+        let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(ADVERTISEMENT_CAPACITY));
+        serde_json::to_writer(&mut *bytes, &adv).map_err(|e| BarrierError::InvalidParameters(e.to_string()))?;
         node.barrier().put(&path, &bytes, Some(&fence)).await?;
         // 4. Stale advertisements from earlier terms.
         for key in node.barrier().list(LEADER_PREFIX).await? {
@@ -446,8 +503,11 @@ async fn active_term(
     *handle.identity.write().unwrap_or_else(|e| e.into_inner()) = Some(identity.clone());
     // The previous active may have changed policies, mounts, tokens: read them afresh.
     node.clear_caches();
+    // Standbys heard in an earlier term of this node are not this term's standbys.
+    handle.echoes.lock().unwrap_or_else(|e| e.into_inner()).clear();
     // The gate opens before the role flips, so whatever passes the role check is admitted.
     node.in_flight().set_open(true);
+    let signals = handle.begin_term();
     handle.update(|s| {
         s.role = Role::Active;
         s.fence = Some(fence.clone());
@@ -457,6 +517,7 @@ async fn active_term(
             adv: adv.clone(),
         }));
         s.last_echo = None;
+        s.leader_since = None;
     });
     node.metrics().core_active.set(1);
     node.metrics().term.set(i64::try_from(fence.token).unwrap_or(i64::MAX));
@@ -466,11 +527,12 @@ async fn active_term(
     let lost = guard.lost();
     let end = tokio::select! {
         _ = lost.cancelled() => TermEnd::Lost,
-        _ = handle.fenced.notified() => TermEnd::Lost,
-        _ = handle.step_down.notified() => TermEnd::StepDown,
+        _ = signals.fenced.cancelled() => TermEnd::Lost,
+        _ = signals.step_down.cancelled() => TermEnd::StepDown,
         _ = sealed_rx.wait_for(|s| *s) => TermEnd::Sealed,
         _ = node.shutdown.cancelled() => TermEnd::Shutdown,
     };
+    handle.end_term();
     let step_down_started = Instant::now();
     // Stop serving at once: the role flips before anything else, so no new request is
     // admitted. (Standby even when sealing: `Sealed` is reported only once the teardown
@@ -528,6 +590,7 @@ async fn active_term(
         handle.update(|s| {
             s.role = Role::Sealed;
             s.last_echo = None;
+            s.leader_since = None;
         });
     }
     Ok(end)
@@ -538,5 +601,93 @@ pub(crate) fn note_fenced(node: &Node, e: &BarrierError) {
     if matches!(e, BarrierError::Storage(StorageError::Fenced { .. })) {
         node.metrics().fencing_rejections.inc();
         node.ha().fenced();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn standby(leader: bool, leader_since: Option<Instant>, last_echo: Option<Instant>) -> HaStatus {
+        HaStatus {
+            role: Role::Standby,
+            fence: None,
+            active_since: None,
+            leader: leader.then(|| {
+                Arc::new(LeaderInfo {
+                    uuid: "u".into(),
+                    adv: Advertisement {
+                        redirect_addr: String::new(),
+                        cluster_addr: String::new(),
+                        cluster_cert: Vec::new(),
+                        cluster_key_params: None,
+                    },
+                })
+            }),
+            last_echo,
+            leader_since,
+        }
+    }
+
+    /// A standby that just learned of a new active is healthy before its first heartbeat
+    /// (the leader change alone never gives 474) and turns unhealthy only after two periods
+    /// without reaching it.
+    #[test]
+    fn new_leader_has_two_periods_of_grace() {
+        let t0 = Instant::now();
+        let s = standby(true, Some(t0), None);
+        assert!(!s.ha_unhealthy(t0));
+        assert!(!s.ha_unhealthy(t0 + 2 * leader::ECHO_INTERVAL));
+        assert!(s.ha_unhealthy(t0 + 2 * leader::ECHO_INTERVAL + Duration::from_millis(1)));
+    }
+
+    /// The last heartbeat, once there is one, is what counts: a recent echo is healthy, a
+    /// stale one is not.
+    #[test]
+    fn last_echo_decides_after_the_first_heartbeat() {
+        let t0 = Instant::now();
+        let echo = t0 + Duration::from_secs(5);
+        let s = standby(true, Some(t0), Some(echo));
+        assert!(!s.ha_unhealthy(echo + leader::ECHO_INTERVAL));
+        assert!(s.ha_unhealthy(echo + 3 * leader::ECHO_INTERVAL));
+    }
+
+    /// A fencing report or step-down request that arrives while one term ends (or between
+    /// terms) ends that term only: the next term starts with fresh signals. (With a stored
+    /// notification permit, the next term was ended right after it began.)
+    #[tokio::test]
+    async fn a_late_signal_never_ends_the_next_term() {
+        let h = HaHandle::new(true);
+        let first = h.begin_term();
+        h.fenced();
+        assert!(
+            first.fenced.is_cancelled(),
+            "the running term is ended by a fencing report"
+        );
+        // The term ends by another branch (say, lease lost) while the reports race in.
+        h.end_term();
+        h.fenced();
+        h.step_down(Duration::ZERO).await;
+        let next = h.begin_term();
+        assert!(!next.fenced.is_cancelled(), "a late fencing report ended the next term");
+        assert!(!next.step_down.is_cancelled(), "a late step-down ended the next term");
+        h.step_down(Duration::ZERO).await;
+        assert!(next.step_down.is_cancelled(), "a step-down during a term ends it");
+    }
+
+    /// Without a known active, or in any role but standby, the node is never HA-unhealthy.
+    #[test]
+    fn only_a_standby_with_an_active_can_be_unhealthy() {
+        let late = Instant::now() + Duration::from_secs(60);
+        assert!(!standby(false, None, None).ha_unhealthy(late));
+        for role in [Role::Active, Role::Sealed, Role::Disabled] {
+            let mut s = standby(true, None, None);
+            s.role = role;
+            assert!(!s.ha_unhealthy(late), "{role:?}");
+        }
+        assert!(
+            standby(true, None, None).ha_unhealthy(late),
+            "no record at all is unhealthy"
+        );
     }
 }

@@ -42,8 +42,9 @@ pub const MAX_TTL_SECS: u64 = 768 * 3600;
 /// Deepest token tree accepted. The ancestry walk on every use is bounded by it.
 const MAX_DEPTH: u32 = 64;
 
-/// A stored token (keyed by its salted hash).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// A stored token (keyed by its salted hash). `Debug` shows neither its hash nor its
+/// parent's (each is the lookup key of a token in storage).
+#[derive(Clone, Serialize, Deserialize)]
 pub struct TokenEntry {
     /// Hex HMAC of the token; repeated inside so a lookup can compare in constant time.
     pub hash: String,
@@ -74,6 +75,27 @@ pub struct TokenEntry {
     pub path: String,
     #[serde(default)]
     pub depth: u32,
+}
+
+impl std::fmt::Debug for TokenEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenEntry")
+            .field("hash", &format_args!("<redacted>"))
+            .field("accessor", &self.accessor)
+            .field("policies", &self.policies)
+            .field("display_name", &self.display_name)
+            .field("creation_time", &self.creation_time)
+            .field("parent", &self.parent.as_ref().map(|_| format_args!("<redacted>")))
+            .field("meta", &self.meta)
+            .field("ttl", &self.ttl)
+            .field("explicit_max_ttl", &self.explicit_max_ttl)
+            .field("expire_time", &self.expire_time)
+            .field("num_uses", &self.num_uses)
+            .field("renewable", &self.renewable)
+            .field("path", &self.path)
+            .field("depth", &self.depth)
+            .finish()
+    }
 }
 
 impl TokenEntry {

@@ -11,8 +11,13 @@ use super::*;
 async fn unsealed() -> (Arc<InmemBackend>, Barrier) {
     let backend = Arc::new(InmemBackend::new());
     let b = Barrier::new(backend.clone());
-    let (out, cfg) = b.initialize(1, 1).await.unwrap();
-    b.commit_init(&cfg).await.unwrap();
+    let (out, cfg) = b
+        .initialize(1, 1, vha_core::barrier::InitClaim::Exclusive)
+        .await
+        .unwrap();
+    b.commit_init(&cfg, vha_core::barrier::InitClaim::Exclusive)
+        .await
+        .unwrap();
     let root = shamir::combine(&out.key_shares, 1).unwrap();
     b.unseal(&root).await.unwrap();
     (backend, b)
@@ -145,4 +150,26 @@ async fn use_counts() {
     assert_eq!(store.authenticate(&view, Some(&t)).await.unwrap().num_uses, 1);
     assert_eq!(store.authenticate(&view, Some(&t)).await.unwrap().num_uses, -1);
     assert!(store.authenticate(&view, Some(&t)).await.is_err());
+}
+
+/// `Debug` of a stored token shows neither its hash nor its parent's hash (storage lookup
+/// keys); accessor and policies stay readable.
+#[tokio::test]
+async fn debug_redacts_hashes() {
+    let (_backend, b) = unsealed().await;
+    let store = TokenStore::new();
+    let view = View::new(&b, None);
+    let root = store.create_root(&view).await.unwrap();
+    let root_entry = store.lookup(&view, &root).await.unwrap().unwrap();
+    let (child, entry, _) = store.create(&view, &root_entry, params(&["a"])).await.unwrap();
+    let dbg = format!("{entry:?} {entry:#?} {root_entry:?}");
+    for secret in [
+        entry.hash.as_str(),
+        root_entry.hash.as_str(),
+        child.as_str(),
+        root.as_str(),
+    ] {
+        assert!(!dbg.contains(secret), "{dbg}");
+    }
+    assert!(dbg.contains(&entry.accessor) && dbg.contains("<redacted>"), "{dbg}");
 }

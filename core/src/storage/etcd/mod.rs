@@ -416,6 +416,12 @@ impl EtcdBackend {
 
     /// One write (`op` on the data key) under `fence`, as a single transaction.
     async fn fenced_write(&self, op: TxnOp, fence: &Fence) -> Result<(), StorageError> {
+        self.fenced_txn(op, fence).await.map(|_| ())
+    }
+
+    /// Like [`EtcdBackend::fenced_write`], returning etcd's answer when the fence passed (its
+    /// responses include `op`'s).
+    async fn fenced_txn(&self, op: TxnOp, fence: &Fence) -> Result<etcd_client::TxnResponse, StorageError> {
         let mut client = self.kv().await?;
         if self.is_own_lock(&fence.lock) {
             let lk = self.lock_key(&fence.lock);
@@ -426,7 +432,7 @@ impl EtcdBackend {
                 .or_else([TxnOp::get(lk, None)]);
             let r = self.call("fenced write", client.txn(txn)).await?;
             if r.succeeded() {
-                return Ok(());
+                return Ok(r);
             }
             let highest = first_get(&r).map(|kv| to_u64(kv.create_revision())).unwrap_or(0);
             return Err(StorageError::Fenced {
@@ -444,7 +450,7 @@ impl EtcdBackend {
             .or_else([TxnOp::put(fk, enc, None), op]);
         let r = self.call("fenced write", client.txn(txn)).await?;
         if !r.succeeded() {
-            return Ok(());
+            return Ok(r);
         }
         let highest = first_get(&r)
             .and_then(|kv| std::str::from_utf8(kv.value()).ok()?.parse().ok())
@@ -645,6 +651,34 @@ impl Backend for EtcdBackend {
                 self.call("put", c.put(dk, value, None)).await.map(|_| ())
             }
         }
+    }
+
+    async fn create(&self, key: &str, value: Vec<u8>, fence: Option<&Fence>) -> Result<bool, StorageError> {
+        validate_key(key)?;
+        validate_value(&value)?;
+        let dk = self.data_key(key);
+        // Created only while the key has no create revision (does not exist).
+        let create = Txn::new()
+            .when([Compare::create_revision(dk.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(dk, value, None)]);
+        let r = match fence {
+            // The fence's transaction runs the create as a nested transaction.
+            Some(f) => {
+                let outer = self.fenced_txn(TxnOp::txn(create), f).await?;
+                match outer.op_responses().into_iter().find_map(|op| match op {
+                    TxnOpResponse::Txn(t) => Some(t),
+                    _ => None,
+                }) {
+                    Some(inner) => inner,
+                    None => return Err(StorageError::Unavailable("etcd create: no nested answer".into())),
+                }
+            }
+            None => {
+                let mut c = self.kv().await?;
+                self.call("create", c.txn(create)).await?
+            }
+        };
+        Ok(r.succeeded())
     }
 
     async fn delete(&self, key: &str, fence: Option<&Fence>) -> Result<(), StorageError> {

@@ -5,6 +5,7 @@
 //! wire types the server (`vha-lockd`) shares, so they are defined once. A node uses it with
 //! `storage "lockd" { address = "http://127.0.0.1:8300" }` and/or `ha_storage "lockd" {...}`.
 
+pub mod auth;
 pub mod client;
 pub mod protocol;
 
@@ -12,4 +13,5 @@ pub mod protocol;
 pub use tokio_util::sync::CancellationToken;
 
 pub use crate::storage::LockTiming;
-pub use client::{LockdBackend, DEFAULT_LOCK_TTL, DEFAULT_REQUEST_TIMEOUT};
+pub use auth::LockdCredentials;
+pub use client::{LockdBackend, DEFAULT_LOCK_TTL, DEFAULT_REQUEST_TIMEOUT, TOKEN_ENV};

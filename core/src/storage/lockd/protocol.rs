@@ -252,6 +252,8 @@ pub mod codes {
     pub const UNKNOWN_LEASE: &str = "unknown_lease";
     pub const UNAVAILABLE: &str = "unavailable";
     pub const INTERNAL: &str = "internal";
+    /// 401: no credentials, or wrong ones (see `PROTOCOL.md`, Authentication).
+    pub const UNAUTHORIZED: &str = "unauthorized";
 }
 
 #[cfg(test)]

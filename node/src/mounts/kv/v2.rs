@@ -823,6 +823,12 @@ mod tests {
             }
             self.inner.put(key, value, fence).await
         }
+        async fn create(&self, key: &str, value: Vec<u8>, fence: Option<&Fence>) -> Result<bool, StorageError> {
+            if self.fail_put.lock().unwrap().is_some_and(|m| key.contains(m)) {
+                return Err(StorageError::Unavailable("injected".into()));
+            }
+            self.inner.create(key, value, fence).await
+        }
         async fn delete(&self, key: &str, fence: Option<&Fence>) -> Result<(), StorageError> {
             if self.fail_delete.lock().unwrap().is_some_and(|m| key.contains(m)) {
                 return Err(StorageError::Unavailable("injected".into()));
@@ -841,8 +847,13 @@ mod tests {
             fail_delete: Mutex::new(None),
         });
         let b = Barrier::new(f.clone());
-        let (out, cfg) = b.initialize(1, 1).await.unwrap();
-        b.commit_init(&cfg).await.unwrap();
+        let (out, cfg) = b
+            .initialize(1, 1, vha_core::barrier::InitClaim::Exclusive)
+            .await
+            .unwrap();
+        b.commit_init(&cfg, vha_core::barrier::InitClaim::Exclusive)
+            .await
+            .unwrap();
         b.unseal(&shamir::combine(&out.key_shares, 1).unwrap()).await.unwrap();
         (f, b)
     }
