@@ -489,3 +489,49 @@ async fn proxy_refuses_an_impostor_at_the_node_socket() {
     )
     .await;
 }
+
+/// Restarts watched by [`socket_accepts_once_the_node_answers`].
+const RESTARTS: usize = 3;
+
+/// Property: once any part of a (re)started node answers, its pair socket accepts too.
+/// After a kill -9 the old socket file stays behind and refuses connections; a watcher
+/// connects to the node's TCP listener in a tight loop while the node restarts and, the
+/// first moment that succeeds, connects to the socket: it must be taken. Broken (the socket
+/// bound after the TCP listener), a proxy in front answers 503 "local node unavailable" to
+/// requests that reach it right after the node came back (seen as an unseal refused after a
+/// restart in t95).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_accepts_once_the_node_answers() {
+    let mut node = TestNode::builder().behind_proxy().start().await;
+    let socket = node.socket.clone().expect("behind a proxy");
+    let tcp: std::net::SocketAddr = node
+        .node_addr
+        .strip_prefix("http://")
+        .expect("http address")
+        .parse()
+        .expect("node address");
+    for round in 0..RESTARTS {
+        node.kill();
+        wait_until(
+            || std::net::TcpStream::connect(tcp).is_err().then_some(()),
+            "the killed node's TCP listener is gone",
+            SOCKET_BOUND,
+        );
+        assert!(socket.exists(), "kill -9 leaves the socket file behind");
+        let (path, deadline) = (socket.clone(), Instant::now() + SOCKET_BOUND);
+        let watcher = std::thread::spawn(move || {
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect(tcp).is_ok() {
+                    return Some(std::os::unix::net::UnixStream::connect(&path).map(drop));
+                }
+            }
+            None
+        });
+        node.restart().await;
+        match watcher.join().expect("watcher") {
+            Some(Ok(())) => {}
+            Some(Err(e)) => panic!("round {round}: the node answered on TCP while its socket refused: {e}"),
+            None => panic!("round {round}: the node's TCP listener never answered"),
+        }
+    }
+}

@@ -146,6 +146,22 @@ async fn run(cfg: Config, level: &str) -> ExitCode {
             Some(listener_cfg.address)
         }
     };
+    // The pair socket first: once the TCP listener takes connections (even before it
+    // serves them), the proxy must be able to reach the node too.
+    let local = match cfg.proxy.as_ref() {
+        Some(p) => match crate::local::bind_unix(p.node_socket.clone(), p.allowed_uid) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!(
+                    "Error initializing the proxy socket: {}: {e} (proxy.node_socket in {})",
+                    p.node_socket.display(),
+                    cfg.path.display()
+                );
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
     let tcp = match tcp_addr {
         Some(addr) => match tokio::net::TcpListener::bind(addr).await {
             Ok(l) => Some(l),
@@ -156,18 +172,16 @@ async fn run(cfg: Config, level: &str) -> ExitCode {
         },
         None => None,
     };
-    let proxy_socket = cfg.proxy.as_ref().map(|p| (p.node_socket.clone(), p.allowed_uid));
     let node = Node::new(cfg, opened.stores);
     let shutdown = CancellationToken::new();
     let mut servers = Vec::new();
-    if let Some((path, allowed_uid)) = proxy_socket {
-        let (n, s) = (node.clone(), shutdown.clone());
-        let socket_name = path.display().to_string();
-        servers.push(tokio::spawn(async move {
-            if let Err(e) = crate::local::serve_unix(n, path, allowed_uid, limits, s).await {
-                tracing::error!(error = %e, socket = %socket_name, "local proxy socket failed");
-            }
-        }));
+    if let Some(l) = local {
+        servers.push(tokio::spawn(crate::local::serve_unix(
+            node.clone(),
+            l,
+            limits,
+            shutdown.clone(),
+        )));
     }
     if let Some(l) = tcp {
         servers.push(tokio::spawn(http::serve(node.clone(), l, limits, shutdown.clone())));

@@ -59,16 +59,20 @@ pub async fn current_state(node: &Node) -> LocalState {
 /// giving up (a name is taken only by a leftover of a crash or by someone squatting it).
 const PRIVATE_DIR_ATTEMPTS: u32 = 16;
 
-/// Binds the socket (replacing a stale one) with mode 0600, or 0666 when another
-/// `allowed_uid` must reach it, and serves until `shutdown`, then drains (bounded). Only
-/// peers that [`node_accepts`] are served.
-pub async fn serve_unix(
-    node: Arc<Node>,
+/// The pair socket, bound and not yet served (see [`bind_unix`]).
+#[derive(Debug)]
+pub struct LocalListener {
+    listener: UnixListener,
     path: PathBuf,
+    own_uid: u32,
     allowed_uid: Option<u32>,
-    limits: Limits,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
+}
+
+/// Binds the socket (replacing a stale one) with mode 0600, or 0666 when another
+/// `allowed_uid` must reach it. Called before the node prints that it started and before
+/// its TCP listener serves: once anything answers, the proxy can reach the node too (a
+/// stale socket of a killed node would otherwise refuse the proxy for a moment).
+pub fn bind_unix(path: PathBuf, allowed_uid: Option<u32>) -> std::io::Result<LocalListener> {
     let own_uid = nix::unistd::geteuid().as_raw();
     if allowed_uid.is_some() && allowed_uid == overflow_uid() {
         tracing::warn!(
@@ -79,6 +83,23 @@ pub async fn serve_unix(
     }
     let listener = bind_private(&path, socket_mode(own_uid, allowed_uid))?;
     tracing::info!(path = %path.display(), own_uid, allowed_uid, "serving the local proxy socket");
+    Ok(LocalListener {
+        listener,
+        path,
+        own_uid,
+        allowed_uid,
+    })
+}
+
+/// Serves the bound socket until `shutdown`, then drains (bounded). Only peers that
+/// [`node_accepts`] are served.
+pub async fn serve_unix(node: Arc<Node>, bound: LocalListener, limits: Limits, shutdown: CancellationToken) {
+    let LocalListener {
+        listener,
+        path,
+        own_uid,
+        allowed_uid,
+    } = bound;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let stream = tokio::select! {
@@ -134,7 +155,6 @@ pub async fn serve_unix(
     drop(listener);
     let _ = std::fs::remove_file(&path);
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
-    Ok(())
 }
 
 /// The uid the kernel reports for a peer whose uid has no mapping in this user namespace
