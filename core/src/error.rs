@@ -73,3 +73,14 @@ pub enum BarrierError {
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
+
+/// A listener certificate or key that cannot be served: it names the config key and the
+/// file, so an operator sees which of the two to fix.
+#[derive(Debug, Error)]
+#[error("{key} {file}: {message}")]
+pub struct CertError {
+    /// `tls_cert_file` or `tls_key_file`.
+    pub key: &'static str,
+    pub file: String,
+    pub message: String,
+}

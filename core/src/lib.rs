@@ -14,9 +14,10 @@ pub mod config;
 pub mod error;
 pub mod local;
 pub mod pair;
+pub mod served_cert;
 pub mod storage;
 
-pub use error::{BarrierError, StorageError};
+pub use error::{BarrierError, CertError, StorageError};
 
 /// A client must send its whole request head within this, or the connection is closed, at
 /// the node's listeners and at the proxy (slowloris-style dribbling cannot pin connections).

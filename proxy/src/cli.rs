@@ -14,12 +14,14 @@ use pingora::services::listening::Service;
 use tokio::sync::watch;
 
 use vha_core::config::{Config, ProcessEnv};
+use vha_core::served_cert::ServedCert;
 
 use crate::advert::View;
 use crate::error::ProxyError;
 use crate::head::HeadDeadlineApp;
 use crate::local::NodeSocket;
 use crate::metrics::Metrics;
+use crate::reload::{Reloader, SetLevel};
 use crate::service::{Settings, VhaProxy};
 use crate::tls::ForwardProtocol;
 
@@ -57,8 +59,8 @@ pub fn main(args: Vec<String>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    init_tracing(&cfg);
-    match run(cfg) {
+    let set_level = init_tracing(&cfg);
+    match run(cfg, set_level) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vha proxy: {e}");
@@ -67,19 +69,38 @@ pub fn main(args: Vec<String>) -> ExitCode {
     }
 }
 
-fn init_tracing(cfg: &Config) {
-    let level = cfg.log_level.as_str();
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| {
-        format!("{level},pingora=info,pingora_core=info,pingora_proxy=info,h2=info,hyper=info,rustls=info")
-    });
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_ansi(std::env::var_os("NO_COLOR").is_none())
-        .with_writer(std::io::stderr)
-        .try_init();
+/// The log filter for `level`: the proxy's own level, the libraries it drives at info.
+fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::new(format!(
+        "{level},pingora=info,pingora_core=info,pingora_proxy=info,h2=info,hyper=info,rustls=info"
+    ))
 }
 
-fn run(cfg: Config) -> Result<(), ProxyError> {
+/// Installs the log subscriber; returns how a reload sets a new `log_level` (`None` when
+/// `RUST_LOG` decides the filter: it wins over the file, at start and on reload).
+fn init_tracing(cfg: &Config) -> Option<SetLevel> {
+    let fixed = std::env::var("RUST_LOG").ok();
+    let filter = match &fixed {
+        Some(f) => tracing_subscriber::EnvFilter::new(f),
+        None => log_filter(cfg.log_level.as_str()),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::env::var_os("NO_COLOR").is_none())
+        .with_writer(std::io::stderr)
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    let _ = builder.try_init();
+    fixed.is_none().then(|| {
+        Box::new(move |level: &str| {
+            if let Err(e) = handle.reload(log_filter(level)) {
+                tracing::warn!(error = %e, "could not change the log level");
+            }
+        }) as SetLevel
+    })
+}
+
+fn run(cfg: Config, set_level: Option<SetLevel>) -> Result<(), ProxyError> {
     let pcfg = cfg
         .proxy
         .clone()
@@ -107,6 +128,18 @@ fn run(cfg: Config) -> Result<(), ProxyError> {
     let listener = cfg.listener().clone();
     let socket = Arc::new(NodeSocket::new(pcfg.node_socket.clone(), pcfg.node_uid));
     let metrics = Metrics::new();
+    let served = if listener.tls_disable {
+        None
+    } else {
+        let (Some(cert), Some(key)) = (listener.tls_cert_file.as_ref(), listener.tls_key_file.as_ref()) else {
+            return Err(ProxyError::Config(
+                "listener: tls_cert_file and tls_key_file are required unless tls_disable".into(),
+            ));
+        };
+        let s = ServedCert::load(cert, key).map_err(|e| ProxyError::Config(format!("listener: {e}")))?;
+        metrics.tls_expiry.with_label_values(&["client"]).set(s.not_after());
+        Some(Arc::new(s))
+    };
     let (view_tx, view_rx) = watch::channel(Arc::new(View::initial()));
 
     // Background runtime: controller, state stream, watches, metrics.
@@ -131,6 +164,16 @@ fn run(cfg: Config) -> Result<(), ProxyError> {
             }
         });
     }
+    bg.spawn(
+        Reloader {
+            path: cfg.path.clone(),
+            running: cfg.clone(),
+            served: served.clone(),
+            metrics: metrics.clone(),
+            set_level,
+        }
+        .run(),
+    );
     std::thread::Builder::new()
         .name("vha-proxy-bg".into())
         .spawn(move || bg.block_on(std::future::pending::<()>()))
@@ -166,15 +209,9 @@ fn run(cfg: Config) -> Result<(), ProxyError> {
     // keep-alive timeout); its preface is bounded by the head deadline below.
     opts.h2_idle_timeout = Some(std::time::Duration::from_secs(60));
     app.server_options = Some(opts);
-    let tls = if listener.tls_disable {
-        None
-    } else {
-        let (Some(cert), Some(key)) = (listener.tls_cert_file.as_ref(), listener.tls_key_file.as_ref()) else {
-            return Err(ProxyError::Config(
-                "listener: tls_cert_file and tls_key_file are required unless tls_disable".into(),
-            ));
-        };
-        Some(crate::tls::listener_acceptor(cert, key)?)
+    let tls = match &served {
+        Some(s) => Some(crate::tls::listener_acceptor(s.clone())?),
+        None => None,
     };
     let mut svc = Service::new(
         "vha proxy".to_string(),

@@ -11,7 +11,7 @@
 //! - [`advert`]: the controller: storage watches, advertisement authentication, [`advert::View`].
 //! - [`service`]: the thin Pingora `ProxyHttp`.
 //! - [`head`]: the whole-request-head deadline (slowloris) around Pingora's HTTP/1.1 loop.
-//! - [`tls`]: listener TLS and upstream peers. [`metrics`], [`error`], [`cli`].
+//! - [`tls`]: listener TLS and upstream peers. [`reload`]: SIGHUP. [`metrics`], [`error`], [`cli`].
 
 pub mod advert;
 pub mod cli;
@@ -19,6 +19,7 @@ pub mod error;
 pub mod head;
 pub mod local;
 pub mod metrics;
+pub mod reload;
 pub mod route;
 pub mod service;
 pub mod tls;

@@ -91,6 +91,10 @@ pub struct Metrics {
     /// forwards; in vha its proxy does, so the proxy exports them).
     pub vault_forward: Histogram,
     pub vault_forward_errors: IntCounter,
+    /// `outcome` = success | failure: SIGHUP reloads of the configuration.
+    pub config_reloads: IntCounterVec,
+    /// notAfter (Unix seconds) of each certificate served, by `listener` (= client).
+    pub tls_expiry: IntGaugeVec,
     scrape: ScrapeTime,
 }
 
@@ -293,9 +297,27 @@ impl Metrics {
             "Requests this standby failed to forward to the active (Vault's name)",
         )
         .expect("metric");
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "vha_config_reloads_total",
+                "Configuration reloads (SIGHUP) by outcome (success, failure)",
+            ),
+            &["outcome"],
+        )
+        .expect("metric");
+        let tls_expiry = IntGaugeVec::new(
+            Opts::new(
+                "vha_tls_certificate_expiry_seconds",
+                "When the certificate served on a listener expires (its notAfter, Unix seconds)",
+            ),
+            &["listener"],
+        )
+        .expect("metric");
         let scrape = ScrapeTime::new();
         for c in [
-            Box::new(vault_forward.clone()) as Box<dyn Collector>,
+            Box::new(config_reloads.clone()) as Box<dyn Collector>,
+            Box::new(tls_expiry.clone()),
+            Box::new(vault_forward.clone()),
             Box::new(vault_forward_errors.clone()),
             Box::new(requests.clone()),
             Box::new(forward_latency.clone()),
@@ -327,10 +349,15 @@ impl Metrics {
             local_role,
             vault_forward,
             vault_forward_errors,
+            config_reloads,
+            tls_expiry,
             scrape,
         };
         // Nothing heard from the local node yet.
         m.set_local_role(LocalRole::Down);
+        for outcome in ["success", "failure"] {
+            m.config_reloads.with_label_values(&[outcome]);
+        }
         m
     }
 

@@ -3,15 +3,13 @@
 //! its unix socket, and the active node's cluster listener over mutual TLS with the
 //! advertised certificate as client identity and as the only trust anchor.
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use pingora::listeners::tls::Acceptor;
 use pingora::protocols::ALPN;
 use pingora::upstreams::peer::HttpPeer;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use vha_core::served_cert::ServedCert;
 
 use crate::advert::Target;
 use crate::error::ProxyError;
@@ -39,28 +37,16 @@ pub enum ForwardProtocol {
     H2,
 }
 
-/// The client-facing listener's TLS from `tls_cert_file` (PEM chain) and `tls_key_file`
-/// (PEM key): TLS 1.2 and 1.3, ALPN h2 and http/1.1, aws-lc-rs. A missing or unreadable file
-/// is an error naming it (Pingora's own loader would panic). The handshake itself runs in
+/// The client-facing listener's TLS over `served` (the pair from `tls_cert_file` and
+/// `tls_key_file`, replaceable on SIGHUP, see [`vha_core::served_cert`]): TLS 1.2 and 1.3,
+/// ALPN h2 and http/1.1, aws-lc-rs. The handshake itself runs in
 /// [`crate::head::HeadDeadlineApp`], under a deadline.
-pub fn listener_acceptor(cert: &Path, key: &Path) -> Result<Acceptor, ProxyError> {
-    let bad = |file: &Path, what: &str, e: &dyn std::fmt::Display| {
-        ProxyError::Config(format!("listener: {} ({what}): {e}", file.display()))
-    };
-    let certs = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| bad(cert, "tls_cert_file", &e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad(cert, "tls_cert_file", &e))?;
-    if certs.is_empty() {
-        return Err(bad(cert, "tls_cert_file", &"no certificate in the file"));
-    }
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, "tls_key_file", &e))?;
+pub fn listener_acceptor(served: Arc<ServedCert>) -> Result<Acceptor, ProxyError> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(vha_core::cluster_tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
         .map_err(|e| ProxyError::Config(format!("listener TLS: {e}")))?
         .with_no_client_auth()
-        .with_single_cert(certs, key_der)
-        .map_err(|e| bad(key, "tls_key_file does not match tls_cert_file", &e))?;
+        .with_cert_resolver(served);
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Acceptor::from_server_config(Arc::new(cfg)))
 }

@@ -130,6 +130,13 @@ impl TestProxy {
         self.proc.as_ref().is_some_and(|p| p.is_running_shared())
     }
 
+    /// Sends a signal to the process (by its PID).
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(p) = &self.proc {
+            p.signal(sig);
+        }
+    }
+
     /// SIGKILL.
     pub fn kill(&mut self) {
         if let Some(p) = self.proc.as_mut() {

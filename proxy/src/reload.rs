@@ -1,0 +1,147 @@
+//! SIGHUP for `vha proxy`: re-reads the config file and applies what can change while the
+//! proxy runs: the client listener's certificate and key (new handshakes get the new pair,
+//! open connections keep theirs) and `log_level`. A file that does not parse, or a pair that
+//! does not load, changes nothing: the error (file, line, key) is logged and counted as
+//! `vha_config_reloads_total{outcome="failure"}`. Settings that only a restart applies are
+//! named in the log ([`restart_needed`]).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vha_core::config::{Config, ProcessEnv};
+use vha_core::served_cert::ServedCert;
+
+use crate::metrics::Metrics;
+
+/// Sets the log filter from a `log_level` (`None` when `RUST_LOG` fixes it).
+pub type SetLevel = Box<dyn Fn(&str) + Send + Sync>;
+
+/// What a reload changes, and where.
+pub struct Reloader {
+    pub path: PathBuf,
+    pub running: Config,
+    /// The client listener's pair (absent with `tls_disable`).
+    pub served: Option<Arc<ServedCert>>,
+    pub metrics: Metrics,
+    pub set_level: Option<SetLevel>,
+}
+
+impl Reloader {
+    /// Reloads on every SIGHUP, forever.
+    pub async fn run(mut self) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot handle SIGHUP; reloads are off");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            tracing::info!(config = %self.path.display(), "SIGHUP: reloading the configuration");
+            let outcome = match self.reload() {
+                Ok(()) => "success",
+                Err(e) => {
+                    tracing::error!(error = %e, "reload failed; the running configuration stays in force");
+                    "failure"
+                }
+            };
+            self.metrics.config_reloads.with_label_values(&[outcome]).inc();
+        }
+    }
+
+    /// One reload; on error nothing has changed.
+    pub fn reload(&mut self) -> Result<(), String> {
+        let new = vha_core::config::load(&self.path, &ProcessEnv)
+            .map_err(|e| format!("loading configuration from {}: {e}", self.path.display()))?;
+        let listener = new.listener();
+        if let (Some(served), Some(cert), Some(key)) = (
+            &self.served,
+            listener.tls_cert_file.as_ref(),
+            listener.tls_key_file.as_ref(),
+        ) {
+            let not_after = served.reload(cert, key).map_err(|e| format!("listener: {e}"))?;
+            self.metrics.tls_expiry.with_label_values(&["client"]).set(not_after);
+            tracing::info!(cert = %cert.display(), not_after, "listener certificate reloaded");
+        }
+        if let Some(set) = &self.set_level {
+            set(new.log_level.as_str());
+        }
+        for setting in restart_needed(&self.running, &new) {
+            tracing::warn!(setting, "changed in the file; it takes effect only after a restart");
+        }
+        self.running = new;
+        Ok(())
+    }
+}
+
+/// The settings the proxy uses that differ between `old` and `new` and that a reload does
+/// not apply.
+pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let (o, n) = (old.listener(), new.listener());
+    let mut out = Vec::new();
+    if o.address != n.address {
+        out.push("listener.address");
+    }
+    if o.tls_disable != n.tls_disable {
+        out.push("listener.tls_disable");
+    }
+    if o.max_request_size != n.max_request_size {
+        out.push("listener.max_request_size");
+    }
+    if o.max_request_duration != n.max_request_duration {
+        out.push("listener.max_request_duration");
+    }
+    if o.x_forwarded_for_authorized_addrs != n.x_forwarded_for_authorized_addrs {
+        out.push("listener.x_forwarded_for_authorized_addrs");
+    }
+    if old.proxy != new.proxy {
+        out.push("proxy");
+    }
+    // By kind and values: a stanza that only moved in the file is the same stanza.
+    let same = |a: &vha_core::config::Stanza, b: &vha_core::config::Stanza| a.kind == b.kind && a.options == b.options;
+    if !same(&old.storage, &new.storage) {
+        out.push("storage");
+    }
+    match (&old.ha_storage, &new.ha_storage) {
+        (Some(a), Some(b)) if same(a, b) => {}
+        (None, None) => {}
+        _ => out.push("ha_storage"),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+    use vha_core::config::{parse_str, MapEnv};
+
+    fn cfg(extra_listener: &str, top: &str) -> Config {
+        let src = format!(
+            "{}storage \"inmem\" {{}}\nlistener \"tcp\" {{\n  address = \"127.0.0.1:8200\"\n  tls_disable = true\n{extra_listener}}}\n{top}",
+            if top == "moved" { "\n\n" } else { "" }
+        );
+        let src = src.replace("moved", "");
+        parse_str(&src, Path::new("t.hcl"), &MapEnv::default()).expect("config")
+    }
+
+    /// Property: only settings that a reload does not apply are named, and a stanza that
+    /// merely moved to another line of the file is not a change.
+    #[test]
+    fn names_only_what_a_reload_cannot_apply() {
+        let base = cfg("", "");
+        assert!(restart_needed(&base, &cfg("", "log_level = \"trace\"")).is_empty());
+        let moved = cfg("", "moved");
+        assert_ne!(moved.storage.line, base.storage.line);
+        assert!(restart_needed(&base, &moved).is_empty(), "moved lines");
+        assert_eq!(
+            restart_needed(&base, &cfg("  x_forwarded_for_authorized_addrs = \"10.0.0.0/8\"\n", "")),
+            vec!["listener.x_forwarded_for_authorized_addrs"]
+        );
+        assert_eq!(
+            restart_needed(&base, &cfg("  max_request_size = 10\n", "")),
+            vec!["listener.max_request_size"]
+        );
+    }
+}

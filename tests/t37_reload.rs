@@ -1,0 +1,161 @@
+//! SIGHUP reloads of a running `vha proxy` (real node and proxy processes; the listener's
+//! certificate files are replaced on disk as an operator rotating certificates would).
+
+use std::path::Path;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::CertificateDer;
+
+use vha_testkit::{wait_until_async, TestNode, TestProxy};
+
+/// Bound on a reload showing up (the proxy reloads within milliseconds; debug build on
+/// two busy cores).
+const RELOAD_BOUND: Duration = Duration::from_secs(20);
+/// notAfter of the replacement certificate: 2030-01-01T00:00:00Z.
+const NEW_NOT_AFTER: i64 = 1_893_456_000;
+
+/// A client that accepts any certificate and reports the one it was served.
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .danger_accept_invalid_certs(true)
+        .tls_info(true)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// Status and the DER of the certificate the connection was served.
+async fn served(c: &reqwest::Client, base: &str) -> (u16, Vec<u8>) {
+    let r = c
+        .get(format!("{base}/v1/sys/seal-status"))
+        .send()
+        .await
+        .expect("request");
+    let der = r
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|i| i.peer_certificate())
+        .expect("a TLS connection with a certificate")
+        .to_vec();
+    (r.status().as_u16(), der)
+}
+
+fn leaf_der(pem: &Path) -> Vec<u8> {
+    CertificateDer::pem_file_iter(pem)
+        .expect("pem")
+        .next()
+        .expect("one certificate")
+        .expect("certificate")
+        .to_vec()
+}
+
+/// A new self-signed certificate for 127.0.0.1 valid until [`NEW_NOT_AFTER`]; (cert, key) PEM.
+fn new_pair() -> (String, String) {
+    let mut params = rcgen_params();
+    params.not_after = rcgen::date_time_ymd(2030, 1, 1);
+    let key = rcgen::KeyPair::generate().expect("key");
+    let cert = params.self_signed(&key).expect("certificate");
+    (cert.pem(), key.serialize_pem())
+}
+
+fn rcgen_params() -> rcgen::CertificateParams {
+    rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).expect("params")
+}
+
+async fn reloads(p: &TestProxy, outcome: &str) -> f64 {
+    p.metric(&format!("vha_config_reloads_total{{outcome=\"{outcome}\"}}"))
+        .await
+}
+
+/// Property: after the listener's certificate and key are replaced on disk and the proxy
+/// gets SIGHUP, every new TLS connection is served the new certificate, a connection kept
+/// alive from before keeps working (still on the certificate it was opened with), the
+/// success is counted and the expiry gauge shows the new notAfter. Then a key that does not
+/// belong to the certificate, and a config file that does not parse, change nothing: new
+/// connections still get the last good certificate, each failure is counted, and the proxy
+/// keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_replaces_the_listener_certificate_and_keeps_connections() {
+    let node = TestNode::builder().behind_proxy().listener_tls().start().await;
+    let listen = format!("127.0.0.1:{}", node.port).parse().expect("listen address");
+    let proxy = TestProxy::start(&node.config_path, listen);
+    let base = format!("https://127.0.0.1:{}", node.port);
+    let (cert_file, key_file) = (node.dir().join("listener.crt"), node.dir().join("listener.key"));
+    let old_der = leaf_der(&cert_file);
+
+    let kept = client();
+    assert_eq!(
+        served(&kept, &base).await,
+        (200, old_der.clone()),
+        "served the first certificate"
+    );
+    let old_expiry = proxy
+        .metric("vha_tls_certificate_expiry_seconds{listener=\"client\"}")
+        .await;
+    assert!(
+        old_expiry > NEW_NOT_AFTER as f64,
+        "rcgen's default notAfter is far ahead: {old_expiry}"
+    );
+
+    // Rotate: write the new pair over the old files, then SIGHUP.
+    let (cert_pem, key_pem) = new_pair();
+    std::fs::write(&cert_file, &cert_pem).expect("write cert");
+    std::fs::write(&key_file, &key_pem).expect("write key");
+    let new_der = leaf_der(&cert_file);
+    assert_ne!(new_der, old_der);
+    proxy.signal(Signal::SIGHUP);
+    wait_until_async(
+        || async { (served(&client(), &base).await == (200, new_der.clone())).then_some(()) },
+        "a new connection is served the new certificate",
+        RELOAD_BOUND,
+    )
+    .await;
+    assert_eq!(reloads(&proxy, "success").await, 1.0);
+    assert_eq!(reloads(&proxy, "failure").await, 0.0);
+    assert_eq!(
+        proxy
+            .metric("vha_tls_certificate_expiry_seconds{listener=\"client\"}")
+            .await,
+        NEW_NOT_AFTER as f64
+    );
+    // The connection opened before the reload is still the same one, and still works.
+    assert_eq!(
+        served(&kept, &base).await,
+        (200, old_der.clone()),
+        "kept-alive connection"
+    );
+
+    // A key of another certificate: the reload fails, the last good pair stays.
+    let (_, other_key) = new_pair();
+    std::fs::write(&key_file, other_key).expect("write wrong key");
+    proxy.signal(Signal::SIGHUP);
+    wait_until_async(
+        || async { (reloads(&proxy, "failure").await == 1.0).then_some(()) },
+        "the mismatched key is counted as a failed reload",
+        RELOAD_BOUND,
+    )
+    .await;
+    assert_eq!(served(&client(), &base).await, (200, new_der.clone()));
+    assert!(
+        proxy.output().contains("does not belong to the certificate"),
+        "the log says why: {}",
+        proxy.output()
+    );
+
+    // A config file that does not parse: nothing changes either.
+    std::fs::write(&key_file, &key_pem).expect("restore key");
+    let config = std::fs::read_to_string(&node.config_path).expect("config");
+    std::fs::write(&node.config_path, format!("{config}\nlistener \"tcp\" {{ address = \n")).expect("break config");
+    proxy.signal(Signal::SIGHUP);
+    wait_until_async(
+        || async { (reloads(&proxy, "failure").await == 2.0).then_some(()) },
+        "the broken file is counted as a failed reload",
+        RELOAD_BOUND,
+    )
+    .await;
+    assert_eq!(served(&client(), &base).await, (200, new_der.clone()));
+    assert_eq!(served(&kept, &base).await, (200, old_der), "kept-alive connection");
+    assert_eq!(reloads(&proxy, "success").await, 1.0);
+}
