@@ -277,3 +277,129 @@ fn non_loopback_listener_needs_authentication() {
         p.kill();
     }
 }
+
+/// An mTLS client of `l` (trusting its CA, presenting its client certificate) that reports
+/// the certificate each response's connection was served; a new client is a new connection.
+fn tls_client(l: &TestLockd) -> reqwest::Client {
+    let tls = l.tls().expect("tls");
+    reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&tls.ca.ca_file).unwrap()).unwrap())
+        .identity(
+            reqwest::Identity::from_pem(
+                &[
+                    std::fs::read(&tls.client.cert).unwrap(),
+                    std::fs::read(&tls.client.key).unwrap(),
+                ]
+                .concat(),
+            )
+            .unwrap(),
+        )
+        .tls_info(true)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// `GET /metrics` with `token`: status, the served certificate (DER) and the body.
+async fn metrics_as(http: &reqwest::Client, l: &TestLockd, token: &str) -> (u16, Vec<u8>, String) {
+    let r = http
+        .get(format!("{}/metrics", l.address()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("GET /metrics");
+    let der = r
+        .extensions()
+        .get::<reqwest::tls::TlsInfo>()
+        .and_then(|i| i.peer_certificate())
+        .expect("served certificate")
+        .to_vec();
+    (r.status().as_u16(), der, r.text().await.unwrap_or_default())
+}
+
+fn pem_der(path: &std::path::Path) -> Vec<u8> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let b64: String = text
+        .lines()
+        .skip_while(|l| !l.starts_with("-----BEGIN CERTIFICATE"))
+        .skip(1)
+        .take_while(|l| !l.starts_with("-----END"))
+        .collect();
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+}
+
+fn reloads(metrics: &str, outcome: &str) -> u64 {
+    let prefix = format!("vha_config_reloads_total{{outcome=\"{outcome}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix} in:\n{metrics}"))
+}
+
+/// Property: lockd rotates its credentials on SIGHUP without a restart: after a new token
+/// and a new server certificate are written over the files, the next requests need the new
+/// token (the old one gets 401) and new connections are served the new certificate, while a
+/// connection opened before keeps working; the success is counted. A key that does not
+/// belong to its certificate then changes nothing (same certificate, same token) and is
+/// counted as a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_the_token_and_the_certificate() {
+    let l = TestLockd::builder().mtls().start();
+    let tls = l.tls().expect("tls");
+    let old_token = l.token().expect("token").to_string();
+    let old_der = pem_der(&tls.server.cert);
+    let kept = tls_client(&l);
+    let (st, der, _) = metrics_as(&kept, &l, &old_token).await;
+    assert_eq!((st, der == old_der), (200, true));
+
+    let new_token = "rotated-token-0123456789abcdef0123456789abcdef".to_string();
+    std::fs::write(l.token_file().expect("token file"), format!("{new_token}\n")).unwrap();
+    let fresh = tls.ca.server("server-2", &["127.0.0.1", "localhost"]);
+    std::fs::copy(&fresh.cert, &tls.server.cert).unwrap();
+    std::fs::copy(&fresh.key, &tls.server.key).unwrap();
+    let new_der = pem_der(&tls.server.cert);
+    assert_ne!(new_der, old_der);
+    l.signal(nix::sys::signal::Signal::SIGHUP);
+    let m = wait_until_async(
+        || async {
+            let (st, der, body) = metrics_as(&tls_client(&l), &l, &new_token).await;
+            (st == 200 && der == new_der).then_some(body)
+        },
+        "the new token and certificate are in force",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!((reloads(&m, "success"), reloads(&m, "failure")), (1, 0));
+    assert!(m.contains("vha_tls_certificate_expiry_seconds{listener=\"lockd\"}"));
+    assert_eq!(metrics_as(&tls_client(&l), &l, &old_token).await.0, 401, "old token");
+    let (st, der, _) = metrics_as(&kept, &l, &new_token).await;
+    assert_eq!(
+        (st, der == old_der),
+        (200, true),
+        "the kept-alive connection, new token"
+    );
+
+    // A key of another certificate: refused, nothing changes.
+    let other = tls.ca.server("server-3", &["127.0.0.1"]);
+    std::fs::copy(&other.key, &tls.server.key).unwrap();
+    l.signal(nix::sys::signal::Signal::SIGHUP);
+    let m = wait_until_async(
+        || async {
+            let (_, _, body) = metrics_as(&tls_client(&l), &l, &new_token).await;
+            (reloads(&body, "failure") == 1).then_some(body)
+        },
+        "the mismatched key is counted as a failed reload",
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(reloads(&m, "success"), 1);
+    let (st, der, _) = metrics_as(&tls_client(&l), &l, &new_token).await;
+    assert_eq!((st, der == new_der), (200, true), "the last good pair stays served");
+    assert!(
+        l.output().contains("does not belong to the certificate"),
+        "{}",
+        l.output()
+    );
+}

@@ -6,7 +6,7 @@
 //! request, in constant time. `/v1/health` stays open so load balancers can probe; every other
 //! path (data, locks, watches, snapshots, `/metrics`) needs the configured credentials.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use subtle::ConstantTimeEq;
 use vha_core::storage::lockd::auth::BEARER;
@@ -64,10 +64,12 @@ impl Refusal {
     }
 }
 
-/// The bearer token lockd expects, if any. Cheap to clone; zeroized when the last clone goes.
+/// The bearer token lockd expects, if any. Cheap to clone (clones share the token, so a
+/// [`TokenCheck::replace`] on SIGHUP reaches every connection); each token is zeroized when
+/// the last reference to it goes.
 #[derive(Clone, Default)]
 pub struct TokenCheck {
-    token: Option<Arc<Zeroizing<String>>>,
+    token: Option<Arc<RwLock<Arc<Zeroizing<String>>>>>,
 }
 
 impl std::fmt::Debug for TokenCheck {
@@ -81,8 +83,18 @@ impl std::fmt::Debug for TokenCheck {
 impl TokenCheck {
     pub fn new(token: Option<Zeroizing<String>>) -> TokenCheck {
         TokenCheck {
-            token: token.map(Arc::new),
+            token: token.map(|t| Arc::new(RwLock::new(Arc::new(t)))),
         }
+    }
+
+    /// Requires `token` from now on. Refused when no token was configured at start:
+    /// turning authentication on or off takes a restart.
+    pub fn replace(&self, token: Zeroizing<String>) -> Result<(), &'static str> {
+        let Some(slot) = &self.token else {
+            return Err("token_file was not set at start; adding it takes a restart");
+        };
+        *slot.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(token);
+        Ok(())
     }
 
     pub fn enabled(&self) -> bool {
@@ -93,9 +105,10 @@ impl TokenCheck {
     /// With no token configured every request passes (mutual TLS, if any, was checked at
     /// the handshake).
     pub fn check(&self, authorization: Option<&[u8]>) -> Result<(), Refusal> {
-        let Some(expected) = &self.token else {
+        let Some(slot) = &self.token else {
             return Ok(());
         };
+        let expected = slot.read().unwrap_or_else(|p| p.into_inner()).clone();
         let presented = authorization.ok_or(Refusal::MissingToken)?;
         let scheme = BEARER.as_bytes();
         if presented.len() < scheme.len() || !presented[..scheme.len()].eq_ignore_ascii_case(scheme) {

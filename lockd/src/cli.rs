@@ -258,13 +258,41 @@ async fn run_daemon(args: &Args) -> Result<(), String> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| e.to_string())?;
     let mut int = signal(SignalKind::interrupt()).map_err(|e| e.to_string())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).map_err(|e| e.to_string())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(args, &d),
+        }
     }
     tracing::info!("lockd shutting down");
     d.stop().await;
     Ok(())
+}
+
+/// SIGHUP: re-reads the file and flags, applies what can change while running (see
+/// [`crate::Daemon::reload`]) and counts the outcome in `vha_config_reloads_total`.
+fn reload(args: &Args, d: &crate::Daemon) {
+    let file = args.config.as_deref().unwrap_or(std::path::Path::new("<flags>"));
+    tracing::info!(config = %file.display(), "SIGHUP: reloading the configuration");
+    let outcome = match config_from(args).and_then(|cfg| d.reload(&cfg, file)) {
+        Ok(restart) => {
+            for setting in restart {
+                tracing::warn!(
+                    setting,
+                    "changed in the configuration; it takes effect only after a restart"
+                );
+            }
+            tracing::info!("configuration reloaded");
+            "success"
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "reload failed; the running configuration stays in force");
+            "failure"
+        }
+    };
+    d.store.metrics().config_reloads.with_label_values(&[outcome]).inc();
 }
 
 async fn snapshot_save(file: &std::path::Path, c: &LockdBackend) -> Result<(), String> {

@@ -262,6 +262,32 @@ impl LockdConfig {
         })
     }
 
+    /// The settings that differ in `new` and that a reload does not apply (the certificate,
+    /// key and token are reloaded; everything else is read at start).
+    pub fn restart_needed(&self, new: &LockdConfig) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut diff = |changed: bool, key: &'static str| {
+            if changed {
+                out.push(key);
+            }
+        };
+        diff(self.listen != new.listen, "listen");
+        diff(self.data_dir != new.data_dir, "data_dir");
+        diff(self.lease_ttl != new.lease_ttl, "lease_ttl");
+        diff(self.min_lease_ttl != new.min_lease_ttl, "min_lease_ttl");
+        diff(self.max_lease_ttl != new.max_lease_ttl, "max_lease_ttl");
+        diff(self.compact_bytes != new.compact_bytes, "compact_bytes");
+        diff(self.max_value_size != new.max_value_size, "max_value_size");
+        diff(
+            self.tls_cert_file.is_some() != new.tls_cert_file.is_some(),
+            "tls_cert_file",
+        );
+        diff(self.tls_client_ca_file != new.tls_client_ca_file, "tls_client_ca_file");
+        diff(self.token_file.is_some() != new.token_file.is_some(), "token_file");
+        diff(self.insecure_no_auth != new.insecure_no_auth, "insecure_no_auth");
+        out
+    }
+
     /// A positioned error about `key`: the file and line it was set at (or `file`).
     pub fn error(&self, file: &Path, key: &str, msg: impl Into<String>) -> ConfigError {
         let (file, line) = self

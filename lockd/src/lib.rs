@@ -39,6 +39,12 @@ pub struct Daemon {
     pub store: store::Store,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
+    /// The served certificate (with TLS), replaced by [`Daemon::reload`].
+    served: Option<Arc<vha_core::served_cert::ServedCert>>,
+    /// Shared with every connection, so a reloaded token applies to the next request.
+    tokens: auth::TokenCheck,
+    /// The configuration in force, to tell what a reload changes.
+    running: std::sync::Mutex<LockdConfig>,
 }
 
 impl Daemon {
@@ -54,12 +60,18 @@ impl Daemon {
         )
         .map_err(|e| e.to_string())?;
         let config_file = std::path::Path::new("<config>");
-        let tls = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
-            (Some(c), Some(k)) => Some(
-                tls_acceptor(c, k, cfg.tls_client_ca_file.as_deref())
-                    .map_err(|(key, m)| cfg.error(config_file, key, m).to_string())?,
-            ),
-            _ => None,
+        let (tls, served) = match (&cfg.tls_cert_file, &cfg.tls_key_file) {
+            (Some(c), Some(k)) => {
+                let (acceptor, served) = tls_acceptor(c, k, cfg.tls_client_ca_file.as_deref())
+                    .map_err(|(key, m)| cfg.error(config_file, key, m).to_string())?;
+                store
+                    .metrics()
+                    .tls_expiry
+                    .with_label_values(&["lockd"])
+                    .set(served.not_after());
+                (Some(acceptor), Some(served))
+            }
+            _ => (None, None),
         };
         let token = match &cfg.token_file {
             Some(p) => Some(
@@ -106,7 +118,10 @@ impl Daemon {
             listener,
             store.clone(),
             limits,
-            server::Security { tls, tokens },
+            server::Security {
+                tls,
+                tokens: tokens.clone(),
+            },
             shutdown.clone(),
         ));
         Ok(Daemon {
@@ -114,7 +129,43 @@ impl Daemon {
             store,
             shutdown,
             task,
+            served,
+            tokens,
+            running: std::sync::Mutex::new(cfg.clone()),
         })
+    }
+
+    /// Applies a re-read configuration (SIGHUP): the served certificate and key and the
+    /// bearer token from `token_file`. New connections and requests use them at once; open
+    /// connections keep the handshake they made. On error nothing changed. Returns the
+    /// settings that differ but only take effect after a restart.
+    pub fn reload(&self, new: &LockdConfig, file: &std::path::Path) -> Result<Vec<&'static str>, String> {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let token = match (&new.token_file, self.tokens.enabled()) {
+            (Some(p), true) => Some(
+                vha_core::storage::lockd::auth::read_token_file(p)
+                    .map_err(|m| new.error(file, "token_file", m).to_string())?,
+            ),
+            _ => None,
+        };
+        if let (Some(served), Some(c), Some(k)) = (&self.served, &new.tls_cert_file, &new.tls_key_file) {
+            let not_after = served
+                .reload(c, k)
+                .map_err(|e| new.error(file, e.key, format!("{}: {}", e.file, e.message)).to_string())?;
+            self.store
+                .metrics()
+                .tls_expiry
+                .with_label_values(&["lockd"])
+                .set(not_after);
+        }
+        if let Some(t) = token {
+            self.tokens
+                .replace(t)
+                .map_err(|m| new.error(file, "token_file", m).to_string())?;
+        }
+        let restart = running.restart_needed(new);
+        *running = new.clone();
+        Ok(restart)
     }
 
     /// Stops serving and flushes the log.
@@ -132,13 +183,13 @@ fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
     client_ca: Option<&std::path::Path>,
-) -> Result<tokio_rustls::TlsAcceptor, (&'static str, String)> {
+) -> Result<(tokio_rustls::TlsAcceptor, Arc<vha_core::served_cert::ServedCert>), (&'static str, String)> {
     use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| ("tls_cert_file", format!("{}: {e}", cert.display())))?;
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| ("tls_key_file", format!("{}: {e}", key.display())))?;
+    use rustls_pki_types::CertificateDer;
+    let served = Arc::new(
+        vha_core::served_cert::ServedCert::load(cert, key)
+            .map_err(|e| (e.key, format!("{}: {}", e.file, e.message)))?,
+    );
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -162,9 +213,7 @@ fn tls_acceptor(
             builder.with_client_cert_verifier(verifier)
         }
     };
-    let mut cfg = builder
-        .with_single_cert(certs, key)
-        .map_err(|e| ("tls_key_file", format!("TLS certificate/key: {e}")))?;
+    let mut cfg = builder.with_cert_resolver(served.clone());
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+    Ok((tokio_rustls::TlsAcceptor::from(Arc::new(cfg)), served))
 }

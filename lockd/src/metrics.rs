@@ -5,7 +5,8 @@
 //! One private registry per server, so tests can run several servers in one process.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// fsync latency buckets: 50 µs (a battery-backed or tmpfs device) doubling-ish up to 5 s
@@ -29,6 +30,10 @@ pub struct Metrics {
     pub compactions: IntCounter,
     /// Refused clients by reason (`crate::auth::Refusal` labels, all present from start).
     pub auth_failures: IntCounterVec,
+    /// `outcome` = success | failure: SIGHUP reloads.
+    pub config_reloads: IntCounterVec,
+    /// notAfter (Unix seconds) of the served certificate (`listener` = lockd).
+    pub tls_expiry: IntGaugeVec,
 }
 
 impl Metrics {
@@ -75,8 +80,29 @@ impl Metrics {
         for r in crate::auth::Refusal::ALL {
             auth_failures.with_label_values(&[r.label()]);
         }
+        let config_reloads = IntCounterVec::new(
+            Opts::new(
+                "vha_config_reloads_total",
+                "Configuration reloads (SIGHUP) by outcome (success, failure)",
+            ),
+            &["outcome"],
+        )
+        .expect("static metric definition");
+        for outcome in ["success", "failure"] {
+            config_reloads.with_label_values(&[outcome]);
+        }
+        let tls_expiry = IntGaugeVec::new(
+            Opts::new(
+                "vha_tls_certificate_expiry_seconds",
+                "When the certificate served on a listener expires (its notAfter, Unix seconds)",
+            ),
+            &["listener"],
+        )
+        .expect("static metric definition");
         for c in [
             Box::new(ops.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(config_reloads.clone()),
+            Box::new(tls_expiry.clone()),
             Box::new(auth_failures.clone()),
             Box::new(fsync_seconds.clone()),
             Box::new(batch_records.clone()),
@@ -101,6 +127,8 @@ impl Metrics {
             log_bytes,
             compactions,
             auth_failures,
+            config_reloads,
+            tls_expiry,
         }
     }
 
