@@ -159,3 +159,72 @@ async fn sighup_replaces_the_listener_certificate_and_keeps_connections() {
     assert_eq!(served(&kept, &base).await, (200, old_der), "kept-alive connection");
     assert_eq!(reloads(&proxy, "success").await, 1.0);
 }
+
+/// `vha_config_reloads_total{outcome}` of a node, read with `token`.
+async fn node_reloads(node: &TestNode, token: &str, outcome: &str) -> f64 {
+    let (st, text) = node
+        .get_node_local("sys/metrics?format=prometheus", Some(token))
+        .await
+        .expect("metrics");
+    assert_eq!(st, 200, "{text}");
+    vha_testkit::prometheus::series_value(&text, "vha_config_reloads_total", &[("outcome", outcome)])
+}
+
+/// Property: `vha server` takes SIGHUP as a reload, not as the end (the default action
+/// would kill it): `log_level` from the file is applied at once (at `warn`, the reload's own
+/// info line "log level set" is no longer written; back at `debug` it is), a file that does
+/// not parse changes nothing and is counted as a failure, and the node keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_sets_the_node_log_level_and_keeps_it_serving() {
+    let node = TestNode::builder().start().await;
+    let token = node.init_unsealed().await.root_token;
+    let original = std::fs::read_to_string(&node.config_path).expect("config");
+    assert!(original.contains("log_level = \"debug\""), "{original}");
+    let set_lines = || node.output().matches("log level set").count();
+
+    std::fs::write(
+        &node.config_path,
+        original.replace("log_level = \"debug\"", "log_level = \"warn\""),
+    )
+    .unwrap();
+    node.signal(Signal::SIGHUP);
+    wait_until_async(
+        || async { (node_reloads(&node, &token, "success").await == 1.0).then_some(()) },
+        "the first reload is counted",
+        RELOAD_BOUND,
+    )
+    .await;
+    assert_eq!(
+        set_lines(),
+        0,
+        "at warn the info line is not written: {}",
+        node.output()
+    );
+
+    std::fs::write(&node.config_path, &original).unwrap();
+    node.signal(Signal::SIGHUP);
+    wait_until_async(
+        || async { (node_reloads(&node, &token, "success").await == 2.0).then_some(()) },
+        "the second reload is counted",
+        RELOAD_BOUND,
+    )
+    .await;
+    wait_until_async(
+        || async { (set_lines() == 1).then_some(()) },
+        "back at debug, the info line is written",
+        RELOAD_BOUND,
+    )
+    .await;
+
+    std::fs::write(&node.config_path, format!("{original}\nstorage \"file\" {{ path = \n")).unwrap();
+    node.signal(Signal::SIGHUP);
+    wait_until_async(
+        || async { (node_reloads(&node, &token, "failure").await == 1.0).then_some(()) },
+        "the broken file is counted as a failed reload",
+        RELOAD_BOUND,
+    )
+    .await;
+    assert!(node.is_running());
+    let (st, v) = node.request("GET", "sys/health", None, None).await;
+    assert_eq!(st, 200, "{v}");
+}

@@ -46,7 +46,8 @@ pub fn server(args: Vec<String>) -> ExitCode {
         .log_level
         .clone()
         .unwrap_or_else(|| cfg.log_level.as_str().to_string());
-    init_tracing(&level);
+    // `--log-level` pins the level: a reload does not change it.
+    let set_level = init_tracing(&level).filter(|_| args.log_level.is_none());
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -54,21 +55,38 @@ pub fn server(args: Vec<String>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    rt.block_on(run(cfg, &level))
+    rt.block_on(run(cfg, &level, set_level))
 }
 
-/// Sets up logging to stderr at `level` (Vault's names), unless `RUST_LOG` says otherwise.
-pub fn init_tracing(level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(config::LogLevel::parse(level).map(|l| l.as_str()).unwrap_or("info"))
-    });
+/// Sets a new log level (Vault's names) on SIGHUP.
+pub type SetLevel = Box<dyn Fn(&str) + Send + Sync>;
+
+fn level_filter(level: &str) -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::new(config::LogLevel::parse(level).map(|l| l.as_str()).unwrap_or("info"))
+}
+
+/// Sets up logging to stderr at `level` (Vault's names), unless `RUST_LOG` says otherwise;
+/// returns how to change the level later (`None` when `RUST_LOG` fixes it).
+pub fn init_tracing(level: &str) -> Option<SetLevel> {
+    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
+    let fixed = from_env.is_some();
+    let filter = from_env.unwrap_or_else(|| level_filter(level));
     use std::io::IsTerminal;
     let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_filter_reloading();
+    let handle = builder.reload_handle();
+    let _ = builder.try_init();
+    (!fixed).then(|| {
+        Box::new(move |level: &str| {
+            if let Err(e) = handle.reload(level_filter(level)) {
+                tracing::warn!(error = %e, "could not change the log level");
+            }
+        }) as SetLevel
+    })
 }
 
 /// The banner lines, Vault's layout: right-aligned labels.
@@ -115,7 +133,7 @@ pub fn banner(cfg: &Config, opened: &OpenedStores, level: &str) -> String {
     out
 }
 
-async fn run(cfg: Config, level: &str) -> ExitCode {
+async fn run(cfg: Config, level: &str, set_level: Option<SetLevel>) -> ExitCode {
     let opened = match open_stores(&cfg) {
         Ok(o) => o,
         Err(e) => {
@@ -188,7 +206,19 @@ async fn run(cfg: Config, level: &str) -> ExitCode {
     }
     println!("==> vha server started! Log data will stream in below:\n");
     let ha_task = tokio::spawn(crate::ha::run(node.clone()));
-    wait_for_signal().await;
+    let config_path = node.config().path.clone();
+    let mut running = node.config().clone();
+    wait_for_signal(|| {
+        let outcome = match reload(&config_path, &mut running, set_level.as_deref()) {
+            Ok(()) => "success",
+            Err(e) => {
+                tracing::error!(error = %e, "reload failed; the running configuration stays in force");
+                "failure"
+            }
+        };
+        node.metrics().config_reloads.with_label_values(&[outcome]).inc();
+    })
+    .await;
     // Rolling restarts cost no errors: first stop accepting and drain in-flight requests
     // (still as active), then end the term (advertisement deleted, lock released) so a
     // standby takes over at once, then exit.
@@ -206,13 +236,74 @@ async fn run(cfg: Config, level: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn wait_for_signal() {
+/// Resolves on SIGTERM or SIGINT; calls `on_hup` on every SIGHUP meanwhile.
+async fn wait_for_signal(mut on_hup: impl FnMut()) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+    let mut hup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => on_hup(),
+        }
     }
+}
+
+/// SIGHUP: re-reads the file and applies `log_level` (unless `--log-level` or `RUST_LOG`
+/// pins it). The node serves no TLS of its own (its proxy does) and reads everything else at
+/// start, so other changes are named in the log as needing a restart. A file that does not
+/// parse changes nothing.
+fn reload(
+    path: &std::path::Path,
+    running: &mut Config,
+    set_level: Option<&(dyn Fn(&str) + Send + Sync)>,
+) -> Result<(), String> {
+    tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
+    let new =
+        config::load(path, &ProcessEnv).map_err(|e| format!("loading configuration from {}: {e}", path.display()))?;
+    if let Some(set) = set_level {
+        set(new.log_level.as_str());
+        tracing::info!(log_level = new.log_level.as_str(), "log level set");
+    }
+    for setting in restart_needed(running, &new) {
+        tracing::warn!(setting, "changed in the file; it takes effect only after a restart");
+    }
+    *running = new;
+    Ok(())
+}
+
+/// The settings the node reads only at start that differ between `old` and `new`.
+fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let same = |a: &config::Stanza, b: &config::Stanza| a.kind == b.kind && a.options == b.options;
+    let mut out = Vec::new();
+    if !same(&old.storage, &new.storage) {
+        out.push("storage");
+    }
+    match (&old.ha_storage, &new.ha_storage) {
+        (Some(a), Some(b)) if same(a, b) => {}
+        (None, None) => {}
+        _ => out.push("ha_storage"),
+    }
+    if old.api_addr != new.api_addr {
+        out.push("api_addr");
+    }
+    if old.cluster_addr != new.cluster_addr {
+        out.push("cluster_addr");
+    }
+    if old.disable_clustering != new.disable_clustering {
+        out.push("disable_clustering");
+    }
+    if old.proxy != new.proxy {
+        out.push("proxy");
+    }
+    let strip = |l: &config::Listener| config::Listener {
+        line: None,
+        ..l.clone()
+    };
+    if old.listeners.iter().map(strip).ne(new.listeners.iter().map(strip)) {
+        out.push("listener");
+    }
+    out
 }

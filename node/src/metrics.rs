@@ -36,6 +36,8 @@ pub struct NodeMetrics {
     /// Connections to the pair socket refused by their peer credentials, by reason:
     /// `uid` (another user), `no_credentials` (the kernel gave none).
     pub local_socket_refused: IntCounterVec,
+    /// `outcome` = success | failure: SIGHUP reloads.
+    pub config_reloads: IntCounterVec,
 }
 
 /// The reasons of `vha_node_local_socket_refused_total`, all exported from the start.
@@ -112,7 +114,18 @@ impl NodeMetrics {
                 &["reason"],
             )
             .expect("counter vec"),
+            config_reloads: IntCounterVec::new(
+                Opts::new(
+                    "vha_config_reloads_total",
+                    "Configuration reloads (SIGHUP) by outcome (success, failure)",
+                ),
+                &["outcome"],
+            )
+            .expect("counter vec"),
         };
+        for outcome in ["success", "failure"] {
+            m.config_reloads.with_label_values(&[outcome]);
+        }
         // At 0 from the start, so a rate or an alert works before the first refusal.
         for reason in LOCAL_SOCKET_REFUSED_REASONS {
             m.local_socket_refused.with_label_values(&[reason]);
@@ -131,6 +144,7 @@ impl NodeMetrics {
             Box::new(m.fencing_rejections.clone()),
             Box::new(m.cluster_handshake_failures.clone()),
             Box::new(m.local_socket_refused.clone()),
+            Box::new(m.config_reloads.clone()),
         ] {
             m.registry.register(c).expect("unique metric names");
         }
