@@ -41,6 +41,10 @@ struct Args {
     /// The node's HCL config file (must contain a `proxy {}` block).
     #[arg(long)]
     config: PathBuf,
+    /// Graceful upgrade: take the listening socket over from the running proxy of this
+    /// config (send that one SIGQUIT after starting this), which then drains and exits.
+    #[arg(long)]
+    upgrade: bool,
 }
 
 /// Entry point (`vha proxy ...`).
@@ -60,7 +64,7 @@ pub fn main(args: Vec<String>) -> ExitCode {
         }
     };
     let set_level = init_tracing(&cfg);
-    match run(cfg, set_level) {
+    match run(cfg, set_level, args.upgrade) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vha proxy: {e}");
@@ -100,7 +104,7 @@ fn init_tracing(cfg: &Config) -> Option<SetLevel> {
     })
 }
 
-fn run(cfg: Config, set_level: Option<SetLevel>) -> Result<(), ProxyError> {
+fn run(cfg: Config, set_level: Option<SetLevel>, upgrade: bool) -> Result<(), ProxyError> {
     let pcfg = cfg
         .proxy
         .clone()
@@ -174,6 +178,7 @@ fn run(cfg: Config, set_level: Option<SetLevel>) -> Result<(), ProxyError> {
         }
         .run(),
     );
+    let bg_handle = bg.handle().clone();
     std::thread::Builder::new()
         .name("vha-proxy-bg".into())
         .spawn(move || bg.block_on(std::future::pending::<()>()))
@@ -193,8 +198,29 @@ fn run(cfg: Config, set_level: Option<SetLevel>) -> Result<(), ProxyError> {
         upgrade_sock: dir.join("vha-proxy-upgrade.sock").to_string_lossy().into_owned(),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
+    // A graceful upgrade begins: every client connection is closed after its next response
+    // (`Connection: close`), so clients reconnect to the successor instead of racing the
+    // close of an idle keep-alive connection when this process shuts down.
+    let mut phases = server.watch_execution_phase();
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let draining = draining.clone();
+        bg_handle.spawn(async move {
+            use pingora::server::ExecutionPhase;
+            while let Ok(p) = phases.recv().await {
+                if matches!(p, ExecutionPhase::GracefulUpgradeTransferringFds) {
+                    tracing::info!("graceful upgrade: handing the listener over; closing client connections after their next response");
+                    draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+    }
     let settings = Settings {
         local_socket: socket.clone(),
         hold_timeout: pcfg.hold_timeout,
@@ -202,6 +228,7 @@ fn run(cfg: Config, set_level: Option<SetLevel>) -> Result<(), ProxyError> {
         max_request_duration: listener.max_request_duration,
         xff_trusted: listener.x_forwarded_for_authorized_addrs.clone(),
         forward_protocol,
+        draining,
     };
     let mut app = pingora::proxy::http_proxy(&server.configuration, VhaProxy::new(view_rx, settings, metrics));
     let mut opts = pingora::apps::HttpServerOptions::default();

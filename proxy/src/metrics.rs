@@ -461,9 +461,29 @@ pub fn class(status: u16) -> &'static str {
     }
 }
 
+/// How long the metrics address may stay taken before the listener gives up: during a
+/// graceful upgrade (`vha proxy --upgrade`) the old process holds it until it exits, which
+/// is its close timeout (5 s) plus its shutdown timeout (5 s) at most.
+const METRICS_BIND_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Retry interval while the address is taken.
+const METRICS_BIND_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Binds `addr`, retrying while another process (the one being upgraded) still has it.
+async fn bind_when_free(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let deadline = tokio::time::Instant::now() + METRICS_BIND_WAIT;
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(METRICS_BIND_RETRY).await;
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Serves `GET /metrics` (any path) on `addr` until the process ends.
 pub async fn serve(addr: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = bind_when_free(addr).await?;
     tracing::info!(%addr, "serving proxy metrics");
     loop {
         let Ok((stream, _)) = listener.accept().await else {

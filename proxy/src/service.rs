@@ -51,6 +51,9 @@ pub struct Settings {
     pub max_request_duration: Option<Duration>,
     pub xff_trusted: Vec<IpNet>,
     pub forward_protocol: ForwardProtocol,
+    /// Set when a graceful upgrade hands the listener to a successor: responses then close
+    /// their connection (see `cli.rs`).
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The proxy service.
@@ -248,6 +251,9 @@ impl ProxyHttp for VhaProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> pingora::Result<bool> {
+        if self.settings.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            session.set_keepalive(None);
+        }
         if conflicting_framing(session) {
             ctx.route = "rejected";
             session.set_keepalive(None);

@@ -130,6 +130,35 @@ impl TestProxy {
         self.proc.as_ref().is_some_and(|p| p.is_running_shared())
     }
 
+    /// Pingora's graceful upgrade: starts a successor with `--upgrade`, waits until it
+    /// listens for the hand-over (its upgrade socket appears), then sends the running
+    /// process SIGQUIT so it hands its listening socket over. Returns the old process, which
+    /// drains and exits on its own; the caller waits for that (and it is killed on drop).
+    pub fn upgrade(&mut self) -> ChildProc {
+        let upgrade_sock = self.dir.join("vha-proxy-upgrade.sock");
+        let _ = std::fs::remove_file(&upgrade_sock);
+        let mut cmd = command_on(self.host.as_ref(), vha_binary());
+        cmd.arg("proxy")
+            .arg("--config")
+            .arg(&self.config_path)
+            .arg("--upgrade")
+            .env("NO_COLOR", "1");
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        let log = self.dir.join(format!("proxy-{}.log", self.starts));
+        self.starts += 1;
+        let successor = ChildProc::spawn("vha proxy (successor)", cmd, &log);
+        let old = self.proc.replace(successor).expect("a running proxy to upgrade");
+        crate::wait::wait_until(
+            || upgrade_sock.exists().then_some(()),
+            "the successor waits for the listener on its upgrade socket",
+            PROXY_START_TIMEOUT,
+        );
+        old.signal(nix::sys::signal::Signal::SIGQUIT);
+        old
+    }
+
     /// Sends a signal to the process (by its PID).
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         if let Some(p) = &self.proc {

@@ -1,0 +1,142 @@
+//! Graceful upgrade of `vha proxy` (Pingora's: the successor takes the listening socket over
+//! from the running process, which drains and exits) under client load, on real processes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vha_testkit::{TestCluster, TestNode};
+
+/// Bound on electing the first active node.
+const ELECTION_BOUND: Duration = Duration::from_secs(30);
+/// Bound on the old process exiting after SIGQUIT: its close timeout (5 s) and shutdown
+/// timeout (5 s), with room for a debug build on two busy cores.
+const DRAIN_BOUND: Duration = Duration::from_secs(40);
+/// Load loops per proxy (each on its own keep-alive client).
+const LOOPS_PER_PROXY: usize = 2;
+/// Hard caps on each load loop, whatever happens to the test.
+const LOOP_MAX_REQUESTS: u64 = 200_000;
+const LOOP_MAX_TIME: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Default)]
+struct LoopResult {
+    ok: u64,
+    errors: Vec<String>,
+}
+
+/// Writes then reads back `secret/data/<name>-<n>` through `base` until `stop`; every
+/// answer must be a 2xx with the value written.
+async fn load(base: String, token: String, name: String, stop: Arc<AtomicBool>) -> LoopResult {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let mut r = LoopResult::default();
+    let start = Instant::now();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) && n < LOOP_MAX_REQUESTS && start.elapsed() < LOOP_MAX_TIME {
+        n += 1;
+        let url = format!("{base}/v1/secret/data/{name}-{}", n % 50);
+        let value = format!("{name}-{n}");
+        let put = http
+            .put(&url)
+            .header("X-Vault-Token", &token)
+            .json(&serde_json::json!({"data": {"v": value}}))
+            .send()
+            .await;
+        match put {
+            Ok(resp) if resp.status().is_success() => r.ok += 1,
+            Ok(resp) => r.errors.push(format!(
+                "PUT {}: {}",
+                resp.status(),
+                resp.text().await.unwrap_or_default()
+            )),
+            Err(e) => r.errors.push(format!("PUT: {e}")),
+        }
+        let get = http.get(&url).header("X-Vault-Token", &token).send().await;
+        match get {
+            Ok(resp) if resp.status().is_success() => {
+                let v: serde_json::Value = resp.json().await.unwrap_or_default();
+                if v["data"]["data"]["v"] == serde_json::Value::String(value.clone()) {
+                    r.ok += 1;
+                } else {
+                    r.errors.push(format!("GET read {v} after writing {value}"));
+                }
+            }
+            Ok(resp) => r.errors.push(format!("GET {}", resp.status())),
+            Err(e) => r.errors.push(format!("GET: {e}")),
+        }
+    }
+    r
+}
+
+/// Property: upgrading a pair's proxy in place (successor with `--upgrade`, SIGQUIT to the
+/// running one) under steady writes and reads through both pairs, on the active's proxy and
+/// then on the standby's (which forwards), fails no request: no connection error, no
+/// non-2xx, no wrong read; the old process drains and exits by itself; and the successor
+/// serves its metrics on the same address once the old one let go of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_upgrade_under_load_fails_no_request() {
+    let mut c = TestCluster::builder()
+        .nodes(2)
+        .template(TestNode::builder())
+        .proxies()
+        .start()
+        .await;
+    let a = c.wait_one_active(ELECTION_BOUND).await;
+    c.mount_secret(a).await;
+    let token = c.root_token().to_string();
+    for target in [a, 1 - a] {
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut loops = Vec::new();
+        for (i, p) in c.proxies.iter().enumerate() {
+            for l in 0..LOOPS_PER_PROXY {
+                loops.push(tokio::spawn(load(
+                    p.addr.clone(),
+                    token.clone(),
+                    format!("up{target}-p{i}-l{l}"),
+                    stop.clone(),
+                )));
+            }
+        }
+        // Load is flowing before the upgrade starts.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut old = c.proxies[target].upgrade();
+        let status = old.wait_exit(DRAIN_BOUND);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "the old proxy drains and exits cleanly ({status:?}); its output:\n{}",
+            old.output()
+        );
+        stop.store(true, Ordering::Relaxed);
+        let mut ok = 0;
+        let mut errors = Vec::new();
+        for l in loops {
+            let r = l.await.expect("load loop");
+            ok += r.ok;
+            errors.extend(r.errors);
+        }
+        eprintln!(
+            "upgrade of pair {target}: {ok} requests succeeded, {} failed",
+            errors.len()
+        );
+        assert!(ok > 0, "load ran");
+        assert!(
+            errors.is_empty(),
+            "requests failed across the upgrade of pair {target}: {errors:?}"
+        );
+        assert!(c.proxies[target].is_running(), "the successor runs");
+        vha_testkit::wait_until_async(
+            || async {
+                c.proxies[target]
+                    .metrics()
+                    .await
+                    .contains("vha_proxy_requests_total")
+                    .then_some(())
+            },
+            "the successor serves metrics on the same address",
+            DRAIN_BOUND,
+        )
+        .await;
+    }
+}
