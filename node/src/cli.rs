@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use vha_core::config::{self, Config, ProcessEnv};
+use vha_core::config::{self, Config, ProcessEnv, Stanza};
 use vha_core::storage::factory::{open_stores, OpenedStores};
 
 use crate::http::{self, Limits};
@@ -276,15 +276,13 @@ fn reload(
 
 /// The settings the node reads only at start that differ between `old` and `new`.
 fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
-    let same = |a: &config::Stanza, b: &config::Stanza| a.kind == b.kind && a.options == b.options;
     let mut out = Vec::new();
-    if !same(&old.storage, &new.storage) {
+    // By kind and values: a stanza that only moved in the file is the same stanza.
+    if !old.storage.same_settings(&new.storage) {
         out.push("storage");
     }
-    match (&old.ha_storage, &new.ha_storage) {
-        (Some(a), Some(b)) if same(a, b) => {}
-        (None, None) => {}
-        _ => out.push("ha_storage"),
+    if !Stanza::same_optional(old.ha_storage.as_ref(), new.ha_storage.as_ref()) {
+        out.push("ha_storage");
     }
     if old.api_addr != new.api_addr {
         out.push("api_addr");

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vha_core::config::{Config, ProcessEnv};
+use vha_core::config::{Config, ProcessEnv, Stanza};
 use vha_core::served_cert::ServedCert;
 
 use crate::metrics::Metrics;
@@ -99,14 +99,11 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
         out.push("proxy");
     }
     // By kind and values: a stanza that only moved in the file is the same stanza.
-    let same = |a: &vha_core::config::Stanza, b: &vha_core::config::Stanza| a.kind == b.kind && a.options == b.options;
-    if !same(&old.storage, &new.storage) {
+    if !old.storage.same_settings(&new.storage) {
         out.push("storage");
     }
-    match (&old.ha_storage, &new.ha_storage) {
-        (Some(a), Some(b)) if same(a, b) => {}
-        (None, None) => {}
-        _ => out.push("ha_storage"),
+    if !Stanza::same_optional(old.ha_storage.as_ref(), new.ha_storage.as_ref()) {
+        out.push("ha_storage");
     }
     out
 }
@@ -119,7 +116,7 @@ mod tests {
 
     fn cfg(extra_listener: &str, top: &str) -> Config {
         let src = format!(
-            "{}storage \"inmem\" {{}}\nlistener \"tcp\" {{\n  address = \"127.0.0.1:8200\"\n  tls_disable = true\n{extra_listener}}}\n{top}",
+            "{}storage \"file\" {{\n  path = \"/var/lib/vha\"\n}}\nlistener \"tcp\" {{\n  address = \"127.0.0.1:8200\"\n  tls_disable = true\n{extra_listener}}}\n{top}",
             if top == "moved" { "\n\n" } else { "" }
         );
         let src = src.replace("moved", "");
@@ -135,6 +132,9 @@ mod tests {
         let moved = cfg("", "moved");
         assert_ne!(moved.storage.line, base.storage.line);
         assert!(restart_needed(&base, &moved).is_empty(), "moved lines");
+        let mut elsewhere = base.clone();
+        elsewhere.storage.options.get_mut("path").expect("path").value = "/elsewhere".into();
+        assert_eq!(restart_needed(&base, &elsewhere), vec!["storage"]);
         assert_eq!(
             restart_needed(&base, &cfg("  x_forwarded_for_authorized_addrs = \"10.0.0.0/8\"\n", "")),
             vec!["listener.x_forwarded_for_authorized_addrs"]

@@ -151,6 +151,27 @@ impl std::fmt::Debug for Stanza {
 }
 
 impl Stanza {
+    /// Same backend and same option values, wherever in the file they are written (a
+    /// reload asks this to tell a changed stanza from one that only moved).
+    pub fn same_settings(&self, other: &Stanza) -> bool {
+        self.kind == other.kind
+            && self.options.len() == other.options.len()
+            && self
+                .options
+                .iter()
+                .zip(&other.options)
+                .all(|((ka, va), (kb, vb))| ka == kb && va.value == vb.value)
+    }
+
+    /// [`Stanza::same_settings`] over optional stanzas (`ha_storage`).
+    pub fn same_optional(a: Option<&Stanza>, b: Option<&Stanza>) -> bool {
+        match (a, b) {
+            (Some(a), Some(b)) => a.same_settings(b),
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.options.get(key).map(|v| v.value.as_str())
     }
