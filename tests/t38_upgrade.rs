@@ -1,7 +1,7 @@
 //! Graceful upgrade of `vha proxy` (Pingora's: the successor takes the listening socket over
 //! from the running process, which drains and exits) under client load, on real processes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,7 +26,7 @@ struct LoopResult {
 
 /// Writes then reads back `secret/data/<name>-<n>` through `base` until `stop`; every
 /// answer must be a 2xx with the value written.
-async fn load(base: String, token: String, name: String, stop: Arc<AtomicBool>) -> LoopResult {
+async fn load(base: String, token: String, name: String, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> LoopResult {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -45,7 +45,10 @@ async fn load(base: String, token: String, name: String, stop: Arc<AtomicBool>) 
             .send()
             .await;
         match put {
-            Ok(resp) if resp.status().is_success() => r.ok += 1,
+            Ok(resp) if resp.status().is_success() => {
+                r.ok += 1;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
             Ok(resp) => r.errors.push(format!(
                 "PUT {}: {}",
                 resp.status(),
@@ -88,6 +91,7 @@ async fn graceful_upgrade_under_load_fails_no_request() {
     let token = c.root_token().to_string();
     for target in [a, 1 - a] {
         let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
         let mut loops = Vec::new();
         for (i, p) in c.proxies.iter().enumerate() {
             for l in 0..LOOPS_PER_PROXY {
@@ -96,11 +100,18 @@ async fn graceful_upgrade_under_load_fails_no_request() {
                     token.clone(),
                     format!("up{target}-p{i}-l{l}"),
                     stop.clone(),
+                    done.clone(),
                 )));
             }
         }
-        // Load is flowing before the upgrade starts.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Load is flowing (a few successes per loop on average) before the upgrade starts.
+        let want = (c.proxies.len() * LOOPS_PER_PROXY * 5) as u64;
+        vha_testkit::wait_until_async(
+            || async { (done.load(Ordering::Relaxed) >= want).then_some(()) },
+            "load flows before the upgrade",
+            DRAIN_BOUND,
+        )
+        .await;
         let mut old = c.proxies[target].upgrade();
         let status = old.wait_exit(DRAIN_BOUND);
         assert!(
