@@ -150,7 +150,6 @@ async fn mtls_refuses_clients_without_a_trusted_certificate() {
     good.put("m/k", b"v".to_vec(), None)
         .await
         .expect("the right certificate and token work");
-    let tls = l.tls().expect("tls");
     let other = TestCa::new(&l.scratch().join("other-pki"), "other");
     let foreign = other.client("client", "vha-node");
     let base = l.credentials();
@@ -164,20 +163,7 @@ async fn mtls_refuses_clients_without_a_trusted_certificate() {
         tls_key_file: Some(foreign.key.clone()),
         ..base.clone()
     };
-    let http = reqwest::Client::builder()
-        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&tls.ca.ca_file).unwrap()).unwrap())
-        .identity(
-            reqwest::Identity::from_pem(
-                &[
-                    std::fs::read(&tls.client.cert).unwrap(),
-                    std::fs::read(&tls.client.key).unwrap(),
-                ]
-                .concat(),
-            )
-            .unwrap(),
-        )
-        .build()
-        .unwrap();
+    let http = tls_client(&l);
     let before = metrics(&http, &l).await;
     for (creds, what) in [
         (&no_cert, "no client certificate"),
