@@ -22,7 +22,15 @@ const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const FORWARD_TOTAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Idle pooled connections are closed after this. Connections of an old term are never
 /// picked again anyway (the pool key contains the term's SNI, certificate serial and group).
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+///
+/// Half the node's [`vha_core::HEADER_READ_TIMEOUT`]: the node's HTTP/1 server starts that
+/// timer as soon as a kept-alive connection goes idle and closes the connection when it
+/// fires. The side that sends requests must give up an idle connection first, or a request
+/// written at the moment the node closes it fails, and a write cannot be sent again (it may
+/// have run).
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(vha_core::HEADER_READ_TIMEOUT.as_secs() / 2);
+const _: () =
+    assert!(POOL_IDLE_TIMEOUT.as_secs() > 0 && POOL_IDLE_TIMEOUT.as_secs() < vha_core::HEADER_READ_TIMEOUT.as_secs());
 /// Connect bound to the local node's unix socket.
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// h2 streams per upstream connection when forwarding over h2.
