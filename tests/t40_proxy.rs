@@ -287,6 +287,13 @@ async fn failover_sigkill_active_while_writing_through_standby() {
         "early release should beat the 10 s lease TTL: {max_latency:?}"
     );
     // Only a request already in flight at the kill may fail, and only with a clear 502/503.
+    if failed.len() > 1 {
+        eprintln!(
+            "standby's proxy log:\n{}\nnew active's log:\n{}",
+            c.proxies[s].output(),
+            c.nodes[n].output()
+        );
+    }
     assert!(
         failed.len() <= 1,
         "requests not yet sent must be held, not failed: {failed:?}"
@@ -659,9 +666,11 @@ async fn header_hygiene() {
 /// Local-only paths are answered by the pair's own node in every state (a standby's
 /// sys/leader, its own refusal of sys/seal, its health). When the pair's node is down, its
 /// proxy answers local paths with a quick 503 and keeps forwarding everything else with the
-/// last advertisement it authenticated; when the node comes back sealed, the pair answers
-/// 503 "Vault is sealed" (keyring and advertisement dropped) until it is unsealed through
-/// the proxy, then forwards again.
+/// last advertisement it authenticated; when the node comes back (a new process, sealed),
+/// its health says sealed while the proxy goes on forwarding with the keyring the previous
+/// process handed over, and it is unsealed through the proxy. A seal by request of the
+/// process that handed the keyring over (the active's `sys/seal`) drops keyring and
+/// advertisement: that pair answers 503 "Vault is sealed".
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_paths_and_node_down() {
     let (mut c, a) = cluster().await;
@@ -707,21 +716,36 @@ async fn local_paths_and_node_down() {
         "forwarding with the last advertisement while the node is down: {v}"
     );
 
-    // Back, sealed: 503 sealed for non-local paths; unseal through the proxy; forwarding again.
+    // Back as a new process, sealed: health says so, the rest is still forwarded.
     c.nodes[s].restart().await;
     wait_until_async(
-        || async {
-            let (st, v) = c.nodes[s].request("GET", "secret/data/down", t, None).await;
-            (st == StatusCode::SERVICE_UNAVAILABLE && v["errors"][0] == "Vault is sealed").then_some(())
-        },
-        "sealed pair answers 503 Vault is sealed",
+        || async { (c.proxies[s].metric("vha_proxy_local_role{role=\"restarting\"}").await == 1.0).then_some(()) },
+        "the proxy sees its node restarted and sealed",
         ELECTION_BOUND,
     )
     .await;
+    let (st, v) = c.nodes[s].request("GET", "sys/health", None, None).await;
+    assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "a sealed node's health: {v}");
+    assert_eq!(v["sealed"], true, "{v}");
+    let (st, v) = c.nodes[s].request("GET", "secret/data/down", t, None).await;
+    assert_eq!(st, StatusCode::OK, "forwarded while the restarted node is sealed: {v}");
     c.unseal(s).await;
     wait_until_async(
         || async { (c.nodes[s].request("GET", "secret/data/down", t, None).await.0 == StatusCode::OK).then_some(()) },
         "forwarding after unseal",
+        ELECTION_BOUND,
+    )
+    .await;
+
+    // The active sealed by request: its pair drops keyring and advertisement.
+    let (st, v) = c.nodes[a].request("PUT", "sys/seal", t, None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{v}");
+    wait_until_async(
+        || async {
+            let (st, v) = c.nodes[a].request("GET", "secret/data/down", t, None).await;
+            (st == StatusCode::SERVICE_UNAVAILABLE && v["errors"][0] == "Vault is sealed").then_some(())
+        },
+        "the sealed pair answers 503 Vault is sealed",
         ELECTION_BOUND,
     )
     .await;

@@ -410,8 +410,8 @@ fn total(text: &str, name: &str) -> f64 {
 ///   the dead active are no longer counted open, and the term grows to the new active's
 ///   with a fresh age.
 /// - `vha_proxy_local_role` has one series at 1, the role its node last reported: standby
-///   for a restarted standby, active for the new active, sealed after a restart, down after
-///   kill -9 of its node.
+///   for a restarted standby, active for the new active, restarting for a node restarted
+///   and still sealed (its proxy keeps the keyring it had), down after kill -9 of its node.
 /// - a proxy whose node is down while no node holds the lock knows no active: a request
 ///   through it is held (`vha_proxy_holding` 1) until a node is unsealed and takes the lock,
 ///   then forwarded: `holds_total{outcome="resolved"}` + 1, `hold_seconds` count + 1, sum
@@ -582,14 +582,17 @@ async fn proxy_metrics_move_with_their_events() {
     );
     c.nodes[a].kill();
     c.nodes[s].restart().await;
-    wait_proxy(&c, s, "proxy s sees its node sealed", |m| role(m, "sealed") == 1.0).await;
+    wait_proxy(&c, s, "proxy s sees its node restarted, still sealed", |m| {
+        role(m, "restarting") == 1.0 && role(m, "sealed") == 0.0
+    })
+    .await;
     let q0 = wait_proxy(&c, a, "proxy a knows no active, its node down", |m| {
         v(m, "vha_proxy_active_known") == 0.0 && role(m, "down") == 1.0
     })
     .await;
     assert_eq!(
-        ["sealed", "standby", "active", "disabled"].map(|r| role(&q0, r)),
-        [0.0; 4],
+        ["sealed", "restarting", "standby", "active", "disabled"].map(|r| role(&q0, r)),
+        [0.0; 5],
         "one role at a time:\n{q0}"
     );
     assert_eq!(

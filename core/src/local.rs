@@ -43,6 +43,11 @@ pub struct LocalState {
     pub fence: Option<Fence>,
     /// The node's process id (for that proof).
     pub pid: u32,
+    /// A random number drawn once per node process ([`instance_id`]): when it changes, a
+    /// new process is speaking (the node restarted), not the same one sealed by request.
+    /// Process ids do not tell this apart (a node in a container is pid 1 every time).
+    #[serde(default)]
+    pub instance: u64,
     /// `disable_clustering` from the config: 307 instead of forwarding.
     pub disable_clustering: bool,
 }
@@ -91,9 +96,17 @@ impl LocalState {
             keyring: None,
             fence: self.fence.clone(),
             pid: self.pid,
+            instance: self.instance,
             disable_clustering: self.disable_clustering,
         }
     }
+}
+
+/// This process's [`LocalState::instance`]: drawn on first use, the same afterwards.
+pub fn instance_id() -> u64 {
+    static ID: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    // Never 0: a state line from a node that predates the field parses as 0.
+    *ID.get_or_init(|| rand::random::<u64>().max(1))
 }
 
 /// The barrier keyring as it crosses the pair socket: base64 of `Keyring::to_bytes`, a
@@ -203,6 +216,7 @@ mod tests {
                 token: 42,
             }),
             pid: 1234,
+            instance: 99,
             disable_clustering: false,
         }
     }

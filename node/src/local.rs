@@ -8,6 +8,11 @@
 //! accepted connection's peer credentials must name the node's own user or `allowed_uid`;
 //! any other peer is dropped before a byte is read or written, counted in
 //! `vha_node_local_socket_refused_total{reason}` and logged.
+//!
+//! On shutdown the socket stops accepting and the state stream ends (the proxy then routes
+//! as for a node that is down); connections the proxy pooled earlier stay open for
+//! [`LINGER`], answering every new request "not active" (nothing runs, the proxy sends it on
+//! elsewhere), while the requests already running finish.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -51,6 +56,7 @@ pub async fn current_state(node: &Node) -> LocalState {
         keyring,
         fence: st.fence,
         pid: std::process::id(),
+        instance: vha_core::local::instance_id(),
         disable_clustering: node.config().disable_clustering,
     }
 }
@@ -58,6 +64,13 @@ pub async fn current_state(node: &Node) -> LocalState {
 /// How many fresh names are tried for the private directory the socket is bound in before
 /// giving up (a name is taken only by a leftover of a crash or by someone squatting it).
 const PRIVATE_DIR_ATTEMPTS: u32 = 16;
+
+/// After shutdown begins, how long the proxy's open connections stay open, refusing new
+/// requests as "not active", before they are closed. Closing an idle one at once would race
+/// the proxy writing a request on it (taken from its pool a moment earlier), and a write
+/// lost that way cannot be sent again (it may have run). The proxy stops routing here within
+/// milliseconds of the state stream ending; this leaves ample room on a loaded machine.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The pair socket, bound and not yet served (see [`bind_unix`]).
 #[derive(Debug)]
@@ -154,6 +167,9 @@ pub async fn serve_unix(node: Arc<Node>, bound: LocalListener, limits: Limits, s
     }
     drop(listener);
     let _ = std::fs::remove_file(&path);
+    if graceful.count() > 0 {
+        tokio::time::sleep(LINGER).await;
+    }
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
 }
 
@@ -206,6 +222,16 @@ fn bind_private(path: &Path, mode: u32) -> std::io::Result<UnixListener> {
 }
 
 async fn serve(node: Arc<Node>, req: Request<Incoming>, limits: Limits, stop: CancellationToken) -> Response<Body> {
+    if stop.is_cancelled() {
+        // Shutting down (see LINGER): refused before anything runs, and the connection is
+        // closed after this answer.
+        let mut resp = crate::http::error_response(http::StatusCode::SERVICE_UNAVAILABLE, "node not active");
+        resp.headers_mut()
+            .insert(vha_core::NOT_ACTIVE_HEADER, http::HeaderValue::from_static("1"));
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+        return resp.map(|b| b.boxed());
+    }
     if req.uri().path() == STATE_PATH && req.method() == http::Method::GET {
         return state_stream(node, stop);
     }

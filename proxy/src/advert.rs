@@ -9,9 +9,11 @@
 //! ignored: the last authenticated advertisement of the same holder stays in use.
 //!
 //! The keyring lives only here, in memory; it is dropped (and zeroized, see
-//! `vha_core::barrier::keyring`) as soon as the node reports sealed, together with the
-//! advertisement (whose cluster key is secret). While the node is down the last authenticated
-//! advertisement and the keyring are kept, so forwarding goes on.
+//! `vha_core::barrier::keyring`) as soon as the node process that handed it over reports
+//! sealed, together with the advertisement (whose cluster key is secret). While the node is
+//! down, and while a restarted node process is still sealed
+//! ([`crate::route::keeps_keyring_when_sealed`]), the last authenticated advertisement and
+//! the keyring are kept, so forwarding goes on through a restart of the node.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -173,7 +175,7 @@ pub async fn run(stores: Stores, socket: Arc<NodeSocket>, tx: watch::Sender<Arc<
         });
     }
     drop(dirty_tx);
-    let mut keyring: Option<Keyring> = None;
+    let mut keyring = HeldKeyring::default();
     let mut view = View::initial();
     loop {
         tokio::select! {
@@ -193,7 +195,7 @@ pub async fn run(stores: Stores, socket: Arc<NodeSocket>, tx: watch::Sender<Arc<
         }
         while dirty_rx.try_recv().is_ok() {}
         if view.local != LocalRole::Sealed {
-            view.active = resolve(&stores, keyring.as_ref(), view.active.clone(), &metrics).await;
+            view.active = resolve(&stores, keyring.keyring.as_ref(), view.active.clone(), &metrics).await;
         }
         let changed = !same(&tx.borrow(), &view);
         if changed {
@@ -208,18 +210,33 @@ pub async fn run(stores: Stores, socket: Arc<NodeSocket>, tx: watch::Sender<Arc<
     }
 }
 
+/// The keyring and the node process that handed it over.
+#[derive(Default)]
+struct HeldKeyring {
+    keyring: Option<Keyring>,
+    /// [`LocalState::instance`] of the process it came from.
+    from: Option<u64>,
+}
+
 /// Applies one state line: role, clustering, and the keyring (taken while unsealed, dropped
-/// on seal together with the advertisement).
-fn apply_state(mut st: LocalState, view: &mut View, keyring: &mut Option<Keyring>) {
+/// together with the advertisement when the process that handed it over is sealed).
+fn apply_state(mut st: LocalState, view: &mut View, held: &mut HeldKeyring) {
     view.local = LocalRole::parse(&st.role, st.sealed);
     view.disable_clustering = st.disable_clustering;
     if view.local == LocalRole::Sealed {
-        *keyring = None;
-        view.active = None;
+        if held.keyring.is_some() && crate::route::keeps_keyring_when_sealed(held.from, st.instance) {
+            view.local = LocalRole::Restarting;
+        } else {
+            *held = HeldKeyring::default();
+            view.active = None;
+        }
     } else if let Some(wire) = st.keyring.take() {
         // `wire` and every intermediate of the decoding are zeroized when dropped.
         match wire.decode() {
-            Ok(k) => *keyring = Some(k),
+            Ok(k) => {
+                held.keyring = Some(k);
+                held.from = Some(st.instance);
+            }
             Err(e) => tracing::warn!(error = %e, "the local node sent an unusable keyring"),
         }
     }

@@ -45,9 +45,10 @@ use prometheus::{
 use crate::route::LocalRole;
 
 /// Every role, one `vha_proxy_local_role` series each (bounded).
-const LOCAL_ROLES: [LocalRole; 5] = [
+const LOCAL_ROLES: [LocalRole; 6] = [
     LocalRole::Down,
     LocalRole::Sealed,
+    LocalRole::Restarting,
     LocalRole::Standby,
     LocalRole::Active,
     LocalRole::Disabled,
@@ -57,6 +58,7 @@ fn role_label(role: LocalRole) -> &'static str {
     match role {
         LocalRole::Down => "down",
         LocalRole::Sealed => PairRole::Sealed.as_str(),
+        LocalRole::Restarting => "restarting",
         LocalRole::Standby => PairRole::Standby.as_str(),
         LocalRole::Active => PairRole::Active.as_str(),
         LocalRole::Disabled => PairRole::Disabled.as_str(),

@@ -7,7 +7,7 @@
 //! local-only path (sys/health, sys/leader, ...) ─────────────► Local (any state)
 //! local node active or HA-disabled ──────────────────────────► Local
 //! local node sealed ─────────────────────────────────────────► Sealed (503)
-//! standby (or node down) and no active known ────────────────► Hold (bounded, then 503)
+//! standby, node down or restarting, and no active known ─────► Hold (bounded, then 503)
 //! standby + non-empty X-Vault-No-Request-Forwarding ─────────► Redirect (307)
 //! standby + disable_clustering ──────────────────────────────► Redirect (307)
 //! standby ───────────────────────────────────────────────────► Forward (mTLS cluster channel)
@@ -23,6 +23,11 @@ pub enum LocalRole {
     Down,
     /// Sealed or not initialized.
     Sealed,
+    /// A new node process (it restarted) that is still sealed, while the proxy holds the
+    /// keyring the previous process handed over ([`keeps_keyring_when_sealed`]): it serves
+    /// the local-only paths (so `sys/unseal` reaches it and `sys/health` says sealed) and
+    /// forwards the rest, as while the node is down.
+    Restarting,
     Standby,
     Active,
     /// HA not available: the node serves everything itself once unsealed.
@@ -103,7 +108,7 @@ pub fn route(i: &RouteInput<'_>) -> Route {
     match i.local {
         LocalRole::Active | LocalRole::Disabled => return Route::Local,
         LocalRole::Sealed => return Route::Sealed,
-        LocalRole::Standby | LocalRole::Down => {}
+        LocalRole::Standby | LocalRole::Down | LocalRole::Restarting => {}
     }
     let Some(active) = i.active_redirect else {
         return Route::Hold;
@@ -161,6 +166,25 @@ pub fn after_hold(end: HoldEnd<'_>, path_and_query: &str) -> Option<Route> {
     }
 }
 
+/// Whether the proxy keeps its keyring (and so goes on forwarding) when the node reports
+/// sealed. `keyring_from` is the node process ([`vha_core::local::LocalState::instance`])
+/// that handed the keyring over, `instance` the one reporting sealed. Kept only when a new
+/// process reports it (the node restarted and starts sealed, as every node does): the
+/// proxy held that keyring while the node was down anyway. Dropped when the process that
+/// handed it over is sealed (by request, or by itself), or when the instance is unknown
+/// (`0`, a node that does not send one).
+pub fn keeps_keyring_when_sealed(keyring_from: Option<u64>, instance: u64) -> bool {
+    matches!(keyring_from, Some(from) if from != instance && instance != 0)
+}
+
+/// Whether a request whose connect to the local node's socket failed (nothing was sent)
+/// holds for the view to change: yes while the view still has the node up (it is stopping,
+/// restarting or was just killed, and the state stream will say so in a moment); no when the
+/// node is already known to be down (503 at once, so a health check never waits).
+pub fn hold_after_local_unreachable(local: LocalRole) -> bool {
+    local != LocalRole::Down
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +202,31 @@ mod tests {
     }
 
     const A: Option<&str> = Some("http://10.0.0.1:8200");
+
+    /// The keyring survives a restart of the node (a new instance reporting sealed), never a
+    /// seal of the process that handed it over, and never an unknown instance.
+    #[test]
+    fn keyring_kept_only_across_a_restart() {
+        assert!(keeps_keyring_when_sealed(Some(1), 2));
+        assert!(!keeps_keyring_when_sealed(Some(1), 1));
+        assert!(!keeps_keyring_when_sealed(Some(1), 0));
+        assert!(!keeps_keyring_when_sealed(None, 2));
+    }
+
+    /// A local connect failure holds only while the view still believes the node is up.
+    #[test]
+    fn local_connect_failure_holds_unless_known_down() {
+        assert!(!hold_after_local_unreachable(LocalRole::Down));
+        for up in [
+            LocalRole::Sealed,
+            LocalRole::Restarting,
+            LocalRole::Standby,
+            LocalRole::Active,
+            LocalRole::Disabled,
+        ] {
+            assert!(hold_after_local_unreachable(up), "{up:?}");
+        }
+    }
 
     /// Local-only paths go to the local node in every state, including encoded and
     /// trailing-slash spellings the node would match the same way.
@@ -223,6 +272,12 @@ mod tests {
         );
         assert_eq!(route(&input(p, LocalRole::Standby, None)), Route::Hold);
         assert_eq!(route(&input(p, LocalRole::Down, None)), Route::Hold);
+        assert_eq!(
+            route(&input(p, LocalRole::Restarting, A)),
+            Route::Forward,
+            "restarted, still sealed, keyring kept: keep forwarding"
+        );
+        assert_eq!(route(&input("/v1/sys/unseal", LocalRole::Restarting, A)), Route::Local);
         // sys/step-down and sys/ha-status are forwarded like any other path.
         assert_eq!(
             route(&input("/v1/sys/step-down", LocalRole::Standby, A)),
@@ -275,6 +330,7 @@ mod tests {
         prop_oneof![
             Just(LocalRole::Down),
             Just(LocalRole::Sealed),
+            Just(LocalRole::Restarting),
             Just(LocalRole::Standby),
             Just(LocalRole::Active),
             Just(LocalRole::Disabled)
@@ -284,7 +340,8 @@ mod tests {
     proptest! {
         /// For any path, header, state and knowledge of the active:
         /// - a Redirect's Location is exactly the active's address + the original path+query;
-        /// - Forward and Redirect happen only on a standby (or down) node with an active known;
+        /// - Forward and Redirect happen only on a standby (or down, or restarting) node with an
+        ///   active known;
         /// - Sealed only when the node says sealed, Hold only when no active is known;
         /// - an active node serves every request itself.
         #[test]
@@ -312,10 +369,10 @@ mod tests {
                 Route::Local => prop_assert!(local_only || matches!(local, LocalRole::Active | LocalRole::Disabled)),
                 Route::Sealed => prop_assert!(!local_only && local == LocalRole::Sealed),
                 Route::Hold => prop_assert!(!local_only && active.is_none()
-                    && matches!(local, LocalRole::Standby | LocalRole::Down)),
+                    && matches!(local, LocalRole::Standby | LocalRole::Down | LocalRole::Restarting)),
                 Route::Forward => {
                     prop_assert!(!local_only && active.is_some() && !dc);
-                    prop_assert!(matches!(local, LocalRole::Standby | LocalRole::Down));
+                    prop_assert!(matches!(local, LocalRole::Standby | LocalRole::Down | LocalRole::Restarting));
                     prop_assert!(hdr.as_ref().is_none_or(|h| h.is_empty()));
                 }
                 Route::Redirect(loc) => {

@@ -104,6 +104,9 @@ pub struct Ctx {
     refused: bool,
     /// The local node refused: hold until the view changes, then decide again.
     local_refused: bool,
+    /// The local node's socket could not be reached (nothing was sent): if the hold ends
+    /// without a change, the answer is "local node unavailable".
+    local_unreachable: bool,
     started: Instant,
     body_bytes: u64,
 }
@@ -245,6 +248,7 @@ impl ProxyHttp for VhaProxy {
             hold_deadline: None,
             refused: false,
             local_refused: false,
+            local_unreachable: false,
             started: Instant::now(),
             body_bytes: 0,
         }
@@ -343,6 +347,7 @@ impl ProxyHttp for VhaProxy {
             (None, false) => None,
         };
         let refused = std::mem::take(&mut ctx.refused);
+        let unreachable = std::mem::take(&mut ctx.local_unreachable);
         if let Some(failed) = failed {
             let mut changed = false;
             let pq = path_and_query(session);
@@ -405,6 +410,12 @@ impl ProxyHttp for VhaProxy {
                             return Err(stop("hold bound reached with the same active"));
                         }
                         Some(_) => continue,
+                        None if unreachable => {
+                            hold.end("no_active");
+                            ctx.route = "unavailable";
+                            ctx.fallback = Some(Fallback::Error(ProxyError::LocalUnavailable));
+                            return Err(stop("local node unavailable"));
+                        }
                         None => {
                             hold.end("no_active");
                             ctx.route = "unavailable";
@@ -449,9 +460,21 @@ impl ProxyHttp for VhaProxy {
                     }
                 }
             }
-            Upstream::Local => {
+            Upstream::Local if !route::hold_after_local_unreachable(self.view.borrow().local) => {
+                // Known to be down: say so at once (a health check must not wait).
                 ctx.fallback = Some(Fallback::Error(ProxyError::LocalUnavailable));
                 e.set_retry(false);
+            }
+            Upstream::Local => {
+                // The view still has the node up, and nothing was sent: it is stopping or
+                // was just killed. Hold until the view changes (its state stream ends, a
+                // new active is advertised) and decide again; unchanged at the hold
+                // bound, 503.
+                tracing::info!(error = %e, "local node unreachable; holding for a new view");
+                ctx.local_refused = true;
+                ctx.local_unreachable = true;
+                ctx.fallback = Some(Fallback::Error(ProxyError::LocalUnavailable));
+                e.set_retry(true);
             }
             Upstream::None => e.set_retry(false),
         }
