@@ -39,7 +39,7 @@ pub use etcd::TestEtcd;
 pub use haproxy::{HealthCheck, LbFrontend, TestHaproxy};
 pub use lockd::TestLockd;
 pub use net::{Cut, NetHost, TestNet};
-pub use node::{TestCluster, TestNode};
+pub use node::{TestCluster, TestClusterBuilder, TestNode};
 pub use process::{free_port, pid_alive, vha_binary, ChildProc};
 pub use prometheus::{ScrapeJob, TestPrometheus};
 pub use proxy::TestProxy;
