@@ -160,6 +160,14 @@ fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Body> {
 
 fn error_response(e: &LockdError) -> Response<Body> {
     let mut r = json(e.status(), &e.body());
+    if matches!(e, LockdError::TooLarge { .. }) {
+        // The rest of the body is never read, so the connection ends with this answer; the
+        // client is told, or it could send its next request on a connection being closed.
+        r.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
     if matches!(e, LockdError::Unauthorized(_)) {
         r.headers_mut().insert(
             hyper::header::WWW_AUTHENTICATE,
