@@ -69,8 +69,11 @@ impl Refusal {
 /// the last reference to it goes.
 #[derive(Clone, Default)]
 pub struct TokenCheck {
-    token: Option<Arc<RwLock<Arc<Zeroizing<String>>>>>,
+    token: Option<Arc<RwLock<Arc<Tokens>>>>,
 }
+
+/// The accepted tokens (one, or old and new during a rotation).
+type Tokens = Vec<Zeroizing<String>>;
 
 impl std::fmt::Debug for TokenCheck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -81,15 +84,15 @@ impl std::fmt::Debug for TokenCheck {
 }
 
 impl TokenCheck {
-    pub fn new(token: Option<Zeroizing<String>>) -> TokenCheck {
+    pub fn new(tokens: Option<Vec<Zeroizing<String>>>) -> TokenCheck {
         TokenCheck {
-            token: token.map(|t| Arc::new(RwLock::new(Arc::new(t)))),
+            token: tokens.map(|t| Arc::new(RwLock::new(Arc::new(t)))),
         }
     }
 
-    /// Requires `token` from now on. Refused when no token was configured at start:
+    /// Requires one of `token` from now on. Refused when no token was configured at start:
     /// turning authentication on or off takes a restart.
-    pub fn replace(&self, token: Zeroizing<String>) -> Result<(), &'static str> {
+    pub fn replace(&self, token: Vec<Zeroizing<String>>) -> Result<(), &'static str> {
         let Some(slot) = &self.token else {
             return Err("token_file was not set at start; adding it takes a restart");
         };
@@ -114,7 +117,13 @@ impl TokenCheck {
         if presented.len() < scheme.len() || !presented[..scheme.len()].eq_ignore_ascii_case(scheme) {
             return Err(Refusal::BadScheme);
         }
-        if equal_secrets(presented[scheme.len()..].trim_ascii(), expected.as_bytes()) {
+        let presented = presented[scheme.len()..].trim_ascii();
+        // Every accepted token is compared (no early exit): the time taken does not say
+        // which one matched.
+        let matched = expected
+            .iter()
+            .fold(false, |m, t| m | equal_secrets(presented, t.as_bytes()));
+        if matched {
             Ok(())
         } else {
             Err(Refusal::BadToken)
@@ -140,7 +149,7 @@ mod tests {
     #[test]
     fn token_decisions() {
         assert_eq!(TokenCheck::default().check(None), Ok(()));
-        let t = TokenCheck::new(Some(Zeroizing::new("0123456789abcdef-token".into())));
+        let t = TokenCheck::new(Some(vec![Zeroizing::new("0123456789abcdef-token".into())]));
         assert_eq!(t.check(Some(b"Bearer 0123456789abcdef-token")), Ok(()));
         assert_eq!(t.check(Some(b"bearer 0123456789abcdef-token")), Ok(()));
         assert_eq!(t.check(None), Err(Refusal::MissingToken));
@@ -154,6 +163,21 @@ mod tests {
         );
         assert_eq!(t.check(Some(b"Bearer ")), Err(Refusal::BadToken));
         assert!(!format!("{t:?}").contains("0123456789abcdef"));
+    }
+
+    /// During a rotation (two tokens listed) either passes, anything else does not; after
+    /// `replace` with only the new one, the old one is refused.
+    #[test]
+    fn rotation_accepts_old_and_new_until_replaced() {
+        let old = || Zeroizing::new("old-token-0123456789".to_string());
+        let new = || Zeroizing::new("new-token-0123456789".to_string());
+        let t = TokenCheck::new(Some(vec![old(), new()]));
+        assert_eq!(t.check(Some(b"Bearer old-token-0123456789")), Ok(()));
+        assert_eq!(t.check(Some(b"Bearer new-token-0123456789")), Ok(()));
+        assert_eq!(t.check(Some(b"Bearer other-token-0123456789")), Err(Refusal::BadToken));
+        t.replace(vec![new()]).unwrap();
+        assert_eq!(t.check(Some(b"Bearer old-token-0123456789")), Err(Refusal::BadToken));
+        assert_eq!(t.check(Some(b"Bearer new-token-0123456789")), Ok(()));
     }
 
     /// Every refusal has a distinct label, and no message can carry what the client sent.

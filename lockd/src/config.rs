@@ -12,7 +12,8 @@
 //! tls_cert_file = "lockd.pem"        # both set: TLS (h2/http1.1 via ALPN)
 //! tls_key_file  = "lockd-key.pem"
 //! tls_client_ca_file = "ca.pem"      # with TLS: clients must present a certificate it signed
-//! token_file    = "lockd.token"      # clients must send Authorization: Bearer <token>
+//! token_file    = "lockd.token"      # clients must send Authorization: Bearer <token>; one
+//!                                    # token per line, any is accepted (rotation)
 //! insecure_no_auth = false           # true: allow a non-loopback listener without either
 //! ```
 //!

@@ -75,7 +75,7 @@ impl Daemon {
         };
         let token = match &cfg.token_file {
             Some(p) => Some(
-                vha_core::storage::lockd::auth::read_token_file(p)
+                vha_core::storage::lockd::auth::read_token_list(p)
                     .map_err(|m| cfg.error(config_file, "token_file", m).to_string())?,
             ),
             None => None,
@@ -143,7 +143,7 @@ impl Daemon {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let token = match (&new.token_file, self.tokens.enabled()) {
             (Some(p), true) => Some(
-                vha_core::storage::lockd::auth::read_token_file(p)
+                vha_core::storage::lockd::auth::read_token_list(p)
                     .map_err(|m| new.error(file, "token_file", m).to_string())?,
             ),
             _ => None,

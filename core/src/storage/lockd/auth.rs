@@ -40,6 +40,39 @@ pub fn validate_token(token: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Most tokens a daemon's token file may list: enough for a rotation (old and new) with room
+/// to spare, few enough that checking each in constant time stays cheap.
+pub const MAX_ACCEPTED_TOKENS: usize = 8;
+
+/// Reads the daemon's token file: one token per non-empty line (surrounding whitespace
+/// trimmed), each validated, at most [`MAX_ACCEPTED_TOKENS`]. Several lines let a token be
+/// rotated without refusing anyone: list old and new, move every client to the new one, drop
+/// the old one. Errors name the file (and line) and never contain a token.
+pub fn read_token_list(path: &Path) -> Result<Vec<Zeroizing<String>>, String> {
+    let raw = Zeroizing::new(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?);
+    let text = std::str::from_utf8(&raw).map_err(|_| format!("{}: the token is not UTF-8", path.display()))?;
+    let mut tokens = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.is_empty() {
+            continue;
+        }
+        validate_token(t).map_err(|e| format!("{}:{}: {e}", path.display(), i + 1))?;
+        tokens.push(Zeroizing::new(t.to_string()));
+    }
+    if tokens.is_empty() {
+        return Err(format!("{}: no token in the file", path.display()));
+    }
+    if tokens.len() > MAX_ACCEPTED_TOKENS {
+        return Err(format!(
+            "{}: {} tokens; at most {MAX_ACCEPTED_TOKENS} are accepted",
+            path.display(),
+            tokens.len()
+        ));
+    }
+    Ok(tokens)
+}
+
 /// Reads a token file: its content without surrounding whitespace, validated. The error
 /// names the file and never contains the token.
 pub fn read_token_file(path: &Path) -> Result<Zeroizing<String>, String> {
@@ -132,6 +165,28 @@ mod tests {
         std::fs::write(&p, "\n").unwrap();
         assert!(read_token_file(&p).unwrap_err().contains(&p.display().to_string()));
         assert!(read_token_file(&dir.path().join("missing")).is_err());
+    }
+
+    /// A daemon's token file lists one token per line (blank lines skipped); a bad line is
+    /// named by number without echoing it; an empty file or too many tokens are refused.
+    #[test]
+    fn token_list_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        std::fs::write(&p, "old-token-0123456789\n\n  new-token-0123456789 \n").unwrap();
+        let got: Vec<String> = read_token_list(&p).unwrap().iter().map(|t| t.to_string()).collect();
+        assert_eq!(got, ["old-token-0123456789", "new-token-0123456789"]);
+        std::fs::write(&p, "old-token-0123456789\nshort\n").unwrap();
+        let e = read_token_list(&p).unwrap_err();
+        assert!(e.contains(":2:") && !e.contains("short"), "{e}");
+        std::fs::write(&p, " \n").unwrap();
+        assert!(read_token_list(&p).is_err());
+        std::fs::write(
+            &p,
+            format!("{}\n", "t0123456789abcdef\n".repeat(MAX_ACCEPTED_TOKENS + 1)),
+        )
+        .unwrap();
+        assert!(read_token_list(&p).unwrap_err().contains("at most"));
     }
 
     /// The credentials' Debug output never shows the token; the header is marked sensitive.
