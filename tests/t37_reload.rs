@@ -228,3 +228,197 @@ async fn sighup_sets_the_node_log_level_and_keeps_it_serving() {
     let (st, v) = node.request("GET", "sys/health", None, None).await;
     assert_eq!(st, 200, "{v}");
 }
+
+/// `vha_config_reloads_total{outcome="success"}` of lockd, read with `token`.
+async fn lockd_reloads(l: &vha_testkit::TestLockd, token: &str) -> f64 {
+    let text = reqwest::Client::new()
+        .get(format!("{}/metrics", l.address()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("lockd metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    vha_testkit::prometheus::series_value(&text, "vha_config_reloads_total", &[("outcome", "success")])
+}
+
+/// Waits until every node and proxy of `c` counted `want` successful reloads.
+async fn wait_pairs(c: &vha_testkit::TestCluster, want: f64, root: &str) {
+    wait_until_async(
+        || async {
+            for (n, p) in c.nodes.iter().zip(&c.proxies) {
+                if node_reloads(n, root, "success").await < want || reloads(p, "success").await < want {
+                    return None;
+                }
+            }
+            Some(())
+        },
+        "every node and proxy reloaded",
+        RELOAD_BOUND,
+    )
+    .await
+}
+
+/// Property: the lockd token is rotated under load without a restart and without a client
+/// error: lockd lists old and new (SIGHUP), every node and proxy is given the new one in its
+/// `token_file` (SIGHUP: the lockd client credentials are reloaded, not named as needing a
+/// restart), lockd drops the old one (SIGHUP). Writes and reads through both pairs go on
+/// throughout, lockd refuses no request of theirs, a step-down afterwards is followed by
+/// both proxies (the advertisement is read with the new token), and the old token now gets
+/// 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_rotates_the_lockd_token_of_nodes_and_proxies_under_load() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let mut c = vha_testkit::TestCluster::builder().nodes(2).proxies().start().await;
+    let a = c.wait_one_active(RELOAD_BOUND).await;
+    c.mount_secret(a).await;
+    let root = c.root_token().to_string();
+    let lockd = c.lockd.take().expect("lockd");
+    let old = lockd.token().expect("lockd token").to_string();
+    let new = "rotated-lockd-token-0123456789abcdef".to_string();
+    // The pairs get a token file of their own (lockd's will list two tokens).
+    let client_file = lockd.scratch().join("client-token");
+    std::fs::write(&client_file, format!("{old}\n")).unwrap();
+    let lockd_file = lockd.token_file().expect("token file").to_path_buf();
+    let hup_pairs = |c: &vha_testkit::TestCluster| {
+        for (n, p) in c.nodes.iter().zip(&c.proxies) {
+            n.signal(Signal::SIGHUP);
+            p.signal(Signal::SIGHUP);
+        }
+    };
+    for n in &c.nodes {
+        let text = std::fs::read_to_string(&n.config_path).unwrap();
+        let moved = text.replace(&lockd_file.display().to_string(), &client_file.display().to_string());
+        assert_ne!(text, moved, "the config names lockd's token file");
+        std::fs::write(&n.config_path, moved).unwrap();
+    }
+    hup_pairs(&c);
+    wait_pairs(&c, 1.0, &root).await;
+
+    // Load through both pairs, until told to stop (bounded in count and time).
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let loops: Vec<_> = c
+        .proxies
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let (base, token, stop, done) = (p.addr.clone(), root.clone(), stop.clone(), done.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let mut errors = Vec::new();
+                let started = std::time::Instant::now();
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) && n < 20_000 && started.elapsed() < Duration::from_secs(120) {
+                    n += 1;
+                    let url = format!("{base}/v1/secret/data/rot-{i}-{}", n % 20);
+                    let r = http
+                        .put(&url)
+                        .header("X-Vault-Token", &token)
+                        .json(&serde_json::json!({"data": {"n": n}}))
+                        .timeout(Duration::from_secs(30))
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status().is_success() => {}
+                        Ok(r) => errors.push(format!("PUT {}: {}", r.status(), r.text().await.unwrap_or_default())),
+                        Err(e) => errors.push(format!("PUT: {e}")),
+                    }
+                    match http.get(&url).header("X-Vault-Token", &token).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(r) => errors.push(format!("GET {}", r.status())),
+                        Err(e) => errors.push(format!("GET: {e}")),
+                    }
+                }
+                errors
+            })
+        })
+        .collect();
+    let progress = |want: u64| {
+        let done = done.clone();
+        async move {
+            let from = done.load(Ordering::Relaxed);
+            wait_until_async(
+                || async { (done.load(Ordering::Relaxed) >= from + want).then_some(()) },
+                "load flows",
+                RELOAD_BOUND,
+            )
+            .await
+        }
+    };
+    progress(10).await;
+
+    // 1. lockd accepts old and new.
+    std::fs::write(&lockd_file, format!("{old}\n{new}\n")).unwrap();
+    lockd.signal(Signal::SIGHUP);
+    wait_until_async(
+        // Asked with the token lockd accepts before and after (a refused probe would count).
+        || async { (lockd_reloads(&lockd, &old).await >= 1.0).then_some(()) },
+        "lockd lists both tokens",
+        RELOAD_BOUND,
+    )
+    .await;
+    progress(10).await;
+    // 2. Every node and proxy moves to the new one.
+    std::fs::write(&client_file, format!("{new}\n")).unwrap();
+    hup_pairs(&c);
+    wait_pairs(&c, 2.0, &root).await;
+    progress(10).await;
+    // 3. lockd drops the old one.
+    std::fs::write(&lockd_file, format!("{new}\n")).unwrap();
+    lockd.signal(Signal::SIGHUP);
+    wait_until_async(
+        || async { (lockd_reloads(&lockd, &new).await >= 2.0).then_some(()) },
+        "lockd accepts only the new token",
+        RELOAD_BOUND,
+    )
+    .await;
+    progress(10).await;
+    // A new term: both proxies read the new advertisement with the new token.
+    let (st, v) = c.nodes[a].request("PUT", "sys/step-down", Some(&root), None).await;
+    assert_eq!(st.as_u16(), 204, "{v}");
+    let b = c.wait_new_active(a, RELOAD_BOUND).await;
+    c.wait_proxies_follow(b, RELOAD_BOUND).await;
+    progress(10).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for l in loops {
+        errors.extend(l.await.expect("load loop"));
+    }
+    assert!(errors.is_empty(), "client errors during the rotation: {errors:?}");
+    let text = reqwest::Client::new()
+        .get(format!("{}/metrics", lockd.address()))
+        .bearer_auth(&new)
+        .send()
+        .await
+        .expect("lockd metrics")
+        .text()
+        .await
+        .unwrap_or_default();
+    let refused: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("vha_lockd_auth_failures_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(refused, 0.0, "lockd refused a request during the rotation:\n{text}");
+    let st = reqwest::Client::new()
+        .get(format!("{}/metrics", lockd.address()))
+        .bearer_auth(&old)
+        .send()
+        .await
+        .expect("lockd")
+        .status();
+    assert_eq!(st.as_u16(), 401, "the old token is refused after the rotation");
+    for n in &c.nodes {
+        assert!(
+            !n.output().contains("setting=\"storage\""),
+            "a credential change was named as needing a restart:\n{}",
+            n.output()
+        );
+    }
+    c.lockd = Some(lockd);
+}

@@ -23,6 +23,9 @@ struct Loaded {
     not_after: i64,
 }
 
+/// A checked pair, not yet served ([`ServedCert::prepare`]).
+pub struct PreparedPair(Loaded);
+
 /// The certificate and key a listener serves; see the module docs.
 #[derive(Debug)]
 pub struct ServedCert {
@@ -40,10 +43,20 @@ impl ServedCert {
     /// Replaces the served pair with the one at `cert`/`key`, or keeps the old one and
     /// says why not. Returns the new leaf's notAfter (Unix seconds).
     pub fn reload(&self, cert: &Path, key: &Path) -> Result<i64, CertError> {
-        let new = read_pair(cert, key)?;
-        let not_after = new.not_after;
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = new;
-        Ok(not_after)
+        Ok(self.install(Self::prepare(cert, key)?))
+    }
+
+    /// Reads and checks the pair at `cert`/`key` without serving it yet (a reload that
+    /// must check everything before it changes anything).
+    pub fn prepare(cert: &Path, key: &Path) -> Result<PreparedPair, CertError> {
+        read_pair(cert, key).map(PreparedPair)
+    }
+
+    /// Serves `pair` from the next handshake on; returns its leaf's notAfter (Unix seconds).
+    pub fn install(&self, pair: PreparedPair) -> i64 {
+        let not_after = pair.0.not_after;
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = pair.0;
+        not_after
     }
 
     /// The served leaf certificate's notAfter, Unix seconds.

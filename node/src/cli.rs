@@ -6,8 +6,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
-use vha_core::config::{self, Config, ProcessEnv, Stanza};
-use vha_core::storage::factory::{open_stores, OpenedStores};
+use vha_core::config::{self, Config, ProcessEnv};
+use vha_core::storage::factory::{needs_restart, open_stores, OpenedStores};
 
 use crate::http::{self, Limits};
 use crate::node::Node;
@@ -190,6 +190,7 @@ async fn run(cfg: Config, level: &str, set_level: Option<SetLevel>) -> ExitCode 
         },
         None => None,
     };
+    let credentials = opened.credentials.clone();
     let node = Node::new(cfg, opened.stores);
     let shutdown = CancellationToken::new();
     let mut servers = Vec::new();
@@ -209,7 +210,7 @@ async fn run(cfg: Config, level: &str, set_level: Option<SetLevel>) -> ExitCode 
     let config_path = node.config().path.clone();
     let mut running = node.config().clone();
     wait_for_signal(|| {
-        let outcome = match reload(&config_path, &mut running, set_level.as_deref()) {
+        let outcome = match reload(&config_path, &mut running, &credentials, set_level.as_deref()) {
             Ok(()) => "success",
             Err(e) => {
                 tracing::error!(error = %e, "reload failed; the running configuration stays in force");
@@ -258,11 +259,19 @@ async fn wait_for_signal(mut on_hup: impl FnMut()) {
 fn reload(
     path: &std::path::Path,
     running: &mut Config,
+    credentials: &vha_core::storage::factory::Credentials,
     set_level: Option<&(dyn Fn(&str) + Send + Sync)>,
 ) -> Result<(), String> {
     tracing::info!(config = %path.display(), "SIGHUP: reloading the configuration");
     let new =
         config::load(path, &ProcessEnv).map_err(|e| format!("loading configuration from {}: {e}", path.display()))?;
+    // First what can fail: a bad credential file leaves everything as it was.
+    let reloaded = credentials
+        .reload(&new)
+        .map_err(|e| format!("lockd credentials: {e}"))?;
+    if reloaded > 0 {
+        tracing::info!(clients = reloaded, "lockd client credentials reloaded");
+    }
     if let Some(set) = set_level {
         set(new.log_level.as_str());
         tracing::info!(log_level = new.log_level.as_str(), "log level set");
@@ -277,11 +286,12 @@ fn reload(
 /// The settings the node reads only at start that differ between `old` and `new`.
 fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut out = Vec::new();
-    // By kind and values: a stanza that only moved in the file is the same stanza.
-    if !old.storage.same_settings(&new.storage) {
+    // By kind and values (a stanza that only moved in the file is the same stanza); lockd
+    // credentials are reloaded, not restarted for.
+    if needs_restart(Some(&old.storage), Some(&new.storage)) {
         out.push("storage");
     }
-    if !Stanza::same_optional(old.ha_storage.as_ref(), new.ha_storage.as_ref()) {
+    if needs_restart(old.ha_storage.as_ref(), new.ha_storage.as_ref()) {
         out.push("ha_storage");
     }
     if old.api_addr != new.api_addr {

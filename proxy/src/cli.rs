@@ -153,12 +153,11 @@ fn run(cfg: Config, set_level: Option<SetLevel>, upgrade: bool) -> Result<(), Pr
         .enable_all()
         .build()
         .map_err(|e| ProxyError::Startup(e.to_string()))?;
-    let stores = {
+    let opened = {
         let _g = bg.enter();
-        vha_core::storage::factory::open_stores(&cfg)
-            .map_err(|e| ProxyError::Startup(e.to_string()))?
-            .stores
+        vha_core::storage::factory::open_stores(&cfg).map_err(|e| ProxyError::Startup(e.to_string()))?
     };
+    let (stores, credentials) = (opened.stores, opened.credentials);
     bg.spawn(crate::advert::run(stores, socket.clone(), view_tx, metrics.clone()));
     if let Some(addr) = pcfg.metrics_address {
         let m = metrics.clone();
@@ -175,6 +174,7 @@ fn run(cfg: Config, set_level: Option<SetLevel>, upgrade: bool) -> Result<(), Pr
             served: served.clone(),
             metrics: metrics.clone(),
             set_level,
+            credentials,
         }
         .run(),
     );

@@ -1,6 +1,7 @@
 //! SIGHUP for `vha proxy`: re-reads the config file and applies what can change while the
 //! proxy runs: the client listener's certificate and key (new handshakes get the new pair,
-//! open connections keep theirs) and `log_level`. A file that does not parse, or a pair that
+//! open connections keep theirs), the lockd client credentials (`token_file`, `tls_*` of a
+//! lockd `storage`/`ha_storage`) and `log_level`. A file that does not parse, or a pair that
 //! does not load, changes nothing: the error (file, line, key) is logged and counted as
 //! `vha_config_reloads_total{outcome="failure"}`. Settings that only a restart applies are
 //! named in the log ([`restart_needed`]).
@@ -8,8 +9,9 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vha_core::config::{Config, ProcessEnv, Stanza};
+use vha_core::config::{Config, ProcessEnv};
 use vha_core::served_cert::ServedCert;
+use vha_core::storage::factory::{needs_restart, Credentials};
 
 use crate::metrics::Metrics;
 
@@ -24,6 +26,8 @@ pub struct Reloader {
     pub served: Option<Arc<ServedCert>>,
     pub metrics: Metrics,
     pub set_level: Option<SetLevel>,
+    /// The lockd clients the proxy reads the advertisement through.
+    pub credentials: Credentials,
 }
 
 impl Reloader {
@@ -54,15 +58,29 @@ impl Reloader {
     pub fn reload(&mut self) -> Result<(), String> {
         let new = vha_core::config::load(&self.path, &ProcessEnv)
             .map_err(|e| format!("loading configuration from {}: {e}", self.path.display()))?;
+        // What can fail first: an error leaves everything as it was.
         let listener = new.listener();
-        if let (Some(served), Some(cert), Some(key)) = (
+        let prepared = match (
             &self.served,
             listener.tls_cert_file.as_ref(),
             listener.tls_key_file.as_ref(),
         ) {
-            let not_after = served.reload(cert, key).map_err(|e| format!("listener: {e}"))?;
+            (Some(_), Some(cert), Some(key)) => {
+                Some(ServedCert::prepare(cert, key).map_err(|e| format!("listener: {e}"))?)
+            }
+            _ => None,
+        };
+        let reloaded = self
+            .credentials
+            .reload(&new)
+            .map_err(|e| format!("lockd credentials: {e}"))?;
+        if reloaded > 0 {
+            tracing::info!(clients = reloaded, "lockd client credentials reloaded");
+        }
+        if let (Some(served), Some(pair)) = (&self.served, prepared) {
+            let not_after = served.install(pair);
             self.metrics.tls_expiry.with_label_values(&["client"]).set(not_after);
-            tracing::info!(cert = %cert.display(), not_after, "listener certificate reloaded");
+            tracing::info!(not_after, "listener certificate reloaded");
         }
         if let Some(set) = &self.set_level {
             set(new.log_level.as_str());
@@ -98,11 +116,12 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.proxy != new.proxy {
         out.push("proxy");
     }
-    // By kind and values: a stanza that only moved in the file is the same stanza.
-    if !old.storage.same_settings(&new.storage) {
+    // By kind and values (a stanza that only moved in the file is the same stanza); lockd
+    // credentials are reloaded, not restarted for.
+    if needs_restart(Some(&old.storage), Some(&new.storage)) {
         out.push("storage");
     }
-    if !Stanza::same_optional(old.ha_storage.as_ref(), new.ha_storage.as_ref()) {
+    if needs_restart(old.ha_storage.as_ref(), new.ha_storage.as_ref()) {
         out.push("ha_storage");
     }
     out

@@ -154,13 +154,20 @@ impl Stanza {
     /// Same backend and same option values, wherever in the file they are written (a
     /// reload asks this to tell a changed stanza from one that only moved).
     pub fn same_settings(&self, other: &Stanza) -> bool {
-        self.kind == other.kind
-            && self.options.len() == other.options.len()
-            && self
-                .options
+        self.same_settings_except(other, &[])
+    }
+
+    /// [`Stanza::same_settings`], not looking at the options named in `ignore` (those a
+    /// reload applies).
+    pub fn same_settings_except(&self, other: &Stanza, ignore: &[&str]) -> bool {
+        let kept = |s: &Stanza| -> Vec<(String, String)> {
+            s.options
                 .iter()
-                .zip(&other.options)
-                .all(|((ka, va), (kb, vb))| ka == kb && va.value == vb.value)
+                .filter(|(k, _)| !ignore.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), v.value.clone()))
+                .collect()
+        };
+        self.kind == other.kind && kept(self) == kept(other)
     }
 
     /// [`Stanza::same_settings`] over optional stanzas (`ha_storage`).

@@ -14,6 +14,7 @@ use crate::config::{Config, ConfigError, Stanza};
 use super::etcd::EtcdBackend;
 use super::file::FileBackend;
 use super::inmem::InmemBackend;
+use super::lockd::client::{PreparedCredentials, CREDENTIAL_KEYS};
 use super::lockd::LockdBackend;
 use super::{Backend, HaBackend, Stores};
 
@@ -23,6 +24,8 @@ struct Opened {
     ha: Option<Arc<dyn HaBackend>>,
     /// The backend can do HA (whether or not `ha_enabled` switched it off).
     ha_capable: bool,
+    /// The lockd client, whose credentials a reload can replace.
+    lockd: Option<Arc<LockdBackend>>,
 }
 
 fn open_one(st: &Stanza) -> Result<Opened, ConfigError> {
@@ -35,6 +38,7 @@ fn open_one(st: &Stanza) -> Result<Opened, ConfigError> {
                 data: Arc::new(b),
                 ha: None,
                 ha_capable: false,
+                lockd: None,
             })
         }
         "inmem" => {
@@ -46,6 +50,7 @@ fn open_one(st: &Stanza) -> Result<Opened, ConfigError> {
                 data: Arc::new(b),
                 ha,
                 ha_capable: true,
+                lockd: None,
             })
         }
         "lockd" => {
@@ -56,9 +61,10 @@ fn open_one(st: &Stanza) -> Result<Opened, ConfigError> {
                 None
             };
             Ok(Opened {
-                data: b,
+                data: b.clone(),
                 ha,
                 ha_capable: true,
+                lockd: Some(b),
             })
         }
         "etcd" => {
@@ -73,6 +79,7 @@ fn open_one(st: &Stanza) -> Result<Opened, ConfigError> {
                 data: b,
                 ha,
                 ha_capable: true,
+                lockd: None,
             })
         }
         other => Err(ConfigError::Invalid {
@@ -91,6 +98,71 @@ pub struct OpenedStores {
     pub storage_line: String,
     /// `HA Storage:` line value in split mode.
     pub ha_storage_line: Option<String>,
+    /// The lockd clients, for [`Credentials::reload`].
+    pub credentials: Credentials,
+}
+
+/// The lockd clients a configuration opened, with the block each came from: a reload hands
+/// them the credentials the file names now (a rotated `token_file`, new TLS files).
+#[derive(Clone, Default)]
+pub struct Credentials {
+    clients: Vec<(&'static str, Arc<LockdBackend>)>,
+}
+
+impl Credentials {
+    fn from_opened(opened: &[(&'static str, &Opened)]) -> Credentials {
+        Credentials {
+            clients: opened
+                .iter()
+                .filter_map(|(block, o)| o.lockd.clone().map(|c| (*block, c)))
+                .collect(),
+        }
+    }
+
+    /// Re-reads the credentials of every lockd client from `cfg`'s stanza of the same
+    /// block, all or nothing: every one is read and connected first, and only when all
+    /// succeeded are they put in use (requests already sent finish as they were). A block
+    /// that is no longer lockd, or names another address, is left alone ([`needs_restart`]
+    /// reports it). Returns how many clients took new credentials.
+    pub fn reload(&self, cfg: &Config) -> Result<usize, ConfigError> {
+        let mut prepared: Vec<(&Arc<LockdBackend>, PreparedCredentials)> = Vec::new();
+        for (block, client) in &self.clients {
+            let stanza = match *block {
+                "ha_storage" => cfg.ha_storage.as_ref(),
+                _ => Some(&cfg.storage),
+            };
+            let Some(s) = stanza.filter(|s| s.kind == "lockd") else {
+                continue;
+            };
+            if s.get("address").map(|a| a.trim_end_matches('/')) != Some(client.address()) {
+                continue;
+            }
+            prepared.push((client, client.prepare_credentials(s)?));
+        }
+        let n = prepared.len();
+        for (client, p) in prepared {
+            client.install_credentials(p);
+        }
+        Ok(n)
+    }
+}
+
+/// Whether changing a `storage`/`ha_storage` stanza from `old` to `new` (either may be
+/// absent) takes a restart: any change but to the credentials of a lockd stanza, which
+/// [`Credentials::reload`] applies.
+pub fn needs_restart(old: Option<&Stanza>, new: Option<&Stanza>) -> bool {
+    match (old, new) {
+        (None, None) => false,
+        (Some(a), Some(b)) => {
+            let ignore = if a.kind == "lockd" && b.kind == "lockd" {
+                CREDENTIAL_KEYS
+            } else {
+                &[]
+            };
+            !a.same_settings_except(b, ignore)
+        }
+        _ => true,
+    }
 }
 
 /// Opens the configured stores.
@@ -98,6 +170,7 @@ pub fn open_stores(cfg: &Config) -> Result<OpenedStores, ConfigError> {
     let data = open_one(&cfg.storage)?;
     match &cfg.ha_storage {
         None => {
+            let credentials = Credentials::from_opened(&[("storage", &data)]);
             let storage_line = match (&data.ha, data.ha_capable) {
                 (Some(_), _) => format!("{} (HA available)", cfg.storage.kind),
                 (None, true) => format!("{} (HA disabled)", cfg.storage.kind),
@@ -111,10 +184,12 @@ pub fn open_stores(cfg: &Config) -> Result<OpenedStores, ConfigError> {
                 },
                 storage_line,
                 ha_storage_line: None,
+                credentials,
             })
         }
         Some(hs) => {
             let ha = open_one(hs)?;
+            let credentials = Credentials::from_opened(&[("storage", &data), ("ha_storage", &ha)]);
             let Some(ha_backend) = ha.ha else {
                 let why = if ha.ha_capable {
                     "ha_storage must have HA enabled (ha_enabled = \"true\")".to_string()
@@ -152,6 +227,7 @@ pub fn open_stores(cfg: &Config) -> Result<OpenedStores, ConfigError> {
                 },
                 storage_line: cfg.storage.kind.clone(),
                 ha_storage_line: Some(hs.kind.clone()),
+                credentials,
             })
         }
     }

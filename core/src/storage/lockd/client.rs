@@ -72,22 +72,34 @@ impl Default for LockTiming {
 
 type Http = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-struct Inner {
+/// What the credentials decide: the connections (their TLS material) and the token. A
+/// credentials reload ([`LockdBackend::prepare_credentials`]) replaces it whole; requests
+/// already sent finish on the connections they took, new ones use the new material.
+struct Conn {
     /// Data, watches and snapshots.
     http: Http,
     /// Lock operations (acquire, renew, release, holder, cancel) on a connection of their own:
     /// an HTTP/2 connection carrying a large value (or many) must not delay a renewal past the
     /// holder's deadline.
     lease_http: Http,
+    /// `Authorization: Bearer ...` (sensitive) when the credentials carry a token.
+    auth: Option<http::HeaderValue>,
+}
+
+struct Inner {
+    /// Shared by every clone and every `with_*` variant, so one reload reaches them all.
+    conn: Arc<std::sync::RwLock<Arc<Conn>>>,
     base: String,
     timeout: Duration,
     timing: LockTiming,
     ha_enabled: bool,
-    /// `Authorization: Bearer ...` (sensitive) when the credentials carry a token.
-    auth: Option<http::HeaderValue>,
     /// Largest value this client sends (`max_value_size`; lockd must allow as much).
     max_value: usize,
 }
+
+/// New credentials for a [`LockdBackend`], checked and connected, not yet in use
+/// ([`LockdBackend::install_credentials`]).
+pub struct PreparedCredentials(Arc<Conn>);
 
 /// A client of lockd. Cheap to clone; clones share the connection.
 #[derive(Clone)]
@@ -202,6 +214,55 @@ enum BuildError {
     ServerName(String),
 }
 
+/// The stanza's credentials, with the checks that depend on the address's scheme.
+fn checked_credentials(s: &Stanza, address: &str) -> Result<LockdCredentials, ConfigError> {
+    let creds = credentials_from_stanza(s)?;
+    let https = address.starts_with("https://");
+    if https && creds.tls_ca_file.is_none() && !creds.dangerous_tls_skip_verify {
+        return Err(s.error(
+            "tls_ca_file",
+            "an https address needs tls_ca_file (or dangerous_tls_skip_verify)",
+        ));
+    }
+    if !https {
+        for key in ["tls_cert_file", "tls_server_name"] {
+            if s.get(key).is_some() {
+                return Err(s.error(key, "needs an https:// address"));
+            }
+        }
+    }
+    Ok(creds)
+}
+
+/// A [`BuildError`] as a config error on the key that caused it.
+fn build_error(s: &Stanza, e: BuildError) -> ConfigError {
+    let key = match &e {
+        BuildError::Address(_) => "address",
+        BuildError::Token(_) => {
+            if s.get("token").is_some() {
+                "token"
+            } else {
+                "token_file"
+            }
+        }
+        BuildError::Ca(_) => "tls_ca_file",
+        BuildError::ClientCert(_) => "tls_cert_file",
+        BuildError::ServerName(_) => "tls_server_name",
+    };
+    s.error(key, e.to_string())
+}
+
+/// The stanza keys [`LockdBackend::prepare_credentials`] applies while running: a change to
+/// any other key takes a restart.
+pub const CREDENTIAL_KEYS: &[&str] = &[
+    "token",
+    "token_file",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_server_name",
+];
+
 /// The environment variable a lockd token is read from when the stanza names none.
 pub const TOKEN_ENV: &str = "VHA_LOCKD_TOKEN";
 
@@ -291,6 +352,20 @@ impl LockdBackend {
                 "{address:?} must be http://HOST:PORT or https://HOST:PORT"
             )));
         }
+        Ok(LockdBackend {
+            inner: Arc::new(Inner {
+                conn: Arc::new(std::sync::RwLock::new(Arc::new(Self::connect_parts(timeout, creds)?))),
+                base: address.trim_end_matches('/').to_string(),
+                timeout,
+                timing,
+                ha_enabled,
+                max_value,
+            }),
+        })
+    }
+
+    /// The clients and the header `creds` make.
+    fn connect_parts(timeout: Duration, creds: &LockdCredentials) -> Result<Conn, BuildError> {
         let auth = creds.authorization().map_err(BuildError::Token)?;
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
@@ -317,18 +392,15 @@ impl LockdBackend {
             .http2_only(true)
             .build(conn.clone());
         let lease_client = Client::builder(TokioExecutor::new()).http2_only(true).build(conn);
-        Ok(LockdBackend {
-            inner: Arc::new(Inner {
-                http: client,
-                lease_http: lease_client,
-                base: address.trim_end_matches('/').to_string(),
-                timeout,
-                timing,
-                ha_enabled,
-                auth,
-                max_value,
-            }),
+        Ok(Conn {
+            http: client,
+            lease_http: lease_client,
+            auth,
         })
+    }
+
+    fn conn(&self) -> Arc<Conn> {
+        self.inner.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// A client with default settings and no credentials for `address`
@@ -355,13 +427,11 @@ impl LockdBackend {
         let i = &self.inner;
         LockdBackend {
             inner: Arc::new(Inner {
-                http: i.http.clone(),
-                lease_http: i.lease_http.clone(),
+                conn: i.conn.clone(),
                 base: i.base.clone(),
                 timeout: i.timeout,
                 timing,
                 ha_enabled: i.ha_enabled,
-                auth: i.auth.clone(),
                 max_value: i.max_value,
             }),
         }
@@ -372,13 +442,11 @@ impl LockdBackend {
         let i = &self.inner;
         LockdBackend {
             inner: Arc::new(Inner {
-                http: i.http.clone(),
-                lease_http: i.lease_http.clone(),
+                conn: i.conn.clone(),
                 base: i.base.clone(),
                 timeout,
                 timing: i.timing,
                 ha_enabled: i.ha_enabled,
-                auth: i.auth.clone(),
                 max_value: i.max_value,
             }),
         }
@@ -431,22 +499,8 @@ impl LockdBackend {
                     )
                 })?,
         };
-        let creds = credentials_from_stanza(s)?;
-        let https = address.starts_with("https://");
-        if https && creds.tls_ca_file.is_none() && !creds.dangerous_tls_skip_verify {
-            return Err(s.error(
-                "tls_ca_file",
-                "an https address needs tls_ca_file (or dangerous_tls_skip_verify)",
-            ));
-        }
-        if !https {
-            for key in ["tls_cert_file", "tls_server_name"] {
-                if s.get(key).is_some() {
-                    return Err(s.error(key, "needs an https:// address"));
-                }
-            }
-        }
-        let b = Self::build(
+        let creds = checked_credentials(s, address)?;
+        Self::build(
             address,
             timeout,
             LockTiming::from_ttl(ttl),
@@ -454,23 +508,21 @@ impl LockdBackend {
             &creds,
             max_value,
         )
-        .map_err(|e| {
-            let key = match &e {
-                BuildError::Address(_) => "address",
-                BuildError::Token(_) => {
-                    if s.get("token").is_some() {
-                        "token"
-                    } else {
-                        "token_file"
-                    }
-                }
-                BuildError::Ca(_) => "tls_ca_file",
-                BuildError::ClientCert(_) => "tls_cert_file",
-                BuildError::ServerName(_) => "tls_server_name",
-            };
-            s.error(key, e.to_string())
-        })?;
-        Ok(b)
+        .map_err(|e| build_error(s, e))
+    }
+
+    /// Reads the credentials of `s` (the stanza this client was opened from, as the file
+    /// says now: a rotated `token_file`, new TLS files) and connects with them, without
+    /// using them yet. Errors name the file, line and key; nothing changes on error.
+    pub fn prepare_credentials(&self, s: &Stanza) -> Result<PreparedCredentials, ConfigError> {
+        let creds = checked_credentials(s, &self.inner.base)?;
+        let conn = Self::connect_parts(self.inner.timeout, &creds).map_err(|e| build_error(s, e))?;
+        Ok(PreparedCredentials(Arc::new(conn)))
+    }
+
+    /// Every request from now on uses `prepared`; requests already sent finish as they were.
+    pub fn install_credentials(&self, prepared: PreparedCredentials) {
+        *self.inner.conn.write().unwrap_or_else(|p| p.into_inner()) = prepared.0;
     }
 
     pub fn ha_enabled(&self) -> bool {
@@ -485,9 +537,9 @@ impl LockdBackend {
         &self.inner.base
     }
 
-    fn request(&self, path: &str, body: Vec<u8>) -> Result<Request<Full<Bytes>>, CallError> {
+    fn request(&self, conn: &Conn, path: &str, body: Vec<u8>) -> Result<Request<Full<Bytes>>, CallError> {
         let mut req = Request::post(format!("{}{}", self.inner.base, path)).header("content-type", "application/json");
-        if let Some(a) = &self.inner.auth {
+        if let Some(a) = &conn.auth {
             req = req.header(http::header::AUTHORIZATION, a.clone());
         }
         req.body(Full::new(Bytes::from(body)))
@@ -498,11 +550,12 @@ impl LockdBackend {
         let deadline = Instant::now() + timeout;
         let mut backoff = BACKOFF_MIN;
         loop {
-            let req = self.request(path, body.to_vec())?;
+            let conn = self.conn();
+            let req = self.request(&conn, path, body.to_vec())?;
             let http = if path.starts_with("/v1/lock/") {
-                &self.inner.lease_http
+                &conn.lease_http
             } else {
-                &self.inner.http
+                &conn.http
             };
             match tokio::time::timeout_at(deadline, http.request(req)).await {
                 Err(_) => {
