@@ -229,17 +229,20 @@ async fn sighup_sets_the_node_log_level_and_keeps_it_serving() {
     assert_eq!(st, 200, "{v}");
 }
 
-/// `vha_config_reloads_total{outcome="success"}` of lockd, read with `token`.
-async fn lockd_reloads(l: &vha_testkit::TestLockd, token: &str) -> f64 {
-    let text = reqwest::Client::new()
+/// lockd's `/metrics` asked with `token`: the status and the text.
+async fn lockd_metrics(l: &vha_testkit::TestLockd, token: &str) -> (u16, String) {
+    let r = reqwest::Client::new()
         .get(format!("{}/metrics", l.address()))
         .bearer_auth(token)
         .send()
         .await
-        .expect("lockd metrics")
-        .text()
-        .await
-        .unwrap_or_default();
+        .expect("lockd metrics");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+/// `vha_config_reloads_total{outcome="success"}` of lockd, read with `token`.
+async fn lockd_reloads(l: &vha_testkit::TestLockd, token: &str) -> f64 {
+    let (_, text) = lockd_metrics(l, token).await;
     vha_testkit::prometheus::series_value(&text, "vha_config_reloads_total", &[("outcome", "success")])
 }
 
@@ -300,42 +303,23 @@ async fn sighup_rotates_the_lockd_token_of_nodes_and_proxies_under_load() {
     // Load through both pairs, until told to stop (bounded in count and time).
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
+    let bounds = vha_testkit::load::LoadBounds {
+        max_writes: 20_000,
+        max_time: Duration::from_secs(120),
+    };
     let loops: Vec<_> = c
         .proxies
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let (base, token, stop, done) = (p.addr.clone(), root.clone(), stop.clone(), done.clone());
-            tokio::spawn(async move {
-                let http = reqwest::Client::new();
-                let mut errors = Vec::new();
-                let started = std::time::Instant::now();
-                let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) && n < 20_000 && started.elapsed() < Duration::from_secs(120) {
-                    n += 1;
-                    let url = format!("{base}/v1/secret/data/rot-{i}-{}", n % 20);
-                    let r = http
-                        .put(&url)
-                        .header("X-Vault-Token", &token)
-                        .json(&serde_json::json!({"data": {"n": n}}))
-                        .timeout(Duration::from_secs(30))
-                        .send()
-                        .await;
-                    match r {
-                        Ok(r) if r.status().is_success() => {}
-                        Ok(r) => errors.push(format!("PUT {}: {}", r.status(), r.text().await.unwrap_or_default())),
-                        Err(e) => errors.push(format!("PUT: {e}")),
-                    }
-                    match http.get(&url).header("X-Vault-Token", &token).send().await {
-                        Ok(r) if r.status().is_success() => {
-                            done.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(r) => errors.push(format!("GET {}", r.status())),
-                        Err(e) => errors.push(format!("GET: {e}")),
-                    }
-                }
-                errors
-            })
+            tokio::spawn(vha_testkit::load::kv_writes(
+                p.addr.clone(),
+                root.clone(),
+                format!("rot-{i}"),
+                stop.clone(),
+                done.clone(),
+                bounds,
+            ))
         })
         .collect();
     let progress = |want: u64| {
@@ -387,32 +371,18 @@ async fn sighup_rotates_the_lockd_token_of_nodes_and_proxies_under_load() {
     stop.store(true, Ordering::Relaxed);
     let mut errors = Vec::new();
     for l in loops {
-        errors.extend(l.await.expect("load loop"));
+        errors.extend(l.await.expect("load loop").errors);
     }
     assert!(errors.is_empty(), "client errors during the rotation: {errors:?}");
-    let text = reqwest::Client::new()
-        .get(format!("{}/metrics", lockd.address()))
-        .bearer_auth(&new)
-        .send()
-        .await
-        .expect("lockd metrics")
-        .text()
-        .await
-        .unwrap_or_default();
+    let (_, text) = lockd_metrics(&lockd, &new).await;
     let refused: f64 = text
         .lines()
         .filter(|l| l.starts_with("vha_lockd_auth_failures_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(refused, 0.0, "lockd refused a request during the rotation:\n{text}");
-    let st = reqwest::Client::new()
-        .get(format!("{}/metrics", lockd.address()))
-        .bearer_auth(&old)
-        .send()
-        .await
-        .expect("lockd")
-        .status();
-    assert_eq!(st.as_u16(), 401, "the old token is refused after the rotation");
+    let (st, _) = lockd_metrics(&lockd, &old).await;
+    assert_eq!(st, 401, "the old token is refused after the rotation");
     for n in &c.nodes {
         assert!(
             !n.output().contains("setting=\"storage\""),

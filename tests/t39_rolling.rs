@@ -5,74 +5,21 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use vha_testkit::load::{kv_writes, LoadBounds};
 use vha_testkit::{TestCluster, TestClusterBuilder};
 
 /// Bound on an election, an unseal taking effect, or a proxy following the new view.
 const BOUND: Duration = Duration::from_secs(40);
 /// Hard caps on each load loop, whatever happens to the test.
-const LOOP_MAX_WRITES: u64 = 20_000;
-const LOOP_MAX_TIME: Duration = Duration::from_secs(240);
+const LOOP_BOUNDS: LoadBounds = LoadBounds {
+    max_writes: 20_000,
+    max_time: Duration::from_secs(240),
+};
 /// Successful writes each loop must add after a pair is back before the next one is
 /// restarted (the load really flows through every pair at every step).
 const WRITES_PER_STEP: u64 = 5;
-
-#[derive(Debug, Default)]
-struct LoopResult {
-    acked: Vec<String>,
-    errors: Vec<String>,
-}
-
-/// Writes `secret/data/<name>-<n>` (a new key each time) through `base` and reads it back
-/// until `stop`; every answer must be a 2xx, every read the value written.
-async fn writer(base: String, token: String, name: String, stop: Arc<AtomicBool>, done: Arc<AtomicU64>) -> LoopResult {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client");
-    let mut r = LoopResult::default();
-    let start = Instant::now();
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) && n < LOOP_MAX_WRITES && start.elapsed() < LOOP_MAX_TIME {
-        n += 1;
-        let key = format!("{name}-{n}");
-        let url = format!("{base}/v1/secret/data/{key}");
-        let put = http
-            .put(&url)
-            .header("X-Vault-Token", &token)
-            .json(&serde_json::json!({"data": {"v": key}}))
-            .send()
-            .await;
-        match put {
-            Ok(resp) if resp.status().is_success() => {
-                r.acked.push(key.clone());
-                done.fetch_add(1, Ordering::Relaxed);
-            }
-            Ok(resp) => {
-                let st = resp.status();
-                r.errors
-                    .push(format!("PUT {key}: {st}: {}", resp.text().await.unwrap_or_default()));
-                continue;
-            }
-            Err(e) => {
-                r.errors.push(format!("PUT {key}: {e}"));
-                continue;
-            }
-        }
-        match http.get(&url).header("X-Vault-Token", &token).send().await {
-            Ok(resp) if resp.status().is_success() => {
-                let v: serde_json::Value = resp.json().await.unwrap_or_default();
-                if v["data"]["data"]["v"] != serde_json::Value::String(key.clone()) {
-                    r.errors.push(format!("GET {key} read {v}"));
-                }
-            }
-            Ok(resp) => r.errors.push(format!("GET {key}: {}", resp.status())),
-            Err(e) => r.errors.push(format!("GET {key}: {e}")),
-        }
-    }
-    r
-}
 
 /// Waits until every counter in `done` grew by [`WRITES_PER_STEP`] from `from`.
 async fn wait_progress(done: &[Arc<AtomicU64>], why: &str) {
@@ -107,12 +54,13 @@ async fn rolling_restart(builder: TestClusterBuilder, tokens_count_grants: bool)
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            tokio::spawn(writer(
+            tokio::spawn(kv_writes(
                 p.addr.clone(),
                 token.clone(),
                 format!("roll-p{i}"),
                 stop.clone(),
                 done[i].clone(),
+                LOOP_BOUNDS,
             ))
         })
         .collect();

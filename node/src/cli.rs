@@ -7,7 +7,7 @@ use clap::Parser;
 use tokio_util::sync::CancellationToken;
 
 use vha_core::config::{self, Config, ProcessEnv};
-use vha_core::storage::factory::{needs_restart, open_stores, OpenedStores};
+use vha_core::storage::factory::{open_stores, OpenedStores};
 
 use crate::http::{self, Limits};
 use crate::node::Node;
@@ -266,12 +266,9 @@ fn reload(
     let new =
         config::load(path, &ProcessEnv).map_err(|e| format!("loading configuration from {}: {e}", path.display()))?;
     // First what can fail: a bad credential file leaves everything as it was.
-    let reloaded = credentials
+    credentials
         .reload(&new)
         .map_err(|e| format!("lockd credentials: {e}"))?;
-    if reloaded > 0 {
-        tracing::info!(clients = reloaded, "lockd client credentials reloaded");
-    }
     if let Some(set) = set_level {
         set(new.log_level.as_str());
         tracing::info!(log_level = new.log_level.as_str(), "log level set");
@@ -285,15 +282,7 @@ fn reload(
 
 /// The settings the node reads only at start that differ between `old` and `new`.
 fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
-    let mut out = Vec::new();
-    // By kind and values (a stanza that only moved in the file is the same stanza); lockd
-    // credentials are reloaded, not restarted for.
-    if needs_restart(Some(&old.storage), Some(&new.storage)) {
-        out.push("storage");
-    }
-    if needs_restart(old.ha_storage.as_ref(), new.ha_storage.as_ref()) {
-        out.push("ha_storage");
-    }
+    let mut out = vha_core::storage::factory::restart_needed(old, new);
     if old.api_addr != new.api_addr {
         out.push("api_addr");
     }

@@ -161,10 +161,7 @@ async fn serve(
     if stopped.is_cancelled() {
         // A stopped listener's lingering connection (even if this node is active again in
         // a later term): refused, nothing runs.
-        let mut resp = crate::http::error_response(StatusCode::SERVICE_UNAVAILABLE, "node not active");
-        resp.headers_mut()
-            .insert(vha_core::NOT_ACTIVE_HEADER, http::HeaderValue::from_static("1"));
-        return resp;
+        return crate::http::stopped_refusal();
     }
     if req.uri().path() == ECHO_PATH {
         return echo(node, req).await;

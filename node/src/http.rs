@@ -215,6 +215,16 @@ fn to_http(resp: ApiResponse, head: bool) -> Response<Full<Bytes>> {
     out
 }
 
+/// The answer of a listener that stopped (its connections linger): 503 "node not active",
+/// marked as refused before anything ran (`x-vha-not-active`), so the proxy holds the
+/// request and sends it to the next active.
+pub fn stopped_refusal() -> Response<Full<Bytes>> {
+    let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "node not active");
+    resp.headers_mut()
+        .insert(vha_core::NOT_ACTIVE_HEADER, HeaderValue::from_static("1"));
+    resp
+}
+
 /// A plain error response, for callers outside the API (e.g. connection-level limits).
 pub fn error_response(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({ "errors": [msg] });

@@ -225,9 +225,7 @@ async fn serve(node: Arc<Node>, req: Request<Incoming>, limits: Limits, stop: Ca
     if stop.is_cancelled() {
         // Shutting down (see LINGER): refused before anything runs, and the connection is
         // closed after this answer.
-        let mut resp = crate::http::error_response(http::StatusCode::SERVICE_UNAVAILABLE, "node not active");
-        resp.headers_mut()
-            .insert(vha_core::NOT_ACTIVE_HEADER, http::HeaderValue::from_static("1"));
+        let mut resp = crate::http::stopped_refusal();
         resp.headers_mut()
             .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
         return resp.map(|b| b.boxed());

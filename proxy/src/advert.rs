@@ -175,7 +175,7 @@ pub async fn run(stores: Stores, socket: Arc<NodeSocket>, tx: watch::Sender<Arc<
         });
     }
     drop(dirty_tx);
-    let mut keyring = HeldKeyring::default();
+    let mut keyring: Option<HeldKeyring> = None;
     let mut view = View::initial();
     loop {
         tokio::select! {
@@ -195,7 +195,13 @@ pub async fn run(stores: Stores, socket: Arc<NodeSocket>, tx: watch::Sender<Arc<
         }
         while dirty_rx.try_recv().is_ok() {}
         if view.local != LocalRole::Sealed {
-            view.active = resolve(&stores, keyring.keyring.as_ref(), view.active.clone(), &metrics).await;
+            view.active = resolve(
+                &stores,
+                keyring.as_ref().map(|h| &h.keyring),
+                view.active.clone(),
+                &metrics,
+            )
+            .await;
         }
         let changed = !same(&tx.borrow(), &view);
         if changed {
@@ -211,31 +217,32 @@ pub async fn run(stores: Stores, socket: Arc<NodeSocket>, tx: watch::Sender<Arc<
 }
 
 /// The keyring and the node process that handed it over.
-#[derive(Default)]
 struct HeldKeyring {
-    keyring: Option<Keyring>,
+    keyring: Keyring,
     /// [`LocalState::instance`] of the process it came from.
-    from: Option<u64>,
+    from: u64,
 }
 
 /// Applies one state line: role, clustering, and the keyring (taken while unsealed, dropped
 /// together with the advertisement when the process that handed it over is sealed).
-fn apply_state(mut st: LocalState, view: &mut View, held: &mut HeldKeyring) {
+fn apply_state(mut st: LocalState, view: &mut View, held: &mut Option<HeldKeyring>) {
     view.local = LocalRole::parse(&st.role, st.sealed);
     view.disable_clustering = st.disable_clustering;
     if view.local == LocalRole::Sealed {
-        if held.keyring.is_some() && crate::route::keeps_keyring_when_sealed(held.from, st.instance) {
+        if crate::route::keeps_keyring_when_sealed(held.as_ref().map(|h| h.from), st.instance) {
             view.local = LocalRole::Restarting;
         } else {
-            *held = HeldKeyring::default();
+            *held = None;
             view.active = None;
         }
     } else if let Some(wire) = st.keyring.take() {
         // `wire` and every intermediate of the decoding are zeroized when dropped.
         match wire.decode() {
-            Ok(k) => {
-                held.keyring = Some(k);
-                held.from = Some(st.instance);
+            Ok(keyring) => {
+                *held = Some(HeldKeyring {
+                    keyring,
+                    from: st.instance,
+                })
             }
             Err(e) => tracing::warn!(error = %e, "the local node sent an unusable keyring"),
         }

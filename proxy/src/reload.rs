@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use vha_core::config::{Config, ProcessEnv};
 use vha_core::served_cert::ServedCert;
-use vha_core::storage::factory::{needs_restart, Credentials};
+use vha_core::storage::factory::Credentials;
 
 use crate::metrics::Metrics;
 
@@ -70,13 +70,9 @@ impl Reloader {
             }
             _ => None,
         };
-        let reloaded = self
-            .credentials
+        self.credentials
             .reload(&new)
             .map_err(|e| format!("lockd credentials: {e}"))?;
-        if reloaded > 0 {
-            tracing::info!(clients = reloaded, "lockd client credentials reloaded");
-        }
         if let (Some(served), Some(pair)) = (&self.served, prepared) {
             let not_after = served.install(pair);
             self.metrics.tls_expiry.with_label_values(&["client"]).set(not_after);
@@ -116,14 +112,7 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     if old.proxy != new.proxy {
         out.push("proxy");
     }
-    // By kind and values (a stanza that only moved in the file is the same stanza); lockd
-    // credentials are reloaded, not restarted for.
-    if needs_restart(Some(&old.storage), Some(&new.storage)) {
-        out.push("storage");
-    }
-    if needs_restart(old.ha_storage.as_ref(), new.ha_storage.as_ref()) {
-        out.push("ha_storage");
-    }
+    out.extend(vha_core::storage::factory::restart_needed(old, new));
     out
 }
 

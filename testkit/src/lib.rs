@@ -11,6 +11,7 @@
 //!   a saved one.
 //! - [`haproxy`]: `TestHaproxy`, a real HAProxy load balancer on a test host.
 //! - [`hostile`]: raw HTTP, slowloris and the hostile-input battery of t80/t93.
+//! - [`load`]: bounded write-and-read-back client loops (`kv_writes`).
 //! - [`lockd`]: `TestLockd` for `vha lockd` (start, kill -9, restart, stop).
 //! - [`net`]: `TestNet`, test hosts in network namespaces (pairs, stores, load balancer and
 //!   client on separate network hosts), with partitions by link or nftables.
@@ -24,6 +25,7 @@ pub mod fencing;
 pub mod haproxy;
 pub mod history;
 pub mod hostile;
+pub mod load;
 pub mod lockd;
 pub mod net;
 pub mod node;

@@ -152,14 +152,9 @@ impl std::fmt::Debug for Stanza {
 
 impl Stanza {
     /// Same backend and same option values, wherever in the file they are written (a
-    /// reload asks this to tell a changed stanza from one that only moved).
-    pub fn same_settings(&self, other: &Stanza) -> bool {
-        self.same_settings_except(other, &[])
-    }
-
-    /// [`Stanza::same_settings`], not looking at the options named in `ignore` (those a
-    /// reload applies).
-    pub fn same_settings_except(&self, other: &Stanza, ignore: &[&str]) -> bool {
+    /// reload asks this to tell a changed stanza from one that only moved), not looking at
+    /// the options named in `ignore` (those a reload applies).
+    pub fn same_settings(&self, other: &Stanza, ignore: &[&str]) -> bool {
         let kept = |s: &Stanza| -> Vec<(String, String)> {
             s.options
                 .iter()
@@ -168,15 +163,6 @@ impl Stanza {
                 .collect()
         };
         self.kind == other.kind && kept(self) == kept(other)
-    }
-
-    /// [`Stanza::same_settings`] over optional stanzas (`ha_storage`).
-    pub fn same_optional(a: Option<&Stanza>, b: Option<&Stanza>) -> bool {
-        match (a, b) {
-            (Some(a), Some(b)) => a.same_settings(b),
-            (None, None) => true,
-            _ => false,
-        }
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {

@@ -122,9 +122,9 @@ impl Credentials {
     /// Re-reads the credentials of every lockd client from `cfg`'s stanza of the same
     /// block, all or nothing: every one is read and connected first, and only when all
     /// succeeded are they put in use (requests already sent finish as they were). A block
-    /// that is no longer lockd, or names another address, is left alone ([`needs_restart`]
-    /// reports it). Returns how many clients took new credentials.
-    pub fn reload(&self, cfg: &Config) -> Result<usize, ConfigError> {
+    /// that is no longer lockd, or names another address, is left alone ([`restart_needed`]
+    /// reports it).
+    pub fn reload(&self, cfg: &Config) -> Result<(), ConfigError> {
         let mut prepared: Vec<(&Arc<LockdBackend>, PreparedCredentials)> = Vec::new();
         for (block, client) in &self.clients {
             let stanza = match *block {
@@ -143,15 +143,18 @@ impl Credentials {
         for (client, p) in prepared {
             client.install_credentials(p);
         }
-        Ok(n)
+        if n > 0 {
+            tracing::info!(clients = n, "lockd client credentials reloaded");
+        }
+        Ok(())
     }
 }
 
-/// Whether changing a `storage`/`ha_storage` stanza from `old` to `new` (either may be
-/// absent) takes a restart: any change but to the credentials of a lockd stanza, which
-/// [`Credentials::reload`] applies.
-pub fn needs_restart(old: Option<&Stanza>, new: Option<&Stanza>) -> bool {
-    match (old, new) {
+/// The storage blocks (`storage`, `ha_storage`) that differ between `old` and `new` in a way
+/// only a restart applies: any change but to the credentials of a lockd stanza, which
+/// [`Credentials::reload`] applies. A stanza that only moved in the file is the same stanza.
+pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+    let changed = |a: Option<&Stanza>, b: Option<&Stanza>| match (a, b) {
         (None, None) => false,
         (Some(a), Some(b)) => {
             let ignore = if a.kind == "lockd" && b.kind == "lockd" {
@@ -159,10 +162,18 @@ pub fn needs_restart(old: Option<&Stanza>, new: Option<&Stanza>) -> bool {
             } else {
                 &[]
             };
-            !a.same_settings_except(b, ignore)
+            !a.same_settings(b, ignore)
         }
         _ => true,
+    };
+    let mut out = Vec::new();
+    if changed(Some(&old.storage), Some(&new.storage)) {
+        out.push("storage");
     }
+    if changed(old.ha_storage.as_ref(), new.ha_storage.as_ref()) {
+        out.push("ha_storage");
+    }
+    out
 }
 
 /// Opens the configured stores.

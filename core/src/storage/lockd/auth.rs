@@ -40,6 +40,16 @@ pub fn validate_token(token: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A token file's content as text, zeroized on drop (also when it is not UTF-8). Errors
+/// name the file and never contain its content.
+fn read_secret_text(path: &Path) -> Result<Zeroizing<String>, String> {
+    let raw = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    String::from_utf8(raw).map(Zeroizing::new).map_err(|e| {
+        drop(Zeroizing::new(e.into_bytes()));
+        format!("{}: the token is not UTF-8", path.display())
+    })
+}
+
 /// Most tokens a daemon's token file may list: enough for a rotation (old and new) with room
 /// to spare, few enough that checking each in constant time stays cheap.
 pub const MAX_ACCEPTED_TOKENS: usize = 8;
@@ -49,8 +59,7 @@ pub const MAX_ACCEPTED_TOKENS: usize = 8;
 /// rotated without refusing anyone: list old and new, move every client to the new one, drop
 /// the old one. Errors name the file (and line) and never contain a token.
 pub fn read_token_list(path: &Path) -> Result<Vec<Zeroizing<String>>, String> {
-    let raw = Zeroizing::new(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?);
-    let text = std::str::from_utf8(&raw).map_err(|_| format!("{}: the token is not UTF-8", path.display()))?;
+    let text = read_secret_text(path)?;
     let mut tokens = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let t = line.trim();
@@ -76,8 +85,7 @@ pub fn read_token_list(path: &Path) -> Result<Vec<Zeroizing<String>>, String> {
 /// Reads a token file: its content without surrounding whitespace, validated. The error
 /// names the file and never contains the token.
 pub fn read_token_file(path: &Path) -> Result<Zeroizing<String>, String> {
-    let raw = Zeroizing::new(std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?);
-    let text = std::str::from_utf8(&raw).map_err(|_| format!("{}: the token is not UTF-8", path.display()))?;
+    let text = read_secret_text(path)?;
     let token = Zeroizing::new(text.trim().to_string());
     validate_token(&token).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok(token)

@@ -424,28 +424,23 @@ impl LockdBackend {
 
     /// The same client with different lease timing (tests use short TTLs).
     pub fn with_timing(&self, timing: LockTiming) -> LockdBackend {
-        let i = &self.inner;
-        LockdBackend {
-            inner: Arc::new(Inner {
-                conn: i.conn.clone(),
-                base: i.base.clone(),
-                timeout: i.timeout,
-                timing,
-                ha_enabled: i.ha_enabled,
-                max_value: i.max_value,
-            }),
-        }
+        self.variant(timing, self.inner.timeout)
     }
 
     /// The same client with a different per-request timeout (tests use short ones).
     pub fn with_request_timeout(&self, timeout: Duration) -> LockdBackend {
+        self.variant(self.inner.timing, timeout)
+    }
+
+    /// The same client (same connections and credentials) with other timing settings.
+    fn variant(&self, timing: LockTiming, timeout: Duration) -> LockdBackend {
         let i = &self.inner;
         LockdBackend {
             inner: Arc::new(Inner {
                 conn: i.conn.clone(),
                 base: i.base.clone(),
                 timeout,
-                timing: i.timing,
+                timing,
                 ha_enabled: i.ha_enabled,
                 max_value: i.max_value,
             }),
