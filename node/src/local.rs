@@ -9,10 +9,10 @@
 //! any other peer is dropped before a byte is read or written, counted in
 //! `vha_node_local_socket_refused_total{reason}` and logged.
 //!
-//! On shutdown the socket stops accepting and the state stream ends (the proxy then routes
-//! as for a node that is down); connections the proxy pooled earlier stay open for
-//! [`LINGER`], answering every new request "not active" (nothing runs, the proxy sends it on
-//! elsewhere), while the requests already running finish.
+//! On shutdown the socket path is removed and the state stream ends (the proxy then routes
+//! as for a node that is down); for [`LINGER`] the socket still answers the proxy's open
+//! connections and those already queued, refusing every new request "not active" (nothing
+//! runs, the proxy sends it on elsewhere), while the requests already running finish.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -65,11 +65,13 @@ pub async fn current_state(node: &Node) -> LocalState {
 /// giving up (a name is taken only by a leftover of a crash or by someone squatting it).
 const PRIVATE_DIR_ATTEMPTS: u32 = 16;
 
-/// After shutdown begins, how long the proxy's open connections stay open, refusing new
-/// requests as "not active", before they are closed. Closing an idle one at once would race
-/// the proxy writing a request on it (taken from its pool a moment earlier), and a write
-/// lost that way cannot be sent again (it may have run). The proxy stops routing here within
-/// milliseconds of the state stream ending; this leaves ample room on a loaded machine.
+/// After shutdown begins, how long the socket keeps answering, refusing every new request as
+/// "not active" (on the proxy's open connections, and on connections already queued when the
+/// socket path was removed), before the listener and the connections are closed. Closing at
+/// once would race the proxy writing a request on a connection it took from its pool (or
+/// just opened) a moment earlier, and a write lost that way cannot be sent again (it may
+/// have run). The proxy stops routing here within milliseconds of the state stream ending;
+/// this leaves ample room on a loaded machine.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The pair socket, bound and not yet served (see [`bind_unix`]).
@@ -104,8 +106,8 @@ pub fn bind_unix(path: PathBuf, allowed_uid: Option<u32>) -> std::io::Result<Loc
     })
 }
 
-/// Serves the bound socket until `shutdown`, then drains (bounded). Only peers that
-/// [`node_accepts`] are served.
+/// Serves the bound socket until `shutdown`, lingers (see [`LINGER`]), then drains
+/// (bounded). Only peers that [`node_accepts`] are served.
 pub async fn serve_unix(node: Arc<Node>, bound: LocalListener, limits: Limits, shutdown: CancellationToken) {
     let LocalListener {
         listener,
@@ -114,6 +116,7 @@ pub async fn serve_unix(node: Arc<Node>, bound: LocalListener, limits: Limits, s
         allowed_uid,
     } = bound;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut lingering_until: Option<tokio::time::Instant> = None;
     loop {
         let stream = tokio::select! {
             r = listener.accept() => match r {
@@ -123,7 +126,16 @@ pub async fn serve_unix(node: Arc<Node>, bound: LocalListener, limits: Limits, s
                     continue;
                 }
             },
-            _ = shutdown.cancelled() => break,
+            // No new connection finds the socket from now on; those already queued are
+            // still accepted, and every request is refused (see `serve`) until the linger
+            // ends.
+            _ = shutdown.cancelled(), if lingering_until.is_none() => {
+                let _ = std::fs::remove_file(&path);
+                lingering_until = Some(tokio::time::Instant::now() + LINGER);
+                continue;
+            }
+            _ = tokio::time::sleep_until(lingering_until.unwrap_or_else(tokio::time::Instant::now)),
+                if lingering_until.is_some() => break,
         };
         // Before anything is read: who is there, by the kernel's word.
         match stream.peer_cred() {
@@ -166,10 +178,6 @@ pub async fn serve_unix(node: Arc<Node>, bound: LocalListener, limits: Limits, s
         });
     }
     drop(listener);
-    let _ = std::fs::remove_file(&path);
-    if graceful.count() > 0 {
-        tokio::time::sleep(LINGER).await;
-    }
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown()).await;
 }
 

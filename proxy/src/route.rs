@@ -178,9 +178,10 @@ pub fn keeps_keyring_when_sealed(keyring_from: Option<u64>, instance: u64) -> bo
 }
 
 /// Whether a request whose connect to the local node's socket failed (nothing was sent)
-/// holds for the view to change: yes while the view still has the node up (it is stopping,
-/// restarting or was just killed, and the state stream will say so in a moment); no when the
-/// node is already known to be down (503 at once, so a health check never waits).
+/// holds for the view to change, by the role `local` the request was routed with: yes when
+/// the node was up then (it is stopping, restarting or was just killed; the state stream
+/// says so in a moment, and the request is decided again); no when it was routed to a node
+/// already known to be down (a local-only path: 503 at once, so a health check never waits).
 pub fn hold_after_local_unreachable(local: LocalRole) -> bool {
     local != LocalRole::Down
 }

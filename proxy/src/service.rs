@@ -33,7 +33,7 @@ use crate::advert::{Target, View};
 use crate::error::ProxyError;
 use crate::local::NodeSocket;
 use crate::metrics::{class, Metrics};
-use crate::route::{self, after_failure, after_hold, ForwardFailure, HoldEnd, Route, RouteInput};
+use crate::route::{self, after_failure, after_hold, ForwardFailure, HoldEnd, LocalRole, Route, RouteInput};
 use crate::tls::{forward_peer, local_peer, ForwardProtocol};
 
 use vha_core::pair::{CLIENT_ADDR_HEADER, NO_FORWARD_HEADER};
@@ -78,7 +78,8 @@ impl VhaProxy {
 pub enum Upstream {
     #[default]
     None,
-    Local,
+    /// The local node, with the role the view gave it when the request was routed there.
+    Local(LocalRole),
     Active(Arc<Target>),
 }
 
@@ -283,7 +284,7 @@ impl ProxyHttp for VhaProxy {
                         h.end("resolved");
                     }
                     ctx.route = "local";
-                    ctx.upstream = Upstream::Local;
+                    ctx.upstream = Upstream::Local(view.local);
                     return Ok(false);
                 }
                 Route::Forward => {
@@ -363,7 +364,7 @@ impl ProxyHttp for VhaProxy {
                     // After a local refusal, only a changed view may route locally again.
                     Route::Local if failed.is_some() || changed => {
                         hold.end("resolved");
-                        ctx.upstream = Upstream::Local;
+                        ctx.upstream = Upstream::Local(view.local);
                         ctx.route = "local";
                         break;
                     }
@@ -427,7 +428,7 @@ impl ProxyHttp for VhaProxy {
             }
         }
         let mut peer = match &ctx.upstream {
-            Upstream::Local => local_peer(&self.settings.local_socket)?,
+            Upstream::Local(_) => local_peer(&self.settings.local_socket)?,
             Upstream::Active(t) => forward_peer(t, self.settings.forward_protocol),
             Upstream::None => return Err(stop("no upstream decided")),
         };
@@ -460,12 +461,14 @@ impl ProxyHttp for VhaProxy {
                     }
                 }
             }
-            Upstream::Local if !route::hold_after_local_unreachable(self.view.borrow().local) => {
+            // By the role the request was routed with: the view may have turned to "down" in
+            // the meantime, and then the request must be decided again, not refused.
+            Upstream::Local(role) if !route::hold_after_local_unreachable(*role) => {
                 // Known to be down: say so at once (a health check must not wait).
                 ctx.fallback = Some(Fallback::Error(ProxyError::LocalUnavailable));
                 e.set_retry(false);
             }
-            Upstream::Local => {
+            Upstream::Local(_) => {
                 // The view still has the node up, and nothing was sent: it is stopping or
                 // was just killed. Hold until the view changes (its state stream ends, a
                 // new active is advertised) and decide again; unchanged at the hold
@@ -501,7 +504,7 @@ impl ProxyHttp for VhaProxy {
                 self.metrics.forward_error("not_active");
                 ctx.failed_seq = Some(t.seq);
             }
-            Upstream::Local => {
+            Upstream::Local(_) => {
                 tracing::info!("local node is no longer active; deciding again");
                 ctx.local_refused = true;
             }
@@ -611,7 +614,7 @@ impl ProxyHttp for VhaProxy {
                     e.root_cause()
                 ))))
             }
-            (ErrorSource::Upstream, Upstream::Local) => Some(Fallback::Error(ProxyError::LocalUnavailable)),
+            (ErrorSource::Upstream, Upstream::Local(_)) => Some(Fallback::Error(ProxyError::LocalUnavailable)),
             _ => None,
         });
         // The connection is not reused after a failed proxy attempt (Pingora's rule); the
@@ -662,7 +665,7 @@ impl ProxyHttp for VhaProxy {
         ctx: &mut Ctx,
     ) -> pingora::Result<()> {
         let upstream = match ctx.upstream {
-            Upstream::Local => "local",
+            Upstream::Local(_) => "local",
             Upstream::Active(_) => "active",
             Upstream::None => return Ok(()),
         };
