@@ -116,6 +116,14 @@ async fn rolling_restart(builder: TestClusterBuilder, tokens_count_grants: bool)
         acked.len(),
         errors.len()
     );
+    if !errors.is_empty() {
+        // What the proxies said about it (their warnings: a failed forward names its cause).
+        for (i, p) in c.proxies.iter().enumerate() {
+            for l in p.output().lines().filter(|l| l.contains("WARN") || l.contains("ERROR")) {
+                eprintln!("proxy {i}: {l}");
+            }
+        }
+    }
     assert!(
         errors.is_empty(),
         "client errors during the rolling restart: {errors:?}"

@@ -12,8 +12,10 @@ use vha_core::storage::factory::{open_stores, OpenedStores};
 use crate::http::{self, Limits};
 use crate::node::Node;
 
-/// Bound on releasing the lock at shutdown (one store round trip; generous for a slow store).
-const HA_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Bound on ending the HA side at shutdown: an active drains its term's requests (5 s at
+/// most), deletes its advertisement (2 s), releases the lock (one store round trip) and waits
+/// for its cluster connections' linger (3 s); generous for a slow store.
+const HA_SHUTDOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 #[derive(Parser, Debug)]
 #[command(name = "vha server", about = "Run a vha node")]

@@ -7,7 +7,10 @@
 //! stops accepting and returns; the open connections linger for [`LINGER`] in the
 //! background, where every request gets the loop guard's 503 marked "not active" (nothing
 //! runs), which proxies hold and send to the next active, and are then closed. A node that
-//! is not active runs nothing that arrives on them.
+//! is not active runs nothing that arrives on them. A node that is exiting waits for the
+//! linger ([`Lingering::wait`]): its exit would otherwise close those connections under
+//! requests the proxies are sending on them (a TLS stream ended without close_notify, which
+//! a proxy cannot tell from a request that ran, so it answers 502).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -45,8 +48,23 @@ const MAX_ECHO_BODY: usize = 16 * 1024;
 /// A running cluster listener.
 pub struct ClusterListener {
     stop: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Lingering>,
     pub local_addr: std::net::SocketAddr,
+}
+
+/// A stopped listener's connections, lingering (see [`LINGER`]); dropping this leaves them
+/// to finish in the background.
+#[must_use = "dropping it leaves the linger to run in the background"]
+pub struct Lingering(Option<tokio::task::JoinHandle<()>>);
+
+impl Lingering {
+    /// Resolves once every lingering connection is closed (at most [`LINGER`] and a
+    /// moment after the stop).
+    pub async fn wait(self) {
+        if let Some(t) = self.0 {
+            let _ = t.await;
+        }
+    }
 }
 
 impl ClusterListener {
@@ -67,10 +85,11 @@ impl ClusterListener {
 
     /// Stops accepting; open connections answer "not active" for [`LINGER`], then close
     /// (see the module header).
-    pub async fn stop(self) {
+    pub async fn stop(self) -> Lingering {
         self.stop.cancel();
-        let _ = self.task.await;
+        let lingering = self.task.await.unwrap_or(Lingering(None));
         tracing::info!(local_addr = %self.local_addr, "cluster listener stopped");
+        lingering
     }
 }
 
@@ -87,7 +106,7 @@ fn handshake_reason(e: &std::io::Error) -> &'static str {
     }
 }
 
-async fn accept_loop(node: Arc<Node>, tcp: TcpListener, acceptor: TlsAcceptor, stop: CancellationToken) {
+async fn accept_loop(node: Arc<Node>, tcp: TcpListener, acceptor: TlsAcceptor, stop: CancellationToken) -> Lingering {
     let mut conns = JoinSet::new();
     let limits = Limits {
         max_request_size: node.config().listener().max_request_size,
@@ -144,11 +163,11 @@ async fn accept_loop(node: Arc<Node>, tcp: TcpListener, acceptor: TlsAcceptor, s
         });
     }
     drop(tcp);
-    tokio::spawn(async move {
+    Lingering(Some(tokio::spawn(async move {
         // Bounded linger (see LINGER), then every connection is closed.
         let _ = tokio::time::timeout(LINGER, async { while conns.join_next().await.is_some() {} }).await;
         conns.shutdown().await;
-    });
+    })))
 }
 
 async fn serve(

@@ -78,7 +78,11 @@ pub async fn kv_writes(
                     r.errors.push(format!("GET {key} read {v}"));
                 }
             }
-            Ok(resp) => r.errors.push(format!("GET {key}: {}", resp.status())),
+            Ok(resp) => {
+                let st = resp.status();
+                r.errors
+                    .push(format!("GET {key}: {st}: {}", resp.text().await.unwrap_or_default()));
+            }
             Err(e) => r.errors.push(format!("GET {key}: {e}")),
         }
     }

@@ -494,7 +494,8 @@ async fn active_term(
     };
     if let Err(e) = write.await {
         if let Some(l) = listener {
-            l.stop().await;
+            // Nothing was advertised: no proxy has a connection to linger for.
+            drop(l.stop().await);
         }
         note_fenced(node, &e);
         let _ = guard.release().await;
@@ -562,9 +563,10 @@ async fn active_term(
     }
     handle.update(|s| s.fence = None);
     *handle.identity.write().unwrap_or_else(|e| e.into_inner()) = None;
-    if let Some(l) = listener {
-        l.stop().await;
-    }
+    let lingering = match listener {
+        Some(l) => Some(l.stop().await),
+        None => None,
+    };
     // Best effort: remove our advertisement (a deposed writer is fenced out anyway). The
     // barrier may already be sealed; then the entry stays until the next active cleans up.
     match tokio::time::timeout(ADVERT_DELETE_TIMEOUT, node.barrier().delete(&path, Some(&fence))).await {
@@ -585,6 +587,11 @@ async fn active_term(
             }
             tracing::info!(reason = ?end, ?term_len, "stepped down from active");
         }
+    }
+    if let (TermEnd::Shutdown, Some(l)) = (end, lingering) {
+        // The lock is free and the next active on its way; this process stays until the
+        // proxies' open forwards were refused, not reset (see `cluster`'s module header).
+        l.wait().await;
     }
     if end == TermEnd::Sealed || *sealed_rx.borrow() {
         handle.update(|s| {
