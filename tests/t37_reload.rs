@@ -170,6 +170,95 @@ async fn node_reloads(node: &TestNode, token: &str, outcome: &str) -> f64 {
     vha_testkit::prometheus::series_value(&text, "vha_config_reloads_total", &[("outcome", outcome)])
 }
 
+/// The `remote_address` of the audit entries for `sys/mounts` requests, in order.
+fn audited_addresses(log: &Path) -> Vec<String> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["type"] == "response" && e["request"]["path"] == "sys/mounts")
+        .map(|e| e["request"]["remote_address"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+/// Property: `x_forwarded_for_authorized_addrs` is applied by SIGHUP, without a restart:
+/// before, the node is told the real peer whatever `X-Forwarded-For` claims; after adding
+/// the peer's network and a SIGHUP, it is told the forwarded hop; after removing it again,
+/// the peer once more. Each reload is counted as a success, and the log does not call the
+/// setting one that needs a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_x_forwarded_for_authorized_addrs() {
+    let node = TestNode::builder().behind_proxy().start().await;
+    let listen = format!("127.0.0.1:{}", node.port).parse().expect("listen address");
+    let proxy = TestProxy::start(&node.config_path, listen);
+    let token = node.init_unsealed().await.root_token;
+    let log = node.dir().join("audit.log");
+    let (st, v) = node
+        .request(
+            "PUT",
+            "sys/audit/file",
+            Some(&token),
+            Some(serde_json::json!({"type": "file", "options": {"file_path": log.to_str().unwrap()}})),
+        )
+        .await;
+    assert!(st.is_success(), "{st} {v}");
+    let ask = |hop: &'static str| {
+        let (node, token) = (&node, token.clone());
+        async move {
+            let (st, _, v) = node
+                .request_full("GET", "sys/mounts", Some(&token), None, &[("X-Forwarded-For", hop)])
+                .await;
+            assert_eq!(st, 200, "{v}");
+        }
+    };
+    let original = std::fs::read_to_string(&node.config_path).expect("config");
+    assert!(original.contains("listener \"tcp\" {"), "{original}");
+    let trusting = original.replacen(
+        "listener \"tcp\" {",
+        "listener \"tcp\" {\n  x_forwarded_for_authorized_addrs = \"127.0.0.0/8\"",
+        1,
+    );
+
+    ask("7.7.7.1").await;
+    std::fs::write(&node.config_path, &trusting).unwrap();
+    proxy.signal(Signal::SIGHUP);
+    wait_until_async(
+        || async { (reloads(&proxy, "success").await == 1.0).then_some(()) },
+        "the reload that trusts loopback is counted",
+        RELOAD_BOUND,
+    )
+    .await;
+    ask("7.7.7.2").await;
+    std::fs::write(&node.config_path, &original).unwrap();
+    proxy.signal(Signal::SIGHUP);
+    wait_until_async(
+        || async { (reloads(&proxy, "success").await == 2.0).then_some(()) },
+        "the reload that trusts no one is counted",
+        RELOAD_BOUND,
+    )
+    .await;
+    ask("7.7.7.3").await;
+
+    let seen = wait_until_async(
+        || async {
+            let a = audited_addresses(&log);
+            (a.len() >= 3).then_some(a)
+        },
+        "three audited responses",
+        RELOAD_BOUND,
+    )
+    .await;
+    assert_eq!(seen, ["127.0.0.1", "7.7.7.2", "127.0.0.1"], "{}", proxy.output());
+    assert!(
+        !proxy
+            .output()
+            .lines()
+            .any(|l| l.contains("only after a restart") && l.contains("x_forwarded_for")),
+        "named as needing a restart: {}",
+        proxy.output()
+    );
+}
+
 /// Property: `vha server` takes SIGHUP as a reload, not as the end (the default action
 /// would kill it): `log_level` from the file is applied at once (at `warn`, the reload's own
 /// info line "log level set" is no longer written; back at `debug` it is), a file that does

@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::reload::{Reloader, SetLevel};
 use crate::service::{Settings, VhaProxy};
 use crate::tls::ForwardProtocol;
+use crate::xff::TrustedForwarders;
 
 /// Pingora retries per request. Each retry after a failed connect first waits (bounded by
 /// `hold_timeout` overall) for a different advertisement, so this only caps pathological
@@ -145,6 +146,9 @@ fn run(cfg: Config, set_level: Option<SetLevel>, upgrade: bool) -> Result<(), Pr
         Some(Arc::new(s))
     };
     let (view_tx, view_rx) = watch::channel(Arc::new(View::initial()));
+    let xff_trusted = Arc::new(TrustedForwarders::new(
+        listener.x_forwarded_for_authorized_addrs.clone(),
+    ));
 
     // Background runtime: controller, state stream, watches, metrics.
     let bg = tokio::runtime::Builder::new_multi_thread()
@@ -172,6 +176,7 @@ fn run(cfg: Config, set_level: Option<SetLevel>, upgrade: bool) -> Result<(), Pr
             path: cfg.path.clone(),
             running: cfg.clone(),
             served: served.clone(),
+            xff_trusted: xff_trusted.clone(),
             metrics: metrics.clone(),
             set_level,
             credentials,
@@ -226,7 +231,7 @@ fn run(cfg: Config, set_level: Option<SetLevel>, upgrade: bool) -> Result<(), Pr
         hold_timeout: pcfg.hold_timeout,
         max_request_size: listener.max_request_size,
         max_request_duration: listener.max_request_duration,
-        xff_trusted: listener.x_forwarded_for_authorized_addrs.clone(),
+        xff_trusted,
         forward_protocol,
         draining,
     };

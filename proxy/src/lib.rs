@@ -11,7 +11,8 @@
 //! - [`advert`]: the controller: storage watches, advertisement authentication, [`advert::View`].
 //! - [`service`]: the thin Pingora `ProxyHttp`.
 //! - [`head`]: the whole-request-head deadline (slowloris) around Pingora's HTTP/1.1 loop.
-//! - [`tls`]: listener TLS and upstream peers. [`reload`]: SIGHUP. [`metrics`], [`error`], [`cli`].
+//! - [`tls`]: listener TLS and upstream peers. [`xff`]: the client address a node is told.
+//!   [`reload`]: SIGHUP. [`metrics`], [`error`], [`cli`].
 
 pub mod advert;
 pub mod cli;
@@ -23,3 +24,4 @@ pub mod reload;
 pub mod route;
 pub mod service;
 pub mod tls;
+pub mod xff;

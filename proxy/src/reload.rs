@@ -1,7 +1,7 @@
 //! SIGHUP for `vha proxy`: re-reads the config file and applies what can change while the
 //! proxy runs: the client listener's certificate and key (new handshakes get the new pair,
 //! open connections keep theirs), the lockd client credentials (`token_file`, `tls_*` of a
-//! lockd `storage`/`ha_storage`) and `log_level`. A file that does not parse, or a pair that
+//! lockd `storage`/`ha_storage`), `x_forwarded_for_authorized_addrs` and `log_level`. A file that does not parse, or a pair that
 //! does not load, changes nothing: the error (file, line, key) is logged and counted as
 //! `vha_config_reloads_total{outcome="failure"}`. Settings that only a restart applies are
 //! named in the log ([`restart_needed`]).
@@ -14,6 +14,7 @@ use vha_core::served_cert::ServedCert;
 use vha_core::storage::factory::Credentials;
 
 use crate::metrics::Metrics;
+use crate::xff::TrustedForwarders;
 
 /// Sets the log filter from a `log_level` (`None` when `RUST_LOG` fixes it).
 pub type SetLevel = Box<dyn Fn(&str) + Send + Sync>;
@@ -24,6 +25,8 @@ pub struct Reloader {
     pub running: Config,
     /// The client listener's pair (absent with `tls_disable`).
     pub served: Option<Arc<ServedCert>>,
+    /// The listener's authorized `X-Forwarded-For` peers.
+    pub xff_trusted: Arc<TrustedForwarders>,
     pub metrics: Metrics,
     pub set_level: Option<SetLevel>,
     /// The lockd clients the proxy reads the advertisement through.
@@ -78,6 +81,13 @@ impl Reloader {
             self.metrics.tls_expiry.with_label_values(&["client"]).set(not_after);
             tracing::info!(not_after, "listener certificate reloaded");
         }
+        if listener.x_forwarded_for_authorized_addrs != self.running.listener().x_forwarded_for_authorized_addrs {
+            self.xff_trusted.set(listener.x_forwarded_for_authorized_addrs.clone());
+            tracing::info!(
+                authorized = ?listener.x_forwarded_for_authorized_addrs,
+                "x_forwarded_for_authorized_addrs reloaded"
+            );
+        }
         if let Some(set) = &self.set_level {
             set(new.log_level.as_str());
         }
@@ -105,9 +115,6 @@ pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     }
     if o.max_request_duration != n.max_request_duration {
         out.push("listener.max_request_duration");
-    }
-    if o.x_forwarded_for_authorized_addrs != n.x_forwarded_for_authorized_addrs {
-        out.push("listener.x_forwarded_for_authorized_addrs");
     }
     if old.proxy != new.proxy {
         out.push("proxy");
@@ -143,9 +150,9 @@ mod tests {
         let mut elsewhere = base.clone();
         elsewhere.storage.options.get_mut("path").expect("path").value = "/elsewhere".into();
         assert_eq!(restart_needed(&base, &elsewhere), vec!["storage"]);
-        assert_eq!(
-            restart_needed(&base, &cfg("  x_forwarded_for_authorized_addrs = \"10.0.0.0/8\"\n", "")),
-            vec!["listener.x_forwarded_for_authorized_addrs"]
+        assert!(
+            restart_needed(&base, &cfg("  x_forwarded_for_authorized_addrs = \"10.0.0.0/8\"\n", "")).is_empty(),
+            "reloaded, not named"
         );
         assert_eq!(
             restart_needed(&base, &cfg("  max_request_size = 10\n", "")),

@@ -15,7 +15,7 @@
 //! - `fail_to_proxy`: writes the decided fallback, or 502 for a request whose forward broke
 //!   after it was sent (never replayed).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,14 +27,13 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType};
 use tokio::sync::watch;
 
-use vha_core::config::IpNet;
-
 use crate::advert::{Target, View};
 use crate::error::ProxyError;
 use crate::local::NodeSocket;
 use crate::metrics::{class, Metrics};
 use crate::route::{self, after_failure, after_hold, ForwardFailure, HoldEnd, LocalRole, Route, RouteInput};
 use crate::tls::{forward_peer, local_peer, ForwardProtocol};
+use crate::xff::TrustedForwarders;
 
 use vha_core::pair::{CLIENT_ADDR_HEADER, NO_FORWARD_HEADER};
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) removed before a request goes upstream, in
@@ -49,7 +48,8 @@ pub struct Settings {
     pub hold_timeout: Duration,
     pub max_request_size: Option<u64>,
     pub max_request_duration: Option<Duration>,
-    pub xff_trusted: Vec<IpNet>,
+    /// `x_forwarded_for_authorized_addrs`, replaced on SIGHUP.
+    pub xff_trusted: Arc<TrustedForwarders>,
     pub forward_protocol: ForwardProtocol,
     /// Set when a graceful upgrade hands the listener to a successor: responses then close
     /// their connection (see `cli.rs`).
@@ -216,23 +216,11 @@ impl VhaProxy {
         })
     }
 
-    /// The client address the node should see: the TCP peer, or the last `X-Forwarded-For`
-    /// hop when the peer is an authorized forwarder.
+    /// The client address the node should see (see `xff`).
     fn client_addr(&self, session: &Session) -> Option<SocketAddr> {
         let peer = session.client_addr().and_then(|a| a.as_inet()).copied()?;
-        if self.settings.xff_trusted.iter().any(|n| n.contains(peer.ip())) {
-            let xff = session.req_header().headers.get_all("x-forwarded-for");
-            let last = xff
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(str::trim)
-                .rfind(|s| !s.is_empty());
-            if let Some(ip) = last.and_then(|s| s.parse::<IpAddr>().ok()) {
-                return Some(SocketAddr::new(ip, 0));
-            }
-        }
-        Some(peer)
+        let xff = session.req_header().headers.get_all("x-forwarded-for");
+        Some(self.settings.xff_trusted.client_addr(peer, xff.iter()))
     }
 }
 
