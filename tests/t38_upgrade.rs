@@ -100,3 +100,172 @@ async fn graceful_upgrade_under_load_fails_no_request() {
         .await;
     }
 }
+
+/// A proxy this test started through `--daemon` (not its child): SIGTERM by PID on drop,
+/// SIGKILL if it is still there after the bound.
+struct DaemonPid(u32);
+
+impl Drop for DaemonPid {
+    fn drop(&mut self) {
+        use nix::sys::signal::{kill, Signal};
+        let pid = nix::unistd::Pid::from_raw(self.0 as i32);
+        if alive(self.0) {
+            let _ = kill(pid, Signal::SIGTERM);
+            let deadline = std::time::Instant::now() + DRAIN_BOUND;
+            while alive(self.0) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if alive(self.0) {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    vha_testkit::pid_alive(u64::from(pid))
+}
+
+/// The unit's `key=` command lines, in order.
+fn unit_lines(unit: &str, key: &str) -> Vec<String> {
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(key))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Runs a `vha proxy` command line of the unit (binary, config and run directory swapped
+/// for the test's) to its end; its output, and the daemon's (inherited), go to `log`.
+fn run_unit_line(line: &str, config: &std::path::Path, dir: &std::path::Path, log: &std::path::Path) -> bool {
+    let line = line
+        .replace("/etc/vha/vha.hcl", &config.display().to_string())
+        .replace("/run/vha-proxy", &dir.display().to_string());
+    let mut words = line.split_whitespace();
+    assert_eq!(words.next(), Some("/usr/local/bin/vha"), "{line}");
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log");
+    let status = std::process::Command::new(vha_testkit::vha_binary())
+        .args(words)
+        .env("NO_COLOR", "1")
+        .stdout(out.try_clone().expect("log"))
+        .stderr(out)
+        .status()
+        .expect("run the unit's command");
+    status.success()
+}
+
+/// Property: the systemd `Type=forking` procedure of `examples/deploy/vha-proxy.service`
+/// works as the unit runs it (its `ExecStart=` and `ExecReload=` lines are read from the
+/// file and run, `$MAINPID` being the PID file's content before the reload). `--daemon` returns 0 once the proxy it started is ready, and
+/// the PID file names that proxy (not the invoked process). `--daemon --upgrade`
+/// (`ExecReload=`, line one) returns 0 once the successor waits for the hand-over, the PID
+/// file already naming the successor. SIGQUIT to the first (line two) hands the listener
+/// over under writes and reads through the pair with no failed request. The first process
+/// exits, and the successor serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_forking_reload_upgrades_under_load() {
+    let node = TestNode::builder().behind_proxy().start().await;
+    let run = tempfile::tempdir().expect("run dir");
+    let log = node.dir().join("proxy-daemon.log");
+    let pid_file = run.path().join("vha-proxy.pid");
+    let read_pid = || -> Option<u32> { std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok() };
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/deploy/vha-proxy.service"),
+    )
+    .expect("unit");
+    assert!(unit.contains("\nType=forking\n"), "{unit}");
+    assert!(unit.contains("\nPIDFile=/run/vha-proxy/vha-proxy.pid\n"), "{unit}");
+    let start = unit_lines(&unit, "ExecStart=");
+    let reload = unit_lines(&unit, "ExecReload=");
+    assert_eq!(start.len(), 1, "{unit}");
+    assert_eq!(reload.len(), 2, "{unit}");
+    assert_eq!(reload[1], "/bin/kill -QUIT $MAINPID", "the second reload line");
+
+    assert!(
+        run_unit_line(&start[0], &node.config_path, run.path(), &log),
+        "--daemon starts the proxy: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let first = DaemonPid(read_pid().expect("the PID file names the proxy"));
+    assert!(alive(first.0), "the PID file names a running process");
+    let token = node.init_unsealed().await.root_token;
+    node.mount_kv(&token, "secret", "2").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let loops: Vec<_> = (0..LOOPS_PER_PROXY)
+        .map(|l| {
+            tokio::spawn(kv_writes(
+                node.addr.clone(),
+                token.clone(),
+                format!("daemon-l{l}"),
+                stop.clone(),
+                done.clone(),
+                LOOP_BOUNDS,
+            ))
+        })
+        .collect();
+    let progress = |n: u64| {
+        let done = done.clone();
+        async move {
+            let from = done.load(Ordering::Relaxed);
+            vha_testkit::wait_until_async(
+                || async { (done.load(Ordering::Relaxed) >= from + n).then_some(()) },
+                "writes flow through the pair",
+                DRAIN_BOUND,
+            )
+            .await;
+        }
+    };
+    progress(10).await;
+
+    assert!(
+        run_unit_line(&reload[0], &node.config_path, run.path(), &log),
+        "--daemon --upgrade starts the successor: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let second = DaemonPid(read_pid().expect("the PID file names the successor"));
+    assert_ne!(
+        second.0, first.0,
+        "the PID file names the successor before the hand-over"
+    );
+    assert!(
+        run.path().join("vha-proxy-upgrade.sock").exists(),
+        "the successor waits on its socket"
+    );
+    // The second line, `kill -QUIT $MAINPID`: the main PID is still the first proxy.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first.0 as i32),
+        nix::sys::signal::Signal::SIGQUIT,
+    )
+    .expect("SIGQUIT the first proxy");
+    vha_testkit::wait_until_async(
+        || async { (!alive(first.0)).then_some(()) },
+        "the first proxy drains and exits",
+        DRAIN_BOUND,
+    )
+    .await;
+    progress(10).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut ok = 0;
+    let mut errors = Vec::new();
+    for l in loops {
+        let r = l.await.expect("load loop");
+        ok += r.acked.len();
+        errors.extend(r.errors);
+    }
+    eprintln!(
+        "systemd-style reload: {ok} writes acknowledged, {} failures",
+        errors.len()
+    );
+    assert!(
+        errors.is_empty(),
+        "requests failed across the reload: {errors:?}\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(alive(second.0), "the successor serves on");
+    assert_eq!(read_pid(), Some(second.0), "the PID file still names the successor");
+}

@@ -17,6 +17,7 @@ use vha_core::config::{Config, ProcessEnv};
 use vha_core::served_cert::ServedCert;
 
 use crate::advert::View;
+use crate::daemon::RunFiles;
 use crate::error::ProxyError;
 use crate::head::HeadDeadlineApp;
 use crate::local::NodeSocket;
@@ -46,11 +47,18 @@ struct Args {
     /// config (send that one SIGQUIT after starting this), which then drains and exits.
     #[arg(long)]
     upgrade: bool,
+    /// Start the proxy as a child, return once it is ready (for a service manager that
+    /// follows `vha-proxy.pid`, systemd `Type=forking`; see `daemon`).
+    #[arg(long)]
+    daemon: bool,
+    /// Where the PID file and the upgrade socket live (default: the config file's directory).
+    #[arg(long, value_name = "DIR")]
+    run_dir: Option<PathBuf>,
 }
 
 /// Entry point (`vha proxy ...`).
-pub fn main(args: Vec<String>) -> ExitCode {
-    let args = match Args::try_parse_from(std::iter::once("vha proxy".to_string()).chain(args)) {
+pub fn main(raw: Vec<String>) -> ExitCode {
+    let args = match Args::try_parse_from(std::iter::once("vha proxy".to_string()).chain(raw.iter().cloned())) {
         Ok(a) => a,
         Err(e) => {
             let _ = e.print();
@@ -64,8 +72,13 @@ pub fn main(args: Vec<String>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let files = RunFiles::in_dir(args.run_dir.as_deref().unwrap_or(cfg.dir()));
+    if args.daemon {
+        let child_args: Vec<String> = raw.into_iter().filter(|a| a != "--daemon").collect();
+        return crate::daemon::start(&child_args, &files, args.upgrade);
+    }
     let set_level = init_tracing(&cfg);
-    match run(cfg, set_level, args.upgrade) {
+    match run(cfg, set_level, args.upgrade, files) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vha proxy: {e}");
@@ -105,7 +118,7 @@ fn init_tracing(cfg: &Config) -> Option<SetLevel> {
     })
 }
 
-fn run(cfg: Config, set_level: Option<SetLevel>, upgrade: bool) -> Result<(), ProxyError> {
+fn run(cfg: Config, set_level: Option<SetLevel>, upgrade: bool, files: RunFiles) -> Result<(), ProxyError> {
     let pcfg = cfg
         .proxy
         .clone()
@@ -192,15 +205,14 @@ fn run(cfg: Config, set_level: Option<SetLevel>, upgrade: bool) -> Result<(), Pr
     let threads = pcfg
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2));
-    let dir = cfg.dir().to_path_buf();
     let conf = ServerConf {
         threads,
         upstream_keepalive_pool_size: UPSTREAM_POOL,
         max_retries: MAX_RETRIES,
         grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(SHUTDOWN_TIMEOUT_SECS),
-        pid_file: dir.join("vha-proxy.pid").to_string_lossy().into_owned(),
-        upgrade_sock: dir.join("vha-proxy-upgrade.sock").to_string_lossy().into_owned(),
+        pid_file: files.pid_file.to_string_lossy().into_owned(),
+        upgrade_sock: files.upgrade_sock.to_string_lossy().into_owned(),
         ..ServerConf::default()
     };
     let opt = pingora::server::configuration::Opt {
@@ -208,7 +220,24 @@ fn run(cfg: Config, set_level: Option<SetLevel>, upgrade: bool) -> Result<(), Pr
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    let pid_file = |files: &RunFiles| {
+        crate::daemon::write_pid_file(&files.pid_file)
+            .map_err(|e| ProxyError::Startup(format!("writing the PID file {}: {e}", files.pid_file.display())))
+    };
+    // The PID file names this process once it is the service (see `daemon`): an upgrade's
+    // successor before it waits for the hand-over, a fresh start once it listens.
+    if upgrade {
+        pid_file(&files)?;
+    }
     server.bootstrap();
+    if !upgrade {
+        let files = files.clone();
+        crate::daemon::when_listening(listener.address, move || {
+            if let Err(e) = pid_file(&files) {
+                tracing::error!(error = %e, "the service manager cannot tell this process is the proxy");
+            }
+        });
+    }
     // A graceful upgrade begins: every client connection is closed after its next response
     // (`Connection: close`), so clients reconnect to the successor instead of racing the
     // close of an idle keep-alive connection when this process shuts down.

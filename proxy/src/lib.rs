@@ -12,10 +12,11 @@
 //! - [`service`]: the thin Pingora `ProxyHttp`.
 //! - [`head`]: the whole-request-head deadline (slowloris) around Pingora's HTTP/1.1 loop.
 //! - [`tls`]: listener TLS and upstream peers. [`xff`]: the client address a node is told.
-//!   [`reload`]: SIGHUP. [`metrics`], [`error`], [`cli`].
+//!   [`reload`]: SIGHUP. [`daemon`]: `--daemon` (PID file). [`metrics`], [`error`], [`cli`].
 
 pub mod advert;
 pub mod cli;
+pub mod daemon;
 pub mod error;
 pub mod head;
 pub mod local;
