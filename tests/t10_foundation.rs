@@ -1,4 +1,4 @@
-//! Foundation (issue 2) through the real `vha server` binary on file storage: init, unseal
+//! Foundation through the real `vha server` binary on file storage: init, unseal
 //! with progress and reset, seal, restart, health/leader codes, every error status, banner,
 //! config errors and graceful shutdown.
 

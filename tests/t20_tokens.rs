@@ -1,4 +1,4 @@
-//! Tokens (issue 3) through the real `vha server`: create with every option, both header
+//! Tokens through the real `vha server`: create with every option, both header
 //! forms, lookups (self, token, accessor), renew, revoke (self, tree, orphan, accessor),
 //! expiry, use counts, and tokens surviving a restart while never being stored in plain.
 

@@ -1,4 +1,4 @@
-//! ACL policies (issue 3) through the real `vha server`: CRUD on `sys/policies/acl` and the
+//! ACL policies through the real `vha server`: CRUD on `sys/policies/acl` and the
 //! old `sys/policy`, enforcement on every request with Vault's 403 body, globs, deny,
 //! sudo-protected `sys/seal`, and `sys/capabilities-self`.
 

@@ -1,4 +1,4 @@
-//! Mounts and KV (issue 3) through the real `vha server`: `sys/mounts` enable, list, tune
+//! Mounts and KV through the real `vha server`: `sys/mounts` enable, list, tune
 //! and disable; KV v2 data, versions, check-and-set, patch, delete/undelete/destroy,
 //! metadata and config; KV v1 read/write/list/delete; persistence across restarts.
 

@@ -1,4 +1,4 @@
-//! Audit (issue 3) through the real `vha server`: a `file` device logs a request and a
+//! Audit through the real `vha server`: a `file` device logs a request and a
 //! response line per request with the client's address and HMAC'd secrets and tokens;
 //! `sys/audit-hash` reproduces the hashes; enabling needs sudo; a device that cannot write
 //! stops requests before they change anything.

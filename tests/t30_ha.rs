@@ -1,4 +1,4 @@
-//! HA in the node (issue 5) with real `vha server` processes on a real `vha lockd`:
+//! HA in the node with real `vha server` processes on a real `vha lockd`:
 //! one active, failover, step-down, graceful SIGTERM, the P-521 cluster listener's mTLS,
 //! fencing of a deposed active, partitions through the fault relay, and split mode.
 

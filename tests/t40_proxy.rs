@@ -1,4 +1,4 @@
-//! The Pingora proxy of each pair (issue 6), with real processes: lockd + 3 pairs of
+//! The Pingora proxy of each pair, with real processes: lockd + 3 pairs of
 //! `vha server` + `vha proxy`. Forwarding over the mTLS cluster channel, Vault's 307,
 //! failover while writing through a standby's proxy (with early lock release), forged
 //! advertisements, term changes, the TLS fallback, and header hygiene.

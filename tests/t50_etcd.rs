@@ -1,4 +1,4 @@
-//! The etcd backend (issue 10) against real etcd 3.4 processes on 127.0.0.1: core's
+//! The etcd backend against real etcd 3.4 processes on 127.0.0.1: core's
 //! conformance suites, fencing by the lock key's create revision, watch latency, and the
 //! stanza semantics of Vault (`ha_enabled`). Cluster-level failover tests live in
 //! `t51_etcd_ha.rs`.

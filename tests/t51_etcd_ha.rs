@@ -1,4 +1,4 @@
-//! HA on etcd (issue 10) with real processes: a 3-member etcd 3.4 cluster and 3 `vha server`
+//! HA on etcd with real processes: a 3-member etcd 3.4 cluster and 3 `vha server`
 //! nodes on 127.0.0.1. Failover after kill -9 of the vha active, an etcd leader crash that
 //! must not move the vha active, quorum loss (the active steps down, no acknowledged write is
 //! lost), a deposed active fenced by the lock key's create revision, and every split pair.

@@ -1,4 +1,4 @@
-//! `vha dev --storage etcd` (issue 10): a 3-member etcd cluster instead of lockd, nodes on it
+//! `vha dev --storage etcd`: a 3-member etcd cluster instead of lockd, nodes on it
 //! with HA, one active serving KV v2, and every process (etcd members included) stopped on
 //! Ctrl-C.
 

@@ -1,4 +1,4 @@
-//! `vha bench` (issue 9) end to end, as a user runs it: the real binary against a real
+//! `vha bench` end to end, as a user runs it: the real binary against a real
 //! 3-node cluster described by a `cluster.json` in the `vha dev` format. Checks the JSON
 //! report's structure, that the client's request counts agree with what the servers counted
 //! (`vault_core_handle_request_count`), and a failover trial with read-back of every

@@ -1,4 +1,4 @@
-//! Issue 8: the Grafana dashboards checked against a live Prometheus. A real `prometheus`
+//! The Grafana dashboards checked against a live Prometheus. A real `prometheus`
 //! scrapes (every second) a running cluster of 3 proxy + node pairs on lockd under a short
 //! bounded load with one failover (kill -9 of the active node) and one step-down; then every
 //! PromQL expression of every dashboard, with Grafana's variables substituted, is evaluated

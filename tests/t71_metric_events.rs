@@ -1,9 +1,9 @@
-//! Issue 8: each metric moves when its event happens, on real processes. Every test scrapes
+//! Each metric moves when its event happens, on real processes. Every test scrapes
 //! the real endpoints (a node's `/v1/sys/metrics?format=prometheus`, a proxy's metrics
 //! listener, lockd's `/metrics`) before and after the event: a forward, a redirect, a hold
 //! during a kill -9 failover, a step-down, and a leadership loss (the active cut from its
 //! store). Also: the endpoint needs a token unless the listener's `telemetry` allows
-//! token-less scrapes, and no label carries a path or a token. Issue 7: every proxy metric
+//! token-less scrapes, and no label carries a path or a token. Every proxy metric
 //! (requests, forward latency, upstream connections, redirects, forward errors, holds and
 //! hold time, advertisement term and age) moves with its event.
 
@@ -393,7 +393,7 @@ fn total(text: &str, name: &str) -> f64 {
     series_value(text, name, &[])
 }
 
-/// Issue 7: each proxy metric moves when its event happens, on two proxy + node pairs.
+/// Each proxy metric moves when its event happens, on two proxy + node pairs.
 /// - a forward through the standby's pair: `vha_proxy_requests_total{route="forward"}`, the
 ///   forward-latency count and `vha_proxy_upstream_connections_total{upstream="active"}`
 ///   grow by one, and an upstream connection to the active is open

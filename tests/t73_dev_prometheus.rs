@@ -1,4 +1,4 @@
-//! Issue 8: `vha dev` writes `DIR/prometheus.yml` for the cluster it started; the file
+//! `vha dev` writes `DIR/prometheus.yml` for the cluster it started; the file
 //! passes `promtool check config`, and with `--prometheus` the Prometheus it starts scrapes
 //! every node and lockd successfully (all targets up, exactly one active node).
 

@@ -1,4 +1,4 @@
-//! Chaos (issue 11, must-have 1): lockd + 3 proxy+node pairs under a bounded series of faults
+//! Chaos: lockd + 3 proxy+node pairs under a bounded series of faults
 //! while writers and readers run through every pair's address. Records every acknowledged
 //! write and checks, at the end, that none was lost, that KV versions never went backwards,
 //! that the store accepted no write carrying a stale fencing token, and that every request

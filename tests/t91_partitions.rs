@@ -1,4 +1,4 @@
-//! Partitions on loopback through the harness's fault relay (issue 11, must-have 2), beyond
+//! Partitions on loopback through the harness's fault relay, beyond
 //! `t30_ha::active_cut_from_store_steps_down_first` (blackhole both ways) and
 //! `t30_ha::standby_cut_from_active_reports_474` (node view only):
 //! - the standbys cut from the active's cluster listener: 474 through the pair, and the

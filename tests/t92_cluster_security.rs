@@ -1,4 +1,4 @@
-//! Cluster-channel security (issue 11, must-have 3), beyond `t30_ha::cluster_listener_mtls`
+//! Cluster-channel security, beyond `t30_ha::cluster_listener_mtls`
 //! (no client cert, a foreign P-521 cert, the previous term's cert) and
 //! `t40_proxy::forged_advertisement_ignored` (an envelope sealed with another key, seen by
 //! proxies): plain HTTP and TLS versions other than 1.2 on the cluster port, each refused at

@@ -1,4 +1,4 @@
-//! Hostile HTTP input through the PROXY of a pair (issue 11, must-have 4); `t80_hostile_node`
+//! Hostile HTTP input through the PROXY of a pair; `t80_hostile_node`
 //! covers the same at a node's own listener. Both the active's pair (the proxy passes to
 //! its local node) and a standby's pair (the proxy forwards over the cluster channel) are
 //! attacked; each input gets a clear 4xx (or the connection is closed, for protocol abuse),

@@ -1,4 +1,4 @@
-//! A checked history (issue 16, item 4): clients read, write and check-and-set-write KV v2
+//! A checked history: clients read, write and check-and-set-write KV v2
 //! keys through every pair's proxy while a nemesis kills the active with SIGKILL (and
 //! restarts it), freezes it with SIGSTOP past its lease (then SIGCONT), cuts it from the
 //! store and cuts its cluster link (blackholing relays on 127.0.0.1), and restarts the store

@@ -1,4 +1,4 @@
-//! vha-bench: the side-by-side load generator behind `vha bench` (issue 9).
+//! vha-bench: the side-by-side load generator behind `vha bench`.
 //!
 //! - [`load`]: closed-loop and open-loop (coordinated-omission corrected) engines;
 //! - [`hist`]: HDR histograms and percentiles;

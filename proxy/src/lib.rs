@@ -1,4 +1,4 @@
-//! vha-proxy: the Pingora front layer of a proxy + node pair (issue 6).
+//! vha-proxy: the Pingora front layer of a proxy + node pair.
 //!
 //! The proxy owns the client-facing `listener "tcp"`. It passes requests for its own node
 //! over the pair's unix socket, forwards a standby's requests to the active node over the

@@ -1,4 +1,4 @@
-//! A checked history (issue 16, item 4): records every client operation on KV v2 keys
+//! A checked history: records every client operation on KV v2 keys
 //! (client, invoke and completion instants, operation, key, value, outcome) and checks the
 //! history for linearizability, key by key, with an existing checker: stateright's
 //! [`LinearizabilityTester`].
