@@ -217,12 +217,10 @@ fn to_http(resp: ApiResponse, head: bool) -> Response<Full<Bytes>> {
 
 /// The answer of a listener that stopped (its connections linger): 503 "node not active",
 /// marked as refused before anything ran (`x-vha-not-active`), so the proxy holds the
-/// request and sends it to the next active.
+/// request and sends it to the next active: the API's loop-guard answer
+/// (`api::not_active_refusal`), one definition for both.
 pub fn stopped_refusal() -> Response<Full<Bytes>> {
-    let mut resp = error_response(StatusCode::SERVICE_UNAVAILABLE, "node not active");
-    resp.headers_mut()
-        .insert(vha_core::NOT_ACTIVE_HEADER, HeaderValue::from_static("1"));
-    resp
+    to_http(api::not_active_refusal(), false)
 }
 
 /// A plain error response, for callers outside the API (e.g. connection-level limits).

@@ -225,7 +225,7 @@ pub async fn handle(node: &Node, req: ApiRequest) -> ApiResponse {
 
 /// The loop guard's 503 "node not active", marked as refused before anything ran, so the
 /// forwarding proxy may send the request to the next active.
-fn not_active_refusal() -> ApiResponse {
+pub(crate) fn not_active_refusal() -> ApiResponse {
     let mut resp = ApiResponse::error(&ApiError::NotActive);
     resp.headers
         .insert(vha_core::NOT_ACTIVE_HEADER, http::HeaderValue::from_static("1"));
