@@ -15,6 +15,13 @@ pub const NO_FORWARD_HEADER: &str = "x-vault-no-request-forwarding";
 /// it again to the next active.
 pub const NOT_ACTIVE_HEADER: &str = "x-vha-not-active";
 
+/// The `Location` of a standby's 307 (the proxy's and the node's alike): the active's
+/// `api_addr` (scheme, host, port; any trailing slash dropped) followed by the original path
+/// and query, byte for byte.
+pub fn redirect_location(redirect_addr: &str, path_and_query: &str) -> String {
+    format!("{}{}", redirect_addr.trim_end_matches('/'), path_and_query)
+}
+
 /// Paths under `/v1/` the local node answers whatever its state (Vault's sealed-safe and
 /// node-local endpoints): the proxy never forwards them, and the node's local handler
 /// (`vha_node::api::sys::handle_local`) answers each. `sys/seal` is here because a standby

@@ -94,11 +94,8 @@ pub fn is_local_only(path: &str) -> bool {
     }
 }
 
-/// The 307 `Location`: the active's `api_addr` (scheme, host, port; any trailing slash
-/// dropped) followed by the original path and query, byte for byte.
-pub fn location(redirect_addr: &str, path_and_query: &str) -> String {
-    format!("{}{}", redirect_addr.trim_end_matches('/'), path_and_query)
-}
+/// The 307 `Location` (the pair contract's, shared with the node).
+pub use vha_core::pair::redirect_location as location;
 
 /// The route decision (see the module diagram).
 pub fn route(i: &RouteInput<'_>) -> Route {

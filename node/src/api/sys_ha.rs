@@ -27,7 +27,7 @@ pub fn standby_fallback(node: &Node, req: &ApiRequest) -> ApiResponse {
 
 /// A 307 to `base` + `path_query`, empty body.
 pub fn redirect_to(base: &str, path_query: &str) -> ApiResponse {
-    let location = format!("{}{}", base.trim_end_matches('/'), path_query);
+    let location = vha_core::pair::redirect_location(base, path_query);
     let mut resp = ApiResponse {
         status: StatusCode::TEMPORARY_REDIRECT,
         headers: Default::default(),
