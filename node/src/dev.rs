@@ -319,6 +319,7 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
             "node_addr": node_addr,
             "node_pid": p.pid(),
             "proxy_pid": Value::Null,
+            "proxy_run_dir": Value::Null,
             "proxy_metrics_addr": proxy_metrics,
             "config": cfg_path.display().to_string(),
         }));
@@ -337,8 +338,16 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
     if !args.no_proxy {
         for (i, n) in nodes.iter_mut().enumerate() {
             let cfg_path = n["config"].as_str().unwrap_or_default().to_string();
-            let p = Proc::spawn(&["proxy", "--config", &cfg_path], &dir.join(format!("proxy-{i}.log")))
-                .map_err(|e| format!("starting proxy {i}: {e}"))?;
+            // Each proxy's PID file and upgrade socket in a directory of its own (the
+            // configs share one).
+            let run_dir = dir.join(format!("proxy-{i}.run"));
+            std::fs::create_dir_all(&run_dir).map_err(|e| format!("{}: {e}", run_dir.display()))?;
+            let p = Proc::spawn(
+                &["proxy", "--config", &cfg_path, "--run-dir", &run_dir.to_string_lossy()],
+                &dir.join(format!("proxy-{i}.log")),
+            )
+            .map_err(|e| format!("starting proxy {i}: {e}"))?;
+            n["proxy_run_dir"] = json!(run_dir.display().to_string());
             n["proxy_pid"] = json!(p.pid());
             procs.push(p);
             let url = format!("{}/v1/sys/seal-status", n["api_addr"].as_str().unwrap_or_default());
