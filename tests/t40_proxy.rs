@@ -822,3 +822,34 @@ async fn tls_listener_serves_https_and_bounds_handshakes() {
         "stalled handshake held for {took:?} (deadline 10 s)"
     );
 }
+
+/// Property: a proxy whose listen address another process holds exits 1, with a message that
+/// names the address, instead of running on without a listener: Pingora gives up binding
+/// after its own retries (about 30 s) in a service thread and the process would live on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_that_cannot_listen_exits_nonzero() {
+    let node = vha_testkit::TestNode::builder().behind_proxy().start().await;
+    // The proxy's address, held by the test (no proxy was started for this node).
+    let held = std::net::TcpListener::bind(("127.0.0.1", node.port)).expect("hold the proxy's port");
+    let mut cmd = std::process::Command::new(vha_testkit::vha_binary());
+    cmd.arg("proxy")
+        .arg("--config")
+        .arg(&node.config_path)
+        .env("NO_COLOR", "1");
+    let mut proxy = vha_testkit::ChildProc::spawn("vha proxy (port taken)", cmd, &node.dir().join("proxy-taken.log"));
+    // Pingora's bind retries (30 s), the proxy's listen bound (45 s), and room for a busy CI.
+    let status = proxy.wait_exit(Duration::from_secs(120));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(1),
+        "exit status {status:?}; output:\n{}",
+        proxy.output()
+    );
+    let listen = format!("not listening on 127.0.0.1:{}", node.port);
+    assert!(
+        proxy.output().contains(&listen),
+        "the error names the address: {}",
+        proxy.output()
+    );
+    drop(held);
+}

@@ -225,7 +225,8 @@ fn run(cfg: Config, set_level: Option<SetLevel>, upgrade: bool, files: RunFiles)
             .map_err(|e| ProxyError::Startup(format!("writing the PID file {}: {e}", files.pid_file.display())))
     };
     // The PID file names this process once it is the service (see `daemon`): an upgrade's
-    // successor before it waits for the hand-over, a fresh start once it listens.
+    // successor before it waits for the hand-over, a fresh start once it listens (one that
+    // never listens exits 1).
     if upgrade {
         pid_file(&files)?;
     }

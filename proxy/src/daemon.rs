@@ -28,6 +28,11 @@ pub const UPGRADE_SOCK: &str = "vha-proxy-upgrade.sock";
 /// before Pingora's bootstrap, and a store that is down is retried, not fatal; well under
 /// systemd's default start timeout (90 s).
 const READY_BOUND: Duration = Duration::from_secs(60);
+/// How long a started proxy may take to listen before it gives up and exits 1: longer than
+/// Pingora's own bind retries (30 tries a second apart while the address is in use, after
+/// which it panics in its service thread and the process would run on without a listener),
+/// shorter than [`READY_BOUND`] so `--daemon` reports the exit.
+const LISTEN_BOUND: Duration = Duration::from_secs(45);
 /// How often readiness is checked.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -72,21 +77,23 @@ pub fn write_pid_file(path: &Path) -> std::io::Result<()> {
 /// Starts a thread that waits until this process listens on `listen`'s port (Pingora binds
 /// its listeners as its services start, after bootstrap, with nothing to tell when), then
 /// runs `then`. Read from /proc, not by connecting: a probe connection would show in the
-/// listener's log as a failed handshake. Gives up after [`READY_BOUND`] (the PID file is
-/// then never written, and `--daemon` stops the child).
+/// listener's log as a failed handshake. Not listening after [`LISTEN_BOUND`], the process
+/// exits 1 (the PID file never written), rather than run on without a listener.
 pub fn when_listening(listen: std::net::SocketAddr, then: impl FnOnce() + Send + 'static) {
     let spawned = std::thread::Builder::new()
         .name("vha-proxy-ready".into())
         .spawn(move || {
             let started = Instant::now();
-            while started.elapsed() < READY_BOUND {
+            while started.elapsed() < LISTEN_BOUND {
                 if listens(listen.port()) {
                     then();
                     return;
                 }
                 std::thread::sleep(POLL);
             }
-            tracing::error!(%listen, "not listening within {READY_BOUND:?}");
+            tracing::error!(%listen, "not listening within {LISTEN_BOUND:?} (see the errors above); exiting");
+            eprintln!("vha proxy: not listening on {listen} within {LISTEN_BOUND:?}; exiting");
+            std::process::exit(1);
         });
     if let Err(e) = spawned {
         tracing::error!(error = %e, "cannot start the readiness check");
