@@ -457,11 +457,7 @@ async fn sighup_rotates_the_lockd_token_of_nodes_and_proxies_under_load() {
     let b = c.wait_new_active(a, RELOAD_BOUND).await;
     c.wait_proxies_follow(b, RELOAD_BOUND).await;
     progress(10).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut errors = Vec::new();
-    for l in loops {
-        errors.extend(l.await.expect("load loop").errors);
-    }
+    let errors = vha_testkit::load::finish(&stop, loops).await.errors;
     assert!(errors.is_empty(), "client errors during the rotation: {errors:?}");
     let (_, text) = lockd_metrics(&lockd, &new).await;
     let refused: f64 = text

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vha_testkit::load::{kv_writes, LoadBounds};
+use vha_testkit::load::{finish, kv_writes, LoadBounds, LoadResult};
 use vha_testkit::{TestCluster, TestNode};
 
 /// Bound on electing the first active node.
@@ -68,14 +68,8 @@ async fn graceful_upgrade_under_load_fails_no_request() {
             "the old proxy drains and exits cleanly ({status:?}); its output:\n{}",
             old.output()
         );
-        stop.store(true, Ordering::Relaxed);
-        let mut ok = 0;
-        let mut errors = Vec::new();
-        for l in loops {
-            let r = l.await.expect("load loop");
-            ok += r.acked.len();
-            errors.extend(r.errors);
-        }
+        let LoadResult { acked, errors } = finish(&stop, loops).await;
+        let ok = acked.len();
         eprintln!(
             "upgrade of pair {target}: {ok} writes acknowledged (each read back), {} failures",
             errors.len()
@@ -249,14 +243,8 @@ async fn systemd_forking_reload_upgrades_under_load() {
     )
     .await;
     progress(10).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut ok = 0;
-    let mut errors = Vec::new();
-    for l in loops {
-        let r = l.await.expect("load loop");
-        ok += r.acked.len();
-        errors.extend(r.errors);
-    }
+    let LoadResult { acked, errors } = finish(&stop, loops).await;
+    let ok = acked.len();
     eprintln!(
         "systemd-style reload: {ok} writes acknowledged, {} failures",
         errors.len()

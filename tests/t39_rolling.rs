@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vha_testkit::load::{kv_writes, LoadBounds};
+use vha_testkit::load::{finish, kv_writes, LoadBounds, LoadResult};
 use vha_testkit::{TestCluster, TestClusterBuilder};
 
 /// Bound on an election, an unseal taking effect, or a proxy following the new view.
@@ -102,14 +102,7 @@ async fn rolling_restart(builder: TestClusterBuilder, tokens_count_grants: bool)
         a = now;
         wait_progress(&done, "writes flow through every pair after a restart").await;
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut acked = Vec::new();
-    let mut errors = Vec::new();
-    for l in loops {
-        let r = l.await.expect("load loop");
-        acked.extend(r.acked);
-        errors.extend(r.errors);
-    }
+    let LoadResult { acked, errors } = finish(&stop, loops).await;
     eprintln!(
         "rolling restart of {} pairs: {} writes acknowledged, {} client errors, active moved {moves} time(s)",
         c.nodes.len(),

@@ -88,3 +88,16 @@ pub async fn kv_writes(
     }
     r
 }
+
+/// Tells the loops to stop, waits for each, and merges what they saw (acknowledged keys
+/// and failures, in loop order).
+pub async fn finish(stop: &AtomicBool, loops: Vec<tokio::task::JoinHandle<LoadResult>>) -> LoadResult {
+    stop.store(true, Ordering::Relaxed);
+    let mut all = LoadResult::default();
+    for l in loops {
+        let r = l.await.expect("load loop");
+        all.acked.extend(r.acked);
+        all.errors.extend(r.errors);
+    }
+    all
+}
