@@ -28,11 +28,11 @@ use tokio_util::sync::CancellationToken;
 
 use vha_core::cluster_tls::ClusterIdentity;
 
-use crate::api::Origin;
 use crate::ha::leader::ECHO_PATH;
-use crate::ha::EchoRecord;
+use crate::ha::state::EchoRecord;
 use crate::http::{handle_http, Limits};
 use crate::node::Node;
+use crate::request::Origin;
 
 /// A TLS handshake must finish within this, or the connection is dropped (slow or stuck
 /// peers cannot pin sockets on the active).
@@ -190,7 +190,7 @@ async fn serve(
 
 /// A standby's heartbeat: record it, answer 200 (only while active).
 async fn echo(node: &Node, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if node.ha().role() != crate::ha::Role::Active {
+    if node.ha().role() != crate::ha::state::Role::Active {
         return crate::http::error_response(StatusCode::SERVICE_UNAVAILABLE, "node not active");
     }
     let body = match Limited::new(req.into_body(), MAX_ECHO_BODY).collect().await {

@@ -1,6 +1,6 @@
 //! The node's HTTP front: a hyper server (HTTP/1.1 and h2) that bounds every request (body
 //! size checked before and while reading, total duration), turns it into an
-//! [`ApiRequest`](crate::api::ApiRequest), and writes Vault's JSON responses. Graceful
+//! [`ApiRequest`](crate::request::ApiRequest), and writes Vault's JSON responses. Graceful
 //! shutdown: stop accepting, let in-flight requests finish (bounded), then return.
 
 use std::convert::Infallible;
@@ -17,9 +17,10 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, ApiRequest, ApiResponse, Origin, CLIENT_ADDR_HEADER};
+use crate::api;
 use crate::error::ApiError;
 use crate::node::Node;
+use crate::request::{ApiRequest, ApiResponse, Origin, CLIENT_ADDR_HEADER};
 
 /// How long shutdown waits for in-flight requests before closing connections anyway. Long
 /// enough for any normal request, short enough for a rolling restart to stay quick.

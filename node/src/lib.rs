@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod mounts;
 pub mod node;
 pub mod policy;
+pub mod request;
 pub mod time;
 pub mod token;
 pub mod view;

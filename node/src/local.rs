@@ -29,10 +29,10 @@ use tokio_util::sync::CancellationToken;
 
 use vha_core::local::{node_accepts, socket_mode, LocalState, WireKeyring, STATE_PATH};
 
-use crate::api::Origin;
-use crate::ha::Role;
+use crate::ha::state::Role;
 use crate::http::{handle_http, Limits, DRAIN_TIMEOUT};
 use crate::node::Node;
+use crate::request::Origin;
 use vha_core::pair::PairRole;
 
 type Body = BoxBody<Bytes, Infallible>;

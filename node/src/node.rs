@@ -14,7 +14,7 @@ use vha_core::storage::Stores;
 
 use crate::audit::AuditBroker;
 use crate::error::ApiError;
-use crate::ha::HaHandle;
+use crate::ha::state::HaHandle;
 use crate::metrics::NodeMetrics;
 use crate::mounts::MountTable;
 use crate::policy::store::PolicyStore;

@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use http::Method;
 use serde_json::{Map, Value};
 
-use super::logical::{Ctx, LogicalResponse};
+use super::ctx::Ctx;
 use crate::error::ApiError;
 use crate::policy::Operation;
+use crate::request::LogicalResponse;
 use crate::time::parse_duration_value;
 use crate::token::{CreateParams, TokenEntry};
 

@@ -10,132 +10,16 @@
 //! (`request_id, lease_id, renewable, lease_duration, data, wrap_info, warnings, auth,
 //! mount_type`). Nothing is dispatched unless the request was audited first.
 
-use http::{Method, StatusCode};
-use serde_json::{json, Value};
+use http::Method;
 
-use super::{ApiRequest, ApiResponse};
+use super::ctx::{CapsKind, Ctx};
 use crate::error::ApiError;
 use crate::mounts::kv::{self, KvRequest};
 use crate::mounts::MountEntry;
 use crate::node::Node;
-use crate::policy::{Acl, Operation};
+use crate::policy::Operation;
+use crate::request::{ApiRequest, ApiResponse, LogicalResponse};
 use crate::token::TokenEntry;
-
-/// What a handler answers, before the envelope. `Debug` shows neither `data` nor `auth`
-/// (secrets, client tokens).
-#[derive(Clone)]
-pub struct LogicalResponse {
-    pub status: StatusCode,
-    pub data: Option<Value>,
-    pub auth: Option<Value>,
-    pub warnings: Vec<String>,
-    pub lease_duration: u64,
-    /// An error body (`{"errors": [...]}`) instead of the envelope.
-    pub error: bool,
-    pub errors: Vec<String>,
-    /// No body at all (204, or a bare 404).
-    pub empty: bool,
-    /// Also copy `data`'s fields to the top level (Vault does this for the old `sys/`
-    /// endpoints: mounts, policy, capabilities, audit).
-    pub merge_top: bool,
-}
-
-impl std::fmt::Debug for LogicalResponse {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let redacted = |v: &Option<Value>| v.as_ref().map(|_| format_args!("<redacted>"));
-        f.debug_struct("LogicalResponse")
-            .field("status", &self.status)
-            .field("data", &redacted(&self.data))
-            .field("auth", &redacted(&self.auth))
-            .field("warnings", &self.warnings)
-            .field("lease_duration", &self.lease_duration)
-            .field("error", &self.error)
-            .field("errors", &self.errors)
-            .field("empty", &self.empty)
-            .field("merge_top", &self.merge_top)
-            .finish()
-    }
-}
-
-impl LogicalResponse {
-    pub fn data(v: Value) -> Self {
-        LogicalResponse {
-            status: StatusCode::OK,
-            data: Some(v),
-            auth: None,
-            warnings: Vec::new(),
-            lease_duration: 0,
-            error: false,
-            errors: Vec::new(),
-            empty: false,
-            merge_top: false,
-        }
-    }
-    pub fn no_content() -> Self {
-        LogicalResponse {
-            status: StatusCode::NO_CONTENT,
-            empty: true,
-            data: None,
-            ..Self::data(Value::Null)
-        }
-    }
-    pub fn empty_status(status: StatusCode) -> Self {
-        LogicalResponse {
-            status,
-            ..Self::no_content()
-        }
-    }
-    pub fn error_status(status: StatusCode, errors: Vec<String>) -> Self {
-        LogicalResponse {
-            status,
-            error: true,
-            errors,
-            data: None,
-            ..Self::data(Value::Null)
-        }
-    }
-    /// An envelope with no data and only warnings (200).
-    pub fn warnings(w: Vec<String>) -> Self {
-        LogicalResponse {
-            data: None,
-            warnings: w,
-            ..Self::data(Value::Null)
-        }
-    }
-    pub fn merged(mut self) -> Self {
-        self.merge_top = true;
-        self
-    }
-
-    /// The body clients see (`None` = empty).
-    pub fn body(&self, request_id: &str, mount_type: &str) -> Option<Value> {
-        if self.empty {
-            return None;
-        }
-        if self.error {
-            return Some(json!({ "errors": self.errors }));
-        }
-        let mut v = json!({
-            "request_id": request_id,
-            "lease_id": "",
-            "renewable": false,
-            "lease_duration": self.lease_duration,
-            "data": self.data,
-            "wrap_info": null,
-            "warnings": if self.warnings.is_empty() { Value::Null } else { json!(self.warnings) },
-            "auth": self.auth,
-            "mount_type": mount_type,
-        });
-        if self.merge_top {
-            if let (Some(Value::Object(d)), Some(top)) = (&self.data, v.as_object_mut()) {
-                for (k, x) in d {
-                    top.entry(k.clone()).or_insert_with(|| x.clone());
-                }
-            }
-        }
-        Some(v)
-    }
-}
 
 /// Where a request goes.
 enum Target {
@@ -156,13 +40,6 @@ enum Target {
     AuthToken(String),
     Mount(Box<MountEntry>, String),
     NoRoute,
-}
-
-#[derive(Clone, Copy)]
-pub enum CapsKind {
-    SelfToken,
-    Token,
-    Accessor,
 }
 
 impl Target {
@@ -250,19 +127,6 @@ fn needs_sudo(path: &str) -> bool {
         || p.starts_with("sys/raw")
         || p.starts_with("auth/token/accessors")
         || p.starts_with("auth/token/revoke-orphan/")
-}
-
-/// Everything a handler may need about the request.
-pub struct Ctx<'a> {
-    pub node: &'a Node,
-    pub req: &'a ApiRequest,
-    pub request_id: String,
-    /// The caller's token entry (after counting this use).
-    pub auth: TokenEntry,
-    /// The token as presented (never stored, never logged).
-    pub token: String,
-    pub acl: Acl,
-    pub op: Operation,
 }
 
 /// Authenticates `req` and checks `op` on `path` (with sudo when `sudo`), for endpoints
@@ -435,25 +299,5 @@ async fn dispatch(ctx: &Ctx<'_>, target: Target) -> Result<LogicalResponse, ApiE
             "no handler for route {:?}. route entry not found.",
             ctx.req.path.trim_start_matches('/')
         ))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// `Debug` of a handler's answer shows neither its data (a secret) nor its auth block
-    /// (a client token); status and warnings stay readable.
-    #[test]
-    fn debug_redacts_data_and_auth() {
-        let mut r = LogicalResponse::data(json!({"password": "DATASECRET"}));
-        r.auth = Some(json!({"client_token": "hvs.TOKENSECRET"}));
-        r.warnings = vec!["a warning".into()];
-        let dbg = format!("{r:?} {r:#?}");
-        assert!(!dbg.contains("SECRET"), "{dbg}");
-        assert!(
-            dbg.contains("<redacted>") && dbg.contains("a warning") && dbg.contains("200"),
-            "{dbg}"
-        );
     }
 }

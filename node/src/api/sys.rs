@@ -8,10 +8,10 @@ use serde::Deserialize;
 use serde_json::json;
 use zeroize::Zeroizing;
 
-use super::{ApiRequest, ApiResponse};
 use crate::error::ApiError;
-use crate::ha::Role;
+use crate::ha::state::Role;
 use crate::node::Node;
+use crate::request::{ApiRequest, ApiResponse};
 
 /// How long sealing an active node waits for its term to be torn down.
 const SEAL_STEP_DOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use http::Method;
 use serde_json::{json, Map, Value};
 
-use super::logical::{Ctx, LogicalResponse};
+use super::ctx::Ctx;
 use crate::error::ApiError;
+use crate::request::LogicalResponse;
 
 pub(crate) async fn list(ctx: &Ctx<'_>) -> Result<LogicalResponse, ApiError> {
     if ctx.req.method != Method::GET {

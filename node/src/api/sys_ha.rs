@@ -6,11 +6,11 @@
 use http::{header, HeaderValue, Method, StatusCode};
 use serde_json::json;
 
-use super::{ApiRequest, ApiResponse};
 use crate::error::ApiError;
-use crate::ha::Role;
+use crate::ha::state::Role;
 use crate::node::Node;
 use crate::policy::Operation;
+use crate::request::{ApiRequest, ApiResponse};
 
 /// How long `sys/step-down` waits for the term to end before answering anyway.
 const STEP_DOWN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -4,10 +4,11 @@
 use http::Method;
 use serde_json::{json, Value};
 
-use super::logical::{CapsKind, Ctx, LogicalResponse};
+use super::ctx::{CapsKind, Ctx};
 use crate::error::ApiError;
 use crate::policy::store::normalize_name;
 use crate::policy::Operation;
+use crate::request::LogicalResponse;
 
 pub(crate) async fn list(ctx: &Ctx<'_>, legacy: bool) -> Result<LogicalResponse, ApiError> {
     let names = ctx.node.policies().list(&ctx.node.view()).await?;

@@ -21,9 +21,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use sha2::Sha256;
 
-use crate::api::ApiRequest;
 use crate::error::ApiError;
 use crate::policy::Operation;
+use crate::request::ApiRequest;
 use crate::token::TokenEntry;
 use crate::view::View;
 

@@ -18,13 +18,9 @@ use vha_core::advert::{leader_path, Advertisement, LEADER_PREFIX, LOCK_KEY};
 use vha_core::cluster_tls::ClusterIdentity;
 use vha_core::storage::{StorageError, WatchEvent, WatchStream};
 
-use super::LeaderInfo;
+use super::state::{HaStatus, LeaderInfo, ECHO_INTERVAL};
 use crate::node::Node;
 
-/// Heartbeat period. `sys/health` reports 474 after two missed periods; 1 s keeps that
-/// window (2 s) well inside a client's retry budget while costing one tiny request per
-/// second per standby.
-pub const ECHO_INTERVAL: Duration = Duration::from_secs(1);
 /// A heartbeat slower than this counts as failed.
 const ECHO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Re-read period when the backend cannot watch (no such built-in backend does HA; kept
@@ -133,7 +129,7 @@ async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
     // it lists this standby and this standby counts as reaching it without waiting a period.
     let mut sent_to: Option<String> = None;
     loop {
-        let new_leader = |s: &super::HaStatus| s.leader.as_ref().is_some_and(|l| sent_to.as_ref() != Some(&l.uuid));
+        let new_leader = |s: &HaStatus| s.leader.as_ref().is_some_and(|l| sent_to.as_ref() != Some(&l.uuid));
         tokio::select! {
             _ = tick.tick() => {}
             r = status.wait_for(new_leader) => {

@@ -10,10 +10,9 @@ use http::StatusCode;
 use serde_json::{Map, Value};
 
 use super::MountEntry;
-use crate::api::logical::LogicalResponse;
-use crate::api::ApiRequest;
 use crate::error::ApiError;
 use crate::policy::Operation;
+use crate::request::{ApiRequest, LogicalResponse};
 use crate::view::View;
 
 /// One request to a KV mount.

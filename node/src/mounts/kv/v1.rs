@@ -3,9 +3,9 @@
 //! object's `ttl` field when it parses, else the mount's default TTL (Vault).
 
 use super::{body_object, list_response, not_found, unsupported, KvRequest};
-use crate::api::logical::LogicalResponse;
 use crate::error::ApiError;
 use crate::policy::Operation;
+use crate::request::LogicalResponse;
 use crate::token::DEFAULT_TTL_SECS;
 use crate::view::View;
 

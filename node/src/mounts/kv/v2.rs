@@ -21,9 +21,9 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 
 use super::{body_object, json_kind, list_response, not_found, unsupported, KvRequest};
-use crate::api::logical::LogicalResponse;
 use crate::error::ApiError;
 use crate::policy::Operation;
+use crate::request::LogicalResponse;
 use crate::time::{format_duration, now_rfc3339, parse_duration_value, parse_rfc3339, rfc3339};
 use crate::view::View;
 
