@@ -4,8 +4,10 @@
 //! calls), `HABackend` (a lock inside the store) and `FencingHABackend` (writes of the active
 //! carry a token the store checks). Backends: [`inmem`] (with HA, for tests), [`file`]
 //! (durable, no HA). lockd and etcd clients plug in through the same traits.
-//! [`conformance`] is the suite every backend runs.
+//! `conformance` is the suite every backend runs: built for this crate's tests and, with the
+//! `conformance` feature, for the workspace's tests; never part of a production build.
 
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod etcd;
 pub mod factory;
