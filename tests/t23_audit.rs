@@ -227,3 +227,74 @@ async fn unwritable_audit_device_blocks_requests() {
         "the refused write left no version behind"
     );
 }
+
+/// Every authenticated `sys/` call outside the logical pipeline (`sys/ha-status`,
+/// `sys/metrics`, `sys/config/state/sanitized`, `sys/step-down`, `sys/seal`) is audited as a
+/// request and, once answered, as a response with the same request id; a denied call too.
+#[tokio::test]
+async fn authenticated_sys_calls_audit_request_and_response() {
+    let node = TestNode::builder().start().await;
+    let root = node.init_unsealed().await.root_token;
+    let r = Some(root.as_str());
+    let log = node.dir().join("audit.log");
+    let (st, v) = node
+        .request(
+            "PUT",
+            "sys/audit/file",
+            r,
+            Some(json!({"type": "file", "options": {"file_path": log.to_str().unwrap()}})),
+        )
+        .await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{v}");
+    let (_, t) = node
+        .request("POST", "auth/token/create", r, Some(json!({"policies": ["default"]})))
+        .await;
+    let weak = t["auth"]["client_token"].as_str().unwrap().to_string();
+
+    let calls = [
+        ("GET", "sys/ha-status", r, StatusCode::OK),
+        ("GET", "sys/metrics?format=prometheus", r, StatusCode::OK),
+        ("GET", "sys/config/state/sanitized", r, StatusCode::OK),
+        ("PUT", "sys/step-down", r, StatusCode::NO_CONTENT),
+        ("PUT", "sys/seal", Some(weak.as_str()), StatusCode::FORBIDDEN),
+        ("PUT", "sys/seal", r, StatusCode::NO_CONTENT),
+    ];
+    for (method, path, token, want) in calls {
+        let (st, v) = node.request(method, path, token, None).await;
+        assert_eq!(st, want, "{method} {path}: {v}");
+    }
+    let (_, v) = node.request("GET", "sys/seal-status", None, None).await;
+    assert_eq!(v["sealed"], true, "the seal went through");
+
+    let lines = lines(&log);
+    for path in [
+        "sys/ha-status",
+        "sys/metrics",
+        "sys/config/state/sanitized",
+        "sys/step-down",
+        "sys/seal",
+    ] {
+        let of = |kind: &str| -> Vec<&Value> {
+            lines
+                .iter()
+                .filter(|l| l["type"] == kind && l["request"]["path"] == path)
+                .collect()
+        };
+        let (requests, responses) = (of("request"), of("response"));
+        let calls = if path == "sys/seal" { 2 } else { 1 };
+        assert_eq!(requests.len(), calls, "{path}: request lines {requests:?}");
+        assert_eq!(responses.len(), calls, "{path}: response lines {responses:?}");
+        for (q, a) in requests.iter().zip(&responses) {
+            assert_eq!(q["request"]["id"], a["request"]["id"], "{path}: one id per call");
+        }
+    }
+    let seal_errors: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["type"] == "response" && l["request"]["path"] == "sys/seal")
+        .map(|l| &l["error"])
+        .collect();
+    assert!(
+        seal_errors[0].as_str().is_some_and(|e| e.contains("permission denied")) && seal_errors[1].is_null(),
+        "the denied seal's response names the refusal, the allowed one none: {seal_errors:?}"
+    );
+}

@@ -130,16 +130,17 @@ fn needs_sudo(path: &str) -> bool {
 }
 
 /// Authenticates `req` and checks `op` on `path` (with sudo when `sudo`), for endpoints
-/// outside this pipeline (e.g. `sys/seal`, `sys/step-down`). The request is audited (a
-/// request line; a response line too when refused) before the caller acts, so an audit
-/// failure stops it.
+/// outside this pipeline (`sys/seal`, `sys/step-down`, `sys/ha-status`, `sys/metrics`,
+/// `sys/config/state/sanitized`). The request is audited before the caller acts, so an audit
+/// failure stops it; a refusal is audited as the response at once. An allowed caller answers
+/// through [`Authorized::answer`], which audits the response as [`serve`] does.
 pub async fn authorize(
     node: &Node,
     req: &ApiRequest,
     path: &str,
     op: Operation,
     sudo: bool,
-) -> Result<TokenEntry, ApiError> {
+) -> Result<Authorized, ApiError> {
     let view = node.view();
     let info = crate::audit::RequestInfo::new(&uuid::Uuid::new_v4().to_string(), req, path, "system");
     let entry = match node.tokens().resolve(&view, req.token()).await {
@@ -165,7 +166,33 @@ pub async fn authorize(
     if entry.num_uses < 0 {
         node.tokens().revoke_tree(&view, &entry.hash).await?;
     }
-    Ok(entry)
+    Ok(Authorized { entry, info, op })
+}
+
+/// A caller [`authorize`] let through, whose response is still to be audited.
+#[must_use = "an authorized call answers through `answer`, which audits the response"]
+pub struct Authorized {
+    /// The caller's token entry (after counting this use).
+    pub entry: TokenEntry,
+    info: crate::audit::RequestInfo,
+    op: Operation,
+}
+
+impl Authorized {
+    /// Audits the outcome the client is about to get (its JSON body hashed like any
+    /// response; a non-JSON body such as Prometheus text is not written) and hands it back.
+    /// A failed audit write replaces the answer with the audit's error: no unaudited answer.
+    pub async fn answer(self, node: &Node, result: Result<ApiResponse, ApiError>) -> Result<ApiResponse, ApiError> {
+        let view = node.view();
+        let (err, body) = match &result {
+            Ok(r) => (None, r.body.as_ref()),
+            Err(e) => (Some(e), None),
+        };
+        node.audit()
+            .log_response(&self.info, Some(&self.entry), self.op, err, body, &view)
+            .await?;
+        result
+    }
 }
 
 /// The pipeline (see the module docs).

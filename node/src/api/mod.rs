@@ -81,10 +81,8 @@ pub(crate) fn not_active_refusal() -> ApiResponse {
     resp
 }
 
+/// Everything but the local `sys/` endpoints (answered by path before, in [`handle`]).
 async fn route(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
-    if let Some(resp) = sys::handle_local(node, req).await? {
-        return Ok(resp);
-    }
     if node.barrier().is_sealed() {
         return Err(ApiError::Sealed);
     }

@@ -179,9 +179,12 @@ async fn seal(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
         ));
     }
     // sys/seal needs update + sudo on the path (Vault).
-    super::logical::authorize(node, req, "sys/seal", crate::policy::Operation::Update, true).await?;
+    let caller = super::logical::authorize(node, req, "sys/seal", crate::policy::Operation::Update, true).await?;
+    // The response is audited before the barrier seals (sealing cannot fail from here on,
+    // and a sealed node reads no audit table): an audit failure leaves the node unsealed.
+    let resp = caller.answer(node, Ok(ApiResponse::no_content())).await?;
     node.seal_after_step_down(SEAL_STEP_DOWN_TIMEOUT).await;
-    Ok(ApiResponse::no_content())
+    Ok(resp)
 }
 
 /// Parses a `sys/health` status-code override: a valid HTTP status (100-599).

@@ -63,15 +63,17 @@ pub async fn handle(node: &Node, req: &ApiRequest) -> Result<Option<ApiResponse>
 }
 
 async fn step_down(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
-    super::logical::authorize(node, req, "sys/step-down", Operation::Update, true).await?;
-    if node.ha().role() == Role::Active && !node.ha().step_down(STEP_DOWN_TIMEOUT).await {
-        return Err(ApiError::Internal("step-down did not complete in time".into()));
-    }
-    Ok(ApiResponse::no_content())
+    let caller = super::logical::authorize(node, req, "sys/step-down", Operation::Update, true).await?;
+    let result = if node.ha().role() == Role::Active && !node.ha().step_down(STEP_DOWN_TIMEOUT).await {
+        Err(ApiError::Internal("step-down did not complete in time".into()))
+    } else {
+        Ok(ApiResponse::no_content())
+    };
+    caller.answer(node, result).await
 }
 
 async fn ha_status(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
-    super::logical::authorize(node, req, "sys/ha-status", Operation::Read, false).await?;
+    let caller = super::logical::authorize(node, req, "sys/ha-status", Operation::Read, false).await?;
     let cfg = node.config();
     let mut nodes = vec![json!({
         "hostname": crate::ha::leader::hostname(),
@@ -92,7 +94,9 @@ async fn ha_status(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiErro
             "version": e.version,
         }));
     }
-    Ok(ApiResponse::ok(json!({ "nodes": nodes })))
+    caller
+        .answer(node, Ok(ApiResponse::ok(json!({ "nodes": nodes }))))
+        .await
 }
 
 fn stanza_json(st: &vha_core::config::Stanza) -> serde_json::Value {
@@ -100,7 +104,7 @@ fn stanza_json(st: &vha_core::config::Stanza) -> serde_json::Value {
 }
 
 async fn sanitized_config(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
-    super::logical::authorize(node, req, "sys/config/state/sanitized", Operation::Read, true).await?;
+    let caller = super::logical::authorize(node, req, "sys/config/state/sanitized", Operation::Read, true).await?;
     let cfg = node.config();
     let ha_available = node.ha().enabled();
     let mut storage = stanza_json(&cfg.storage);
@@ -139,7 +143,7 @@ async fn sanitized_config(node: &Node, req: &ApiRequest) -> Result<ApiResponse, 
         "ha_available": ha_available,
         "listeners": listeners,
     });
-    Ok(ApiResponse::ok(envelope(data)))
+    caller.answer(node, Ok(ApiResponse::ok(envelope(data)))).await
 }
 
 /// Vault's response envelope for non-secret data.
@@ -160,12 +164,23 @@ pub fn envelope(data: serde_json::Value) -> serde_json::Value {
 /// token unless the listener sets `telemetry { unauthenticated_metrics_access = true }`.
 /// Local on every node (each node reports its own role).
 pub async fn metrics(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
-    if !node.config().listener().unauthenticated_metrics_access {
+    let caller = if node.config().listener().unauthenticated_metrics_access {
+        None
+    } else {
         if node.barrier().is_sealed() {
             return Err(ApiError::Sealed);
         }
-        super::logical::authorize(node, req, "sys/metrics", Operation::Read, false).await?;
+        Some(super::logical::authorize(node, req, "sys/metrics", Operation::Read, false).await?)
+    };
+    let result = render_metrics(node, req);
+    match caller {
+        Some(caller) => caller.answer(node, result).await,
+        None => result,
     }
+}
+
+/// The Prometheus text of `sys/metrics`.
+fn render_metrics(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
     match req.query("format") {
         Some("prometheus") | None => {}
         Some(other) => return Err(ApiError::BadRequest(format!("unsupported metrics format {other:?}"))),
