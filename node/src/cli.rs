@@ -208,7 +208,7 @@ async fn run(cfg: Config, level: &str, set_level: Option<SetLevel>) -> ExitCode 
         servers.push(tokio::spawn(http::serve(node.clone(), l, limits, shutdown.clone())));
     }
     println!("==> vha server started! Log data will stream in below:\n");
-    let ha_task = tokio::spawn(crate::ha::run(node.clone()));
+    let ha_task = tokio::spawn(crate::ha::run::<crate::cluster::ClusterListener>(node.clone()));
     let config_path = node.config().path.clone();
     let mut running = node.config().clone();
     wait_for_signal(|| {

@@ -93,6 +93,19 @@ impl ClusterListener {
     }
 }
 
+impl crate::ha::ClusterChannel for ClusterListener {
+    type Closed = Lingering;
+    async fn open(node: Arc<Node>, identity: Arc<ClusterIdentity>) -> std::io::Result<Self> {
+        ClusterListener::start(node, identity).await
+    }
+    async fn close(self) -> Lingering {
+        self.stop().await
+    }
+    async fn lingered(closed: Lingering) {
+        closed.wait().await
+    }
+}
+
 /// Classifies a refused handshake for the metrics (bounded label set).
 fn handshake_reason(e: &std::io::Error) -> &'static str {
     let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());

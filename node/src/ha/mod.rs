@@ -21,6 +21,7 @@
 pub mod leader;
 pub mod state;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -31,7 +32,6 @@ use vha_core::cluster_tls::ClusterIdentity;
 use vha_core::storage::{LockGuard, StorageError};
 use vha_core::BarrierError;
 
-use crate::cluster::ClusterListener;
 use crate::node::Node;
 use state::{LeaderInfo, Role};
 
@@ -61,8 +61,23 @@ enum TermEnd {
     Shutdown,
 }
 
+/// The cluster channel a term opens for the standbys' proxies to forward over. The server
+/// wiring names the implementation (the cluster listener), so the lock loop stays below the
+/// HTTP stack that serves forwarded requests.
+pub trait ClusterChannel: Sized + Send + 'static {
+    /// A closed channel's connections, still lingering until they are done.
+    type Closed: Send + 'static;
+    /// Opens the channel with the term's identity, ready before the advertisement names it.
+    fn open(node: Arc<Node>, identity: Arc<ClusterIdentity>) -> impl Future<Output = std::io::Result<Self>> + Send;
+    /// Stops accepting; what is already open lingers (dropping the result leaves that to
+    /// finish in the background).
+    fn close(self) -> impl Future<Output = Self::Closed> + Send;
+    /// Resolves once every lingering connection is done.
+    fn lingered(closed: Self::Closed) -> impl Future<Output = ()> + Send;
+}
+
 /// The lock loop. Runs for the life of the process when HA is enabled.
-pub async fn run(node: Arc<Node>) {
+pub async fn run<C: ClusterChannel>(node: Arc<Node>) {
     let Some(ha_backend) = node.stores().ha.clone() else {
         return;
     };
@@ -128,7 +143,7 @@ pub async fn run(node: Arc<Node>) {
             }
             continue;
         }
-        match active_term(&node, guard, &uuid, &mut sealed_rx).await {
+        match active_term::<C>(&node, guard, &uuid, &mut sealed_rx).await {
             Ok(TermEnd::Shutdown) => return,
             Ok(TermEnd::StepDown) => {
                 hold_off = node.config().step_down_wait;
@@ -156,7 +171,7 @@ enum SetupError {
 }
 
 /// One active term: set up, serve until it ends, tear down.
-async fn active_term(
+async fn active_term<C: ClusterChannel>(
     node: &Arc<Node>,
     guard: LockGuard,
     uuid: &str,
@@ -177,7 +192,7 @@ async fn active_term(
     let listener = if node.config().disable_clustering {
         None
     } else {
-        let l = ClusterListener::start(node.clone(), identity.clone())
+        let l = C::open(node.clone(), identity.clone())
             .await
             .map_err(SetupError::Listener);
         match l {
@@ -213,7 +228,7 @@ async fn active_term(
     if let Err(e) = write.await {
         if let Some(l) = listener {
             // Nothing was advertised: no proxy has a connection to linger for.
-            drop(l.stop().await);
+            drop(l.close().await);
         }
         note_fenced(node, &e);
         let _ = guard.release().await;
@@ -282,7 +297,7 @@ async fn active_term(
     handle.update(|s| s.fence = None);
     *handle.identity.write().unwrap_or_else(|e| e.into_inner()) = None;
     let lingering = match listener {
-        Some(l) => Some(l.stop().await),
+        Some(l) => Some(l.close().await),
         None => None,
     };
     // Best effort: remove our advertisement (a deposed writer is fenced out anyway). The
@@ -309,7 +324,7 @@ async fn active_term(
     if let (TermEnd::Shutdown, Some(l)) = (end, lingering) {
         // The lock is free and the next active on its way; this process stays until the
         // proxies' open forwards were refused, not reset (see `cluster`'s module header).
-        l.wait().await;
+        C::lingered(l).await;
     }
     if end == TermEnd::Sealed || *sealed_rx.borrow() {
         handle.update(|s| {
