@@ -20,6 +20,7 @@
 
 pub mod leader;
 pub mod state;
+pub mod term;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -34,6 +35,7 @@ use vha_core::BarrierError;
 
 use crate::node::Node;
 use state::{LeaderInfo, Role};
+use term::{GiveUp, Next, TermEnd};
 
 /// Longest wait at the end of a term for logical requests already running to finish with
 /// the term's fence (normal requests take milliseconds; a request still running after this
@@ -51,15 +53,6 @@ const ADVERT_DELETE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Room for a serialized advertisement: about 1.5 KiB (a P-521 certificate and key in
 /// base64, two addresses); twice that so it never needs to grow.
 const ADVERTISEMENT_CAPACITY: usize = 4096;
-
-/// Why an active term ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum TermEnd {
-    Lost,
-    StepDown,
-    Sealed,
-    Shutdown,
-}
 
 /// The cluster channel a term opens for the standbys' proxies to forward over. The server
 /// wiring names the implementation (the cluster listener), so the lock loop stays below the
@@ -144,12 +137,13 @@ pub async fn run<C: ClusterChannel>(node: Arc<Node>) {
             continue;
         }
         match active_term::<C>(&node, guard, &uuid, &mut sealed_rx).await {
-            Ok(TermEnd::Shutdown) => return,
-            Ok(TermEnd::StepDown) => {
-                hold_off = node.config().step_down_wait;
-                tracing::info!(wait = ?hold_off, "stepped down; following the new active before contending again");
+            Ok((_, Next::Exit)) => return,
+            Ok((end, Next::Contend { after })) => {
+                hold_off = after;
+                if end == TermEnd::StepDown {
+                    tracing::info!(wait = ?hold_off, "stepped down; following the new active before contending again");
+                }
             }
-            Ok(TermEnd::Lost | TermEnd::Sealed) => {}
             Err(e) => {
                 node.metrics().leadership_setup_failed.inc();
                 tracing::error!(error = %e, "leadership setup failed; back to standby");
@@ -176,7 +170,7 @@ async fn active_term<C: ClusterChannel>(
     guard: LockGuard,
     uuid: &str,
     sealed_rx: &mut watch::Receiver<bool>,
-) -> Result<TermEnd, SetupError> {
+) -> Result<(TermEnd, Next), SetupError> {
     let handle = node.ha();
     let fence = guard.fence().clone();
     tracing::info!(token = fence.token, %uuid, "acquired lock, enabling active operation");
@@ -267,6 +261,7 @@ async fn active_term<C: ClusterChannel>(
         _ = node.shutdown.cancelled() => TermEnd::Shutdown,
     };
     handle.end_term();
+    let plan = term::plan(end, node.config().step_down_wait);
     let step_down_started = Instant::now();
     // Stop serving at once: the role flips before anything else, so no new request is
     // admitted. (Standby even when sealing: `Sealed` is reported only once the teardown
@@ -282,12 +277,13 @@ async fn active_term<C: ClusterChannel>(
     node.metrics().term.set(0);
     let term_len = started.elapsed();
     if end == TermEnd::Lost {
-        // Not drained: the fence is stale, the store refuses the term's writes anyway.
         node.metrics().leadership_lost.observe(term_len.as_secs_f64());
         tracing::warn!(?term_len, "leadership lost, stopping active operation");
-    } else if tokio::time::timeout(DRAIN_TIMEOUT, node.in_flight().wait_idle())
-        .await
-        .is_err()
+    }
+    if plan.drain
+        && tokio::time::timeout(DRAIN_TIMEOUT, node.in_flight().wait_idle())
+            .await
+            .is_err()
     {
         tracing::warn!(
             running = node.in_flight().count(),
@@ -307,9 +303,9 @@ async fn active_term<C: ClusterChannel>(
         Ok(Err(e)) => tracing::debug!(error = %e, "could not delete own advertisement"),
         Err(_) => tracing::debug!("deleting own advertisement timed out"),
     }
-    match end {
-        TermEnd::Lost => drop(guard),
-        _ => {
+    match plan.give_up {
+        GiveUp::Abandon => drop(guard),
+        GiveUp::Release => {
             if let Err(e) = guard.release().await {
                 tracing::warn!(error = %e, "releasing the HA lock failed");
             }
@@ -321,7 +317,7 @@ async fn active_term<C: ClusterChannel>(
             tracing::info!(reason = ?end, ?term_len, "stepped down from active");
         }
     }
-    if let (TermEnd::Shutdown, Some(l)) = (end, lingering) {
+    if let (true, Some(l)) = (plan.wait_linger, lingering) {
         // The lock is free and the next active on its way; this process stays until the
         // proxies' open forwards were refused, not reset (see `cluster`'s module header).
         C::lingered(l).await;
@@ -333,7 +329,7 @@ async fn active_term<C: ClusterChannel>(
             s.leader_since = None;
         });
     }
-    Ok(end)
+    Ok((end, plan.next))
 }
 
 /// Counts a fencing rejection.
