@@ -15,24 +15,31 @@ fn lines(path: &std::path::Path) -> Vec<Value> {
         .collect()
 }
 
-/// After enabling a file device, a KV write and read produce request and response lines
-/// with the client's address, the operation and path; the secret value and the token
-/// appear only as `hmac-sha256:` hashes, which `sys/audit-hash` reproduces.
-#[tokio::test]
-async fn audit_log_records_address_and_hides_secrets() {
+/// A fresh initialized, unsealed node with a `file` audit device at `audit.log` in its
+/// directory: the node, its root token and the log's path.
+async fn node_with_file_audit() -> (TestNode, String, std::path::PathBuf) {
     let node = TestNode::builder().start().await;
     let root = node.init_unsealed().await.root_token;
-    let r = Some(root.as_str());
     let log = node.dir().join("audit.log");
     let (st, v) = node
         .request(
             "PUT",
             "sys/audit/file",
-            r,
+            Some(root.as_str()),
             Some(json!({"type": "file", "options": {"file_path": log.to_str().unwrap()}})),
         )
         .await;
     assert_eq!(st, StatusCode::NO_CONTENT, "{v}");
+    (node, root, log)
+}
+
+/// After enabling a file device, a KV write and read produce request and response lines
+/// with the client's address, the operation and path; the secret value and the token
+/// appear only as `hmac-sha256:` hashes, which `sys/audit-hash` reproduces.
+#[tokio::test]
+async fn audit_log_records_address_and_hides_secrets() {
+    let (node, root, log) = node_with_file_audit().await;
+    let r = Some(root.as_str());
     let (st, v) = node.request("GET", "sys/audit", r, None).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(v["data"]["file/"]["type"], "file");
@@ -233,19 +240,8 @@ async fn unwritable_audit_device_blocks_requests() {
 /// request and, once answered, as a response with the same request id; a denied call too.
 #[tokio::test]
 async fn authenticated_sys_calls_audit_request_and_response() {
-    let node = TestNode::builder().start().await;
-    let root = node.init_unsealed().await.root_token;
+    let (node, root, log) = node_with_file_audit().await;
     let r = Some(root.as_str());
-    let log = node.dir().join("audit.log");
-    let (st, v) = node
-        .request(
-            "PUT",
-            "sys/audit/file",
-            r,
-            Some(json!({"type": "file", "options": {"file_path": log.to_str().unwrap()}})),
-        )
-        .await;
-    assert_eq!(st, StatusCode::NO_CONTENT, "{v}");
     let (_, t) = node
         .request("POST", "auth/token/create", r, Some(json!({"policies": ["default"]})))
         .await;
