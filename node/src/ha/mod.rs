@@ -19,33 +19,33 @@
 //! listener, best-effort delete our advertisement, record the term, re-contend.
 
 pub mod leader;
+pub mod machine;
 pub mod state;
 pub mod term;
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use vha_core::advert::{leader_path, Advertisement, LEADER_PREFIX, LOCK_KEY};
 use vha_core::cluster_tls::ClusterIdentity;
-use vha_core::storage::{LockGuard, StorageError};
+use vha_core::storage::{Fence, HaBackend, LockGuard, StorageError};
 use vha_core::BarrierError;
 
 use crate::node::Node;
+use machine::{Command, Event, Machine, Observation};
 use state::{LeaderInfo, Role};
-use term::{GiveUp, Next, TermEnd};
+use term::GiveUp;
 
 /// Longest wait at the end of a term for logical requests already running to finish with
 /// the term's fence (normal requests take milliseconds; a request still running after this
 /// has its writes refused).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause after a failed lock attempt (storage unreachable) before trying again: short
-/// enough to take over quickly once the store is back, long enough not to hammer it.
-const ACQUIRE_RETRY: Duration = Duration::from_millis(250);
-/// Pause after a failed leadership setup (listener bind or advertisement write failed).
-const SETUP_RETRY: Duration = Duration::from_secs(1);
 /// Bound on the best-effort delete of our own advertisement when a term ends: the store may
 /// be the very thing that is unreachable; the next active deletes stale entries anyway.
 const ADVERT_DELETE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -69,88 +69,52 @@ pub trait ClusterChannel: Sized + Send + 'static {
     fn lingered(closed: Self::Closed) -> impl Future<Output = ()> + Send;
 }
 
-/// The lock loop. Runs for the life of the process when HA is enabled.
+/// The lock loop. Runs for the life of the process when HA is enabled: it turns the seal
+/// state, the shutdown token and the outcome of its one pending operation into events for
+/// the [`Machine`], and carries out the commands the machine returns.
 pub async fn run<C: ClusterChannel>(node: Arc<Node>) {
-    let Some(ha_backend) = node.stores().ha.clone() else {
+    let Some(backend) = node.stores().ha.clone() else {
         return;
     };
-    let handle = node.ha();
-    let mut sealed_rx = handle.sealed.subscribe();
+    let mut sealed_rx = node.ha().sealed.subscribe();
     let shutdown = node.shutdown.clone();
-    // How long the next standby phase waits before contending: after a step-down (Vault's
-    // `step_down_wait`) or a failed attempt. The node is a standby meanwhile: it follows the
-    // active and heartbeats to it, so `sys/health` and `sys/ha-status` see it at once.
-    let mut hold_off = Duration::ZERO;
-    loop {
-        // Sealed: wait for unseal (or shutdown).
-        tokio::select! {
-            r = sealed_rx.wait_for(|s| !*s) => if r.is_err() { return },
-            _ = shutdown.cancelled() => return,
-        }
-        handle.update(|s| {
-            s.role = Role::Standby;
-            s.fence = None;
-            s.active_since = None;
-        });
-        // Standby: learn who leads, heartbeat to it, and contend.
-        let standby_cancel = shutdown.child_token();
-        let watcher = tokio::spawn(leader::standby_tasks(node.clone(), standby_cancel.clone()));
-        let uuid = uuid::Uuid::new_v4().to_string();
-        let contend = tokio::select! {
-            _ = tokio::time::sleep(std::mem::take(&mut hold_off)) => true,
-            _ = sealed_rx.wait_for(|s| *s) => false,
-            _ = shutdown.cancelled() => false,
+    let mut machine = Machine::new(node.config().step_down_wait);
+    let mut carrier = Carrier::<C>::new(node, backend);
+    while !machine.exited() {
+        let event = tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if !machine.shutting_down() => Event::Shutdown,
+            r = sealed_rx.wait_for(|s| *s != machine.sealed()) => match r {
+                Ok(s) if *s => Event::Sealed,
+                Ok(_) => Event::Unsealed,
+                // The sender lives in the node this loop holds: never dropped while it runs.
+                Err(_) => return,
+            },
+            event = carrier.outcome() => event,
         };
-        let contend_start = Instant::now();
-        let acquired = if contend {
-            tokio::select! {
-                r = ha_backend.acquire(LOCK_KEY, &uuid, standby_cancel.clone()) => r,
-                _ = sealed_rx.wait_for(|s| *s) => Ok(None),
-            }
-        } else {
-            Ok(None)
-        };
-        standby_cancel.cancel();
-        let _ = watcher.await;
-        let guard = match acquired {
-            Ok(Some(g)) => g,
-            Ok(None) => {
-                if shutdown.is_cancelled() {
-                    return;
-                }
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "contending for the HA lock failed; retrying");
-                hold_off = ACQUIRE_RETRY;
-                continue;
-            }
-        };
-        node.metrics()
-            .lock_acquire
-            .observe(contend_start.elapsed().as_secs_f64());
-        if *sealed_rx.borrow() || shutdown.is_cancelled() {
-            let _ = guard.release().await;
-            if shutdown.is_cancelled() {
-                return;
-            }
-            continue;
-        }
-        match active_term::<C>(&node, guard, &uuid, &mut sealed_rx).await {
-            Ok((_, Next::Exit)) => return,
-            Ok((end, Next::Contend { after })) => {
-                hold_off = after;
-                if end == TermEnd::StepDown {
-                    tracing::info!(wait = ?hold_off, "stepped down; following the new active before contending again");
-                }
-            }
-            Err(e) => {
-                node.metrics().leadership_setup_failed.inc();
-                tracing::error!(error = %e, "leadership setup failed; back to standby");
-                hold_off = SETUP_RETRY;
-            }
+        for command in machine.on(event, Instant::now()) {
+            carrier.carry_out(command).await;
         }
     }
+}
+
+/// What the one pending operation of the loop came to.
+enum Outcome<C> {
+    HoldOffElapsed,
+    Acquired(Result<Option<LockGuard>, StorageError>),
+    SetUp(Result<SetUpTerm<C>, SetupError>),
+    Drained,
+    /// A signal of the running term (already an [`Event`] with its term).
+    TermEnded(Event),
+}
+
+type Pending<C> = Pin<Box<dyn Future<Output = Outcome<C>> + Send>>;
+
+/// A term's set-up parts.
+struct SetUpTerm<C> {
+    identity: Arc<ClusterIdentity>,
+    channel: Option<C>,
+    adv: Advertisement,
 }
 
 /// Errors while setting up leadership.
@@ -164,172 +128,330 @@ enum SetupError {
     Barrier(#[from] BarrierError),
 }
 
-/// One active term: set up, serve until it ends, tear down.
-async fn active_term<C: ClusterChannel>(
-    node: &Arc<Node>,
-    guard: LockGuard,
-    uuid: &str,
-    sealed_rx: &mut watch::Receiver<bool>,
-) -> Result<(TermEnd, Next), SetupError> {
-    let handle = node.ha();
-    let fence = guard.fence().clone();
-    tracing::info!(token = fence.token, %uuid, "acquired lock, enabling active operation");
-    let started = Instant::now();
+/// Carries the machine's commands out, and holds what they hold: the follower task, the
+/// pending operation, the lock, the term's channel and lock value.
+struct Carrier<C: ClusterChannel> {
+    node: Arc<Node>,
+    backend: Arc<dyn HaBackend>,
+    pending: Option<Pending<C>>,
+    /// Stops the pending lock attempt.
+    contend_stop: Option<CancellationToken>,
+    follower: Option<(CancellationToken, JoinHandle<()>)>,
+    /// The lock value of the latest attempt (names the term's advertisement).
+    uuid: String,
+    guard: Option<LockGuard>,
+    fence: Option<Fence>,
+    set_up: Option<SetUpTerm<C>>,
+    channel: Option<C>,
+    lingering: Option<C::Closed>,
+    /// When the running term became active (for its log line).
+    active_at: Option<Instant>,
+}
 
-    // 1. A fresh key and certificate for this term.
+impl<C: ClusterChannel> Carrier<C> {
+    fn new(node: Arc<Node>, backend: Arc<dyn HaBackend>) -> Self {
+        Carrier {
+            node,
+            backend,
+            pending: None,
+            contend_stop: None,
+            follower: None,
+            uuid: String::new(),
+            guard: None,
+            fence: None,
+            set_up: None,
+            channel: None,
+            lingering: None,
+            active_at: None,
+        }
+    }
+
+    /// The pending operation's outcome, as an event (never resolves while none is pending).
+    /// Cancel-safe: the operation stays pending when this future is dropped.
+    async fn outcome(&mut self) -> Event {
+        let outcome = match self.pending.as_mut() {
+            Some(op) => op.await,
+            None => std::future::pending().await,
+        };
+        self.pending = None;
+        match outcome {
+            Outcome::HoldOffElapsed => Event::HoldOffElapsed,
+            Outcome::Acquired(Ok(Some(guard))) => {
+                let term = guard.fence().token;
+                self.fence = Some(guard.fence().clone());
+                self.guard = Some(guard);
+                Event::Acquired { term }
+            }
+            // Only a stopped attempt returns no lock; the machine waits for none then.
+            Outcome::Acquired(Ok(None)) => Event::AcquireFailed,
+            Outcome::Acquired(Err(e)) => {
+                tracing::warn!(error = %e, "contending for the HA lock failed; retrying");
+                Event::AcquireFailed
+            }
+            Outcome::SetUp(Ok(t)) => {
+                self.channel = t.channel;
+                self.set_up = Some(SetUpTerm { channel: None, ..t });
+                Event::SetUp
+            }
+            Outcome::SetUp(Err(e)) => {
+                tracing::error!(error = %e, "leadership setup failed; back to standby");
+                Event::SetupFailed
+            }
+            Outcome::Drained => Event::Drained,
+            Outcome::TermEnded(e) => e,
+        }
+    }
+
+    fn wait_for(&mut self, op: impl Future<Output = Outcome<C>> + Send + 'static) {
+        debug_assert!(self.pending.is_none(), "one operation pending at a time");
+        self.pending = Some(Box::pin(op));
+    }
+
+    async fn carry_out(&mut self, command: Command) {
+        let node = self.node.clone();
+        let handle = node.ha();
+        match command {
+            Command::FollowActive => {
+                handle.update(|s| {
+                    s.role = Role::Standby;
+                    s.fence = None;
+                    s.active_since = None;
+                });
+                // The last term's channel has nothing more to wait for here.
+                self.lingering = None;
+                let stop = node.shutdown.child_token();
+                let task = tokio::spawn(leader::standby_tasks(node.clone(), stop.clone()));
+                self.follower = Some((stop, task));
+            }
+            Command::StopFollowing => {
+                if let Some((stop, task)) = self.follower.take() {
+                    stop.cancel();
+                    let _ = task.await;
+                }
+            }
+            Command::HoldOff(wait) => self.wait_for(async move {
+                tokio::time::sleep(wait).await;
+                Outcome::HoldOffElapsed
+            }),
+            Command::Contend => {
+                self.uuid = uuid::Uuid::new_v4().to_string();
+                let stop = node.shutdown.child_token();
+                self.contend_stop = Some(stop.clone());
+                let (backend, uuid) = (self.backend.clone(), self.uuid.clone());
+                self.wait_for(async move { Outcome::Acquired(backend.acquire(LOCK_KEY, &uuid, stop).await) });
+            }
+            Command::Cancel => {
+                self.pending = None;
+                if let Some(stop) = self.contend_stop.take() {
+                    stop.cancel();
+                }
+            }
+            Command::SetUp => {
+                let Some(fence) = self.fence.clone() else {
+                    return;
+                };
+                tracing::info!(token = fence.token, uuid = %self.uuid, "acquired lock, enabling active operation");
+                let uuid = self.uuid.clone();
+                self.wait_for(async move { Outcome::SetUp(set_up::<C>(&node, &uuid, &fence).await) });
+            }
+            Command::Activate => self.activate(),
+            Command::StopServing => {
+                // Stop serving at once: the role flips before anything else, so no new
+                // request is admitted. Requests already running keep the term's fence until
+                // they drain (bounded); then the fence goes.
+                self.pending = None;
+                handle.end_term();
+                handle.update(|s| {
+                    s.role = Role::Standby;
+                    s.active_since = None;
+                    s.leader = None;
+                });
+                node.in_flight().set_open(false);
+                node.metrics().core_active.set(0);
+                node.metrics().term.set(0);
+            }
+            Command::Drain => self.wait_for(async move {
+                if tokio::time::timeout(DRAIN_TIMEOUT, node.in_flight().wait_idle())
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        running = node.in_flight().count(),
+                        "requests still running {DRAIN_TIMEOUT:?} after the term ended; the store refuses their writes once the lock is released"
+                    );
+                }
+                Outcome::Drained
+            }),
+            Command::DropFence => {
+                handle.update(|s| s.fence = None);
+                *handle.identity.write().unwrap_or_else(|e| e.into_inner()) = None;
+                self.set_up = None;
+            }
+            Command::CloseChannel => {
+                if let Some(channel) = self.channel.take() {
+                    self.lingering = Some(channel.close().await);
+                }
+            }
+            Command::DeleteAdvertisement => {
+                // Best effort: a deposed writer is fenced out anyway. The barrier may already
+                // be sealed; then the entry stays until the next active cleans up.
+                let path = leader_path(&self.uuid);
+                let delete = node.barrier().delete(&path, self.fence.as_ref());
+                match tokio::time::timeout(ADVERT_DELETE_TIMEOUT, delete).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::debug!(error = %e, "could not delete own advertisement"),
+                    Err(_) => tracing::debug!("deleting own advertisement timed out"),
+                }
+            }
+            Command::GiveUp(how) => {
+                self.fence = None;
+                let Some(guard) = self.guard.take() else {
+                    return;
+                };
+                match how {
+                    GiveUp::Abandon => drop(guard),
+                    GiveUp::Release => {
+                        if let Err(e) = guard.release().await {
+                            tracing::warn!(error = %e, "releasing the HA lock failed");
+                        }
+                        if let Some(at) = self.active_at.take() {
+                            tracing::info!(term_len = ?at.elapsed(), "stepped down from active");
+                        }
+                    }
+                }
+                self.active_at = None;
+            }
+            Command::WaitLinger => {
+                // The lock is free and the next active on its way; this process stays until
+                // the proxies' open forwards were refused, not reset (see `cluster`'s module
+                // header).
+                if let Some(closed) = self.lingering.take() {
+                    C::lingered(closed).await;
+                }
+            }
+            Command::ReportSealed => {
+                self.lingering = None;
+                handle.update(|s| {
+                    s.role = Role::Sealed;
+                    s.active_since = None;
+                    s.leader = None;
+                    s.last_echo = None;
+                    s.leader_since = None;
+                });
+            }
+            Command::Observe(o) => observe(&node, o),
+            Command::Exit => {}
+        }
+    }
+
+    /// The term is set up: admit requests and report active.
+    fn activate(&mut self) {
+        let (Some(t), Some(fence), Some(guard)) = (self.set_up.as_ref(), self.fence.clone(), self.guard.as_ref())
+        else {
+            return;
+        };
+        let node = self.node.clone();
+        let handle = node.ha();
+        *handle.identity.write().unwrap_or_else(|e| e.into_inner()) = Some(t.identity.clone());
+        // The previous active may have changed policies, mounts, tokens: read them afresh.
+        node.clear_caches();
+        // Standbys heard in an earlier term of this node are not this term's standbys.
+        handle.echoes.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        // The gate opens before the role flips, so whatever passes the role check is admitted.
+        node.in_flight().set_open(true);
+        let signals = handle.begin_term();
+        let leader = Arc::new(LeaderInfo {
+            uuid: self.uuid.clone(),
+            adv: t.adv.clone(),
+        });
+        handle.update(|s| {
+            s.role = Role::Active;
+            s.fence = Some(fence.clone());
+            s.active_since = Some(SystemTime::now());
+            s.leader = Some(leader);
+            s.last_echo = None;
+            s.leader_since = None;
+        });
+        node.metrics().core_active.set(1);
+        node.metrics().term.set(i64::try_from(fence.token).unwrap_or(i64::MAX));
+        self.active_at = Some(Instant::now());
+        tracing::info!(token = fence.token, "active operation enabled");
+        // The term ends by one of its own signals (or by a seal or the shutdown, which the
+        // loop watches itself).
+        let term = fence.token;
+        let lost = guard.lost();
+        self.wait_for(async move {
+            Outcome::TermEnded(tokio::select! {
+                _ = lost.cancelled() => Event::Lost { term },
+                _ = signals.fenced.cancelled() => Event::Fenced { term },
+                _ = signals.step_down.cancelled() => Event::StepDown { term },
+            })
+        });
+    }
+}
+
+/// Sets a term up, in order: a fresh key and certificate, the cluster channel (ready before
+/// anyone can read the advertisement), the advertisement written with the term's fence,
+/// stale advertisements deleted. On failure nothing stays advertised or open.
+async fn set_up<C: ClusterChannel>(node: &Arc<Node>, uuid: &str, fence: &Fence) -> Result<SetUpTerm<C>, SetupError> {
     let uuid_owned = uuid.to_string();
     let identity = tokio::task::spawn_blocking(move || ClusterIdentity::generate(&uuid_owned))
         .await
         .map_err(|e| SetupError::Listener(std::io::Error::other(e.to_string())))??;
     let identity = Arc::new(identity);
-    // 2. The cluster listener, ready before anyone can read the advertisement.
-    let listener = if node.config().disable_clustering {
+    let channel = if node.config().disable_clustering {
         None
     } else {
-        let l = C::open(node.clone(), identity.clone())
-            .await
-            .map_err(SetupError::Listener);
-        match l {
-            Ok(l) => Some(l),
-            Err(e) => {
-                let _ = guard.release().await;
-                return Err(e);
-            }
-        }
+        Some(
+            C::open(node.clone(), identity.clone())
+                .await
+                .map_err(SetupError::Listener)?,
+        )
     };
-    // 3. The advertisement, written with our fencing token.
     let adv = Advertisement {
         redirect_addr: node.config().api_addr.as_str().trim_end_matches('/').to_string(),
         cluster_addr: node.config().cluster_addr.as_str().trim_end_matches('/').to_string(),
         cluster_cert: identity.cert_der.clone(),
         cluster_key_params: Some(identity.params.clone()),
     };
-    let path = leader_path(uuid);
     let write = async {
         // The plaintext carries the term's private key: zeroized once written, and sized
         // up front so that growing it leaves no copy behind.
         let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(ADVERTISEMENT_CAPACITY));
         serde_json::to_writer(&mut *bytes, &adv).map_err(|e| BarrierError::InvalidParameters(e.to_string()))?;
-        node.barrier().put(&path, &bytes, Some(&fence)).await?;
-        // 4. Stale advertisements from earlier terms.
+        node.barrier().put(&leader_path(uuid), &bytes, Some(fence)).await?;
         for key in node.barrier().list(LEADER_PREFIX).await? {
             if key != uuid && !key.ends_with('/') {
-                node.barrier().delete(&leader_path(&key), Some(&fence)).await?;
+                node.barrier().delete(&leader_path(&key), Some(fence)).await?;
             }
         }
         Ok::<_, BarrierError>(())
     };
     if let Err(e) = write.await {
-        if let Some(l) = listener {
+        if let Some(c) = channel {
             // Nothing was advertised: no proxy has a connection to linger for.
-            drop(l.close().await);
+            drop(c.close().await);
         }
         note_fenced(node, &e);
-        let _ = guard.release().await;
         return Err(e.into());
     }
-    *handle.identity.write().unwrap_or_else(|e| e.into_inner()) = Some(identity.clone());
-    // The previous active may have changed policies, mounts, tokens: read them afresh.
-    node.clear_caches();
-    // Standbys heard in an earlier term of this node are not this term's standbys.
-    handle.echoes.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    // The gate opens before the role flips, so whatever passes the role check is admitted.
-    node.in_flight().set_open(true);
-    let signals = handle.begin_term();
-    handle.update(|s| {
-        s.role = Role::Active;
-        s.fence = Some(fence.clone());
-        s.active_since = Some(SystemTime::now());
-        s.leader = Some(Arc::new(LeaderInfo {
-            uuid: uuid.to_string(),
-            adv: adv.clone(),
-        }));
-        s.last_echo = None;
-        s.leader_since = None;
-    });
-    node.metrics().core_active.set(1);
-    node.metrics().term.set(i64::try_from(fence.token).unwrap_or(i64::MAX));
-    tracing::info!("active operation enabled in {:?}", started.elapsed());
+    Ok(SetUpTerm { identity, channel, adv })
+}
 
-    // Serve until the term ends.
-    let lost = guard.lost();
-    let end = tokio::select! {
-        _ = lost.cancelled() => TermEnd::Lost,
-        _ = signals.fenced.cancelled() => TermEnd::Lost,
-        _ = signals.step_down.cancelled() => TermEnd::StepDown,
-        _ = sealed_rx.wait_for(|s| *s) => TermEnd::Sealed,
-        _ = node.shutdown.cancelled() => TermEnd::Shutdown,
-    };
-    handle.end_term();
-    let plan = term::plan(end, node.config().step_down_wait);
-    let step_down_started = Instant::now();
-    // Stop serving at once: the role flips before anything else, so no new request is
-    // admitted. (Standby even when sealing: `Sealed` is reported only once the teardown
-    // below is done.) Requests already running keep the term's fence until they finish
-    // (bounded), then the fence goes: nothing this node runs later can write.
-    handle.update(|s| {
-        s.role = Role::Standby;
-        s.active_since = None;
-        s.leader = None;
-    });
-    node.in_flight().set_open(false);
-    node.metrics().core_active.set(0);
-    node.metrics().term.set(0);
-    let term_len = started.elapsed();
-    if end == TermEnd::Lost {
-        node.metrics().leadership_lost.observe(term_len.as_secs_f64());
-        tracing::warn!(?term_len, "leadership lost, stopping active operation");
-    }
-    if plan.drain
-        && tokio::time::timeout(DRAIN_TIMEOUT, node.in_flight().wait_idle())
-            .await
-            .is_err()
-    {
-        tracing::warn!(
-            running = node.in_flight().count(),
-            "requests still running {DRAIN_TIMEOUT:?} after the term ended; the store refuses their writes once the lock is released"
-        );
-    }
-    handle.update(|s| s.fence = None);
-    *handle.identity.write().unwrap_or_else(|e| e.into_inner()) = None;
-    let lingering = match listener {
-        Some(l) => Some(l.close().await),
-        None => None,
-    };
-    // Best effort: remove our advertisement (a deposed writer is fenced out anyway). The
-    // barrier may already be sealed; then the entry stays until the next active cleans up.
-    match tokio::time::timeout(ADVERT_DELETE_TIMEOUT, node.barrier().delete(&path, Some(&fence))).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::debug!(error = %e, "could not delete own advertisement"),
-        Err(_) => tracing::debug!("deleting own advertisement timed out"),
-    }
-    match plan.give_up {
-        GiveUp::Abandon => drop(guard),
-        GiveUp::Release => {
-            if let Err(e) = guard.release().await {
-                tracing::warn!(error = %e, "releasing the HA lock failed");
-            }
-            if end == TermEnd::StepDown {
-                node.metrics()
-                    .step_down
-                    .observe(step_down_started.elapsed().as_secs_f64());
-            }
-            tracing::info!(reason = ?end, ?term_len, "stepped down from active");
+/// Records what the machine measured.
+fn observe(node: &Node, o: Observation) {
+    match o {
+        Observation::LockAcquired(d) => node.metrics().lock_acquire.observe(d.as_secs_f64()),
+        Observation::TermLost(term_len) => {
+            node.metrics().leadership_lost.observe(term_len.as_secs_f64());
+            tracing::warn!(?term_len, "leadership lost, stopping active operation");
         }
+        Observation::SteppedDown { since } => {
+            node.metrics().step_down.observe(since.elapsed().as_secs_f64());
+            tracing::info!(wait = ?node.config().step_down_wait, "stepped down; following the new active before contending again");
+        }
+        Observation::SetupFailed => node.metrics().leadership_setup_failed.inc(),
     }
-    if let (true, Some(l)) = (plan.wait_linger, lingering) {
-        // The lock is free and the next active on its way; this process stays until the
-        // proxies' open forwards were refused, not reset (see `cluster`'s module header).
-        C::lingered(l).await;
-    }
-    if end == TermEnd::Sealed || *sealed_rx.borrow() {
-        handle.update(|s| {
-            s.role = Role::Sealed;
-            s.last_echo = None;
-            s.leader_since = None;
-        });
-    }
-    Ok((end, plan.next))
 }
 
 /// Counts a fencing rejection.
