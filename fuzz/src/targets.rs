@@ -9,7 +9,7 @@ use vha_core::barrier::Keyring;
 use vha_core::cluster_tls::ClusterIdentity;
 use vha_core::config::{parse_str, MapEnv};
 use vha_core::storage::lockd::protocol as wire;
-use vha_proxy::route::{self, ForwardFailure, HoldEnd, LocalRole, Route, RouteInput};
+use vha_proxy::route::{self, ForwardFailure, LocalRole, Route, RouteInput};
 
 use crate::Target;
 
@@ -449,10 +449,17 @@ fn proxy_route(input: &[u8]) -> bool {
         ] {
             let _ = route::after_failure(f, a, pq);
         }
-        let _ = route::after_hold(HoldEnd::SameAtBound { redirect_addr: a }, pq);
+        let seen = Some(route::ActiveSeen { seq: 1, redirect_addr: a });
+        let failed = route::Attempt::Forward { seq: 1, refused: false };
+        assert!(matches!(
+            route::at_bound(failed, seen, pq),
+            route::Step::Answer(route::Answer::Redirect { .. })
+        ));
     }
-    assert_eq!(route::after_hold(HoldEnd::NoneAtBound, pq), None);
-    assert_eq!(route::after_hold(HoldEnd::NewActive, pq), Some(Route::Forward));
+    // The hold bound always ends the wait.
+    for attempt in [route::Attempt::First, route::Attempt::Local { unreachable: true }] {
+        assert!(!matches!(route::at_bound(attempt, None, pq), route::Step::Wait));
+    }
     true
 }
 

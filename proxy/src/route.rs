@@ -12,7 +12,12 @@
 //! standby + disable_clustering ──────────────────────────────► Redirect (307)
 //! standby ───────────────────────────────────────────────────► Forward (mTLS cluster channel)
 //! ```
+//! Around that table, [`step`] decides each attempt of a request (go, answer, or wait for
+//! the view to change) from the route and the attempt that failed before it, and
+//! [`at_bound`] ends a wait at the hold bound; every answer the proxy writes itself is an
+//! [`Answer`] that carries its own metric labels.
 
+use crate::error::ProxyError;
 use vha_core::pair::PairRole;
 pub use vha_core::pair::LOCAL_ONLY;
 
@@ -129,37 +134,188 @@ pub enum ForwardFailure {
     NotActive,
 }
 
-/// What to do after a forward could not be sent, before any hold: TLS failures fall back to
-/// Vault's 307 at once; an unreachable or deposed active means holding for a new term.
-pub fn after_failure(f: ForwardFailure, redirect_addr: &str, path_and_query: &str) -> Route {
-    match f {
-        ForwardFailure::Tls => Route::Redirect(location(redirect_addr, path_and_query)),
-        ForwardFailure::Unreachable | ForwardFailure::NotActive => Route::Hold,
+/// Why the proxy answered 307 itself (the `reason` label of `vha_proxy_redirects_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedirectReason {
+    /// The client sent `X-Vault-No-Request-Forwarding`.
+    Header,
+    /// The local node has `disable_clustering`: it never forwards.
+    DisableClustering,
+    /// A hold after a failed forward reached its bound with the same active still advertised.
+    HoldBound,
+    /// The forward failed in TLS: Vault's fallback is the 307.
+    TlsFallback,
+}
+
+impl RedirectReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            RedirectReason::Header => "header",
+            RedirectReason::DisableClustering => "disable_clustering",
+            RedirectReason::HoldBound => "hold_bound",
+            RedirectReason::TlsFallback => "tls_fallback",
+        }
     }
 }
 
-/// Where a hold that followed a failed forward ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum HoldEnd<'a> {
-    /// A different term is advertised now.
-    NewActive,
-    /// The bound passed and the same advertisement (whose forward failed) is still current.
-    SameAtBound { redirect_addr: &'a str },
-    /// The bound passed with no active known.
-    NoneAtBound,
-    /// The bound passed and the same advertisement is still current, but its node refused
-    /// the forward as not active (a deposed active whose term is not yet replaced): a 307
-    /// there would only bounce, so this is a 503 like [`HoldEnd::NoneAtBound`].
-    RefusedAtBound,
+/// A response the proxy writes itself instead of proxying.
+#[derive(Debug)]
+pub enum Answer {
+    /// 307 to `location`, empty body.
+    Redirect { location: String, reason: RedirectReason },
+    /// A Vault-style error.
+    Error(ProxyError),
 }
 
-/// The decision once a post-failure hold ends: forward to the new active, Vault's 307 to
-/// the old one if nothing changed (it may still serve clients directly), or 503.
-pub fn after_hold(end: HoldEnd<'_>, path_and_query: &str) -> Option<Route> {
-    match end {
-        HoldEnd::NewActive => Some(Route::Forward),
-        HoldEnd::SameAtBound { redirect_addr } => Some(Route::Redirect(location(redirect_addr, path_and_query))),
-        HoldEnd::NoneAtBound | HoldEnd::RefusedAtBound => None,
+impl Answer {
+    /// The HTTP status written.
+    pub fn status(&self) -> u16 {
+        match self {
+            Answer::Redirect { .. } => 307,
+            Answer::Error(e) => e.status(),
+        }
+    }
+
+    /// The `route` label of `vha_proxy_requests_total` for this answer; `None` keeps the
+    /// label of the upstream the request was on (an answer about that attempt).
+    pub fn route_label(&self) -> Option<&'static str> {
+        match self {
+            Answer::Redirect { .. } => Some("redirect"),
+            Answer::Error(ProxyError::Sealed) => Some("sealed"),
+            Answer::Error(ProxyError::NoActiveNode | ProxyError::LocalUnavailable) => Some("unavailable"),
+            Answer::Error(ProxyError::BadFraming | ProxyError::PayloadTooLarge) => Some("rejected"),
+            Answer::Error(_) => None,
+        }
+    }
+}
+
+/// What a request's decision comes after.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// Nothing was tried yet.
+    First,
+    /// The forward to advertisement `seq` could not be sent; `refused`: its node answered
+    /// the loop guard's "not active" (nothing ran there).
+    Forward { seq: u64, refused: bool },
+    /// The local node refused as not active (the view was stale), or (`unreachable`) its
+    /// socket could not be reached though the view had it up.
+    Local { unreachable: bool },
+}
+
+impl Attempt {
+    /// The upstream refused the request as not active (its loop guard): nothing ran there,
+    /// so the request may be sent again whatever its method.
+    pub fn refused(self) -> bool {
+        matches!(
+            self,
+            Attempt::Forward { refused: true, .. } | Attempt::Local { unreachable: false }
+        )
+    }
+}
+
+/// One step of a decision that may hold: go to an upstream, answer, or wait for the view
+/// to change (bounded by the request's hold deadline).
+#[derive(Debug)]
+pub enum Step {
+    Local,
+    Forward,
+    Answer(Answer),
+    Wait,
+}
+
+impl Step {
+    /// The outcome label of `vha_proxy_holds_total` when a hold ends with this step.
+    pub fn hold_outcome(&self) -> &'static str {
+        match self {
+            Step::Answer(Answer::Redirect {
+                reason: RedirectReason::HoldBound,
+                ..
+            }) => "same_active",
+            Step::Answer(Answer::Error(ProxyError::Sealed)) => "sealed",
+            Step::Answer(Answer::Error(_)) => "no_active",
+            Step::Local | Step::Forward | Step::Answer(Answer::Redirect { .. }) | Step::Wait => "resolved",
+        }
+    }
+}
+
+/// What the proxy knows of the active when a step is decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ActiveSeen<'a> {
+    /// The advertisement's sequence number (a new term's advertisement has a new one).
+    pub seq: u64,
+    /// Its `api_addr`.
+    pub redirect_addr: &'a str,
+}
+
+/// The step for the route the view gives now (`route`), after `attempt`:
+/// - a first attempt takes the route as it is; a hold (no active known) waits;
+/// - after a failed forward, only a different advertisement is forwarded to (the failed
+///   one waits), while the local node may serve at once (it became active);
+/// - after the local node refused, it is tried again only once the view changed, and any
+///   known active is forwarded to;
+/// - 307s and "sealed" are answered whatever came before.
+pub fn step(
+    route: Route,
+    attempt: Attempt,
+    active: Option<ActiveSeen<'_>>,
+    changed: bool,
+    disable_clustering: bool,
+) -> Step {
+    match route {
+        Route::Local => match attempt {
+            Attempt::Local { .. } if !changed => Step::Wait,
+            _ => Step::Local,
+        },
+        Route::Forward => match (attempt, active) {
+            (Attempt::Forward { seq, .. }, Some(a)) if a.seq == seq => Step::Wait,
+            (_, Some(_)) => Step::Forward,
+            (_, None) => Step::Wait,
+        },
+        Route::Redirect(location) => Step::Answer(Answer::Redirect {
+            location,
+            reason: if disable_clustering {
+                RedirectReason::DisableClustering
+            } else {
+                RedirectReason::Header
+            },
+        }),
+        Route::Sealed => Step::Answer(Answer::Error(ProxyError::Sealed)),
+        Route::Hold => Step::Wait,
+    }
+}
+
+/// The step once the hold bound passed and [`step`] still waits: Vault's 307 to the same
+/// active if a forward to it could not be sent (it may still serve clients directly), the
+/// forward if a new term is advertised after all, and otherwise 503: no active node, or
+/// the local node unavailable when its socket was what failed. A deposed active that
+/// refused as not active gets no 307 (it would only bounce).
+pub fn at_bound(attempt: Attempt, active: Option<ActiveSeen<'_>>, path_and_query: &str) -> Step {
+    match (attempt, active) {
+        (Attempt::Forward { seq, refused: false }, Some(a)) if a.seq == seq => Step::Answer(Answer::Redirect {
+            location: location(a.redirect_addr, path_and_query),
+            reason: RedirectReason::HoldBound,
+        }),
+        (Attempt::Forward { seq, refused: true }, Some(a)) if a.seq == seq => {
+            Step::Answer(Answer::Error(ProxyError::NoActiveNode))
+        }
+        (Attempt::Forward { .. }, Some(_)) => Step::Forward,
+        (Attempt::Local { unreachable: true }, _) => Step::Answer(Answer::Error(ProxyError::LocalUnavailable)),
+        (Attempt::First | Attempt::Forward { .. } | Attempt::Local { unreachable: false }, _) => {
+            Step::Answer(Answer::Error(ProxyError::NoActiveNode))
+        }
+    }
+}
+
+/// What to do after a forward could not be sent, before any hold: TLS failures fall back to
+/// Vault's 307 at once (`Some`); an unreachable or deposed active means holding for a new
+/// term (`None`).
+pub fn after_failure(f: ForwardFailure, redirect_addr: &str, path_and_query: &str) -> Option<Answer> {
+    match f {
+        ForwardFailure::Tls => Some(Answer::Redirect {
+            location: location(redirect_addr, path_and_query),
+            reason: RedirectReason::TlsFallback,
+        }),
+        ForwardFailure::Unreachable | ForwardFailure::NotActive => None,
     }
 }
 
@@ -304,24 +460,97 @@ mod tests {
         assert_eq!(route(&i), Route::Hold);
     }
 
-    /// Failures before sending: TLS -> 307 now; unreachable or not active -> hold; after the
-    /// hold: new term -> forward, same term -> 307, nobody -> 503 (None).
+    fn redirect(s: &Step) -> Option<(&str, RedirectReason)> {
+        match s {
+            Step::Answer(Answer::Redirect { location, reason }) => Some((location, *reason)),
+            _ => None,
+        }
+    }
+
+    fn error(s: &Step) -> Option<&ProxyError> {
+        match s {
+            Step::Answer(Answer::Error(e)) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// Failures before sending: TLS -> 307 now, labelled `tls_fallback`; unreachable or not
+    /// active -> hold.
     #[test]
-    fn failures_and_holds() {
+    fn failures_before_sending() {
         let r = "http://10.0.0.1:8200";
+        match after_failure(ForwardFailure::Tls, r, "/v1/a?b") {
+            Some(Answer::Redirect { location, reason }) => {
+                assert_eq!(location, "http://10.0.0.1:8200/v1/a?b");
+                assert_eq!(reason, RedirectReason::TlsFallback);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(after_failure(ForwardFailure::Unreachable, r, "/v1/a").is_none());
+        assert!(after_failure(ForwardFailure::NotActive, r, "/v1/a").is_none());
+    }
+
+    /// At the hold bound: the same active whose forward failed -> 307 (`hold_bound`, hold
+    /// outcome `same_active`), unless it refused as not active -> 503; a new term -> forward;
+    /// nobody -> 503 no active node; a local socket failure -> 503 local node unavailable.
+    #[test]
+    fn hold_bound_answers() {
+        let same = Some(ActiveSeen {
+            seq: 4,
+            redirect_addr: "http://10.0.0.1:8200",
+        });
+        let newer = Some(ActiveSeen {
+            seq: 5,
+            redirect_addr: "http://10.0.0.2:8200",
+        });
+        let failed = Attempt::Forward { seq: 4, refused: false };
+        let s = at_bound(failed, same, "/v1/a?x=1");
         assert_eq!(
-            after_failure(ForwardFailure::Tls, r, "/v1/a?b"),
-            Route::Redirect("http://10.0.0.1:8200/v1/a?b".into())
+            redirect(&s),
+            Some(("http://10.0.0.1:8200/v1/a?x=1", RedirectReason::HoldBound))
         );
-        assert_eq!(after_failure(ForwardFailure::Unreachable, r, "/v1/a"), Route::Hold);
-        assert_eq!(after_failure(ForwardFailure::NotActive, r, "/v1/a"), Route::Hold);
-        assert_eq!(after_hold(HoldEnd::NewActive, "/v1/a"), Some(Route::Forward));
-        assert_eq!(
-            after_hold(HoldEnd::SameAtBound { redirect_addr: r }, "/v1/a?x=1"),
-            Some(Route::Redirect("http://10.0.0.1:8200/v1/a?x=1".into()))
-        );
-        assert_eq!(after_hold(HoldEnd::NoneAtBound, "/v1/a"), None);
-        assert_eq!(after_hold(HoldEnd::RefusedAtBound, "/v1/a"), None);
+        assert_eq!(s.hold_outcome(), "same_active");
+        let s = at_bound(Attempt::Forward { seq: 4, refused: true }, same, "/v1/a");
+        assert!(matches!(error(&s), Some(ProxyError::NoActiveNode)), "{s:?}");
+        assert_eq!(s.hold_outcome(), "no_active");
+        assert!(matches!(at_bound(failed, newer, "/v1/a"), Step::Forward));
+        assert!(matches!(
+            error(&at_bound(failed, None, "/v1/a")),
+            Some(ProxyError::NoActiveNode)
+        ));
+        assert!(matches!(
+            error(&at_bound(Attempt::First, newer, "/v1/a")),
+            Some(ProxyError::NoActiveNode)
+        ));
+        let local = Attempt::Local { unreachable: true };
+        assert!(matches!(
+            error(&at_bound(local, same, "/v1/a")),
+            Some(ProxyError::LocalUnavailable)
+        ));
+        let local = Attempt::Local { unreachable: false };
+        assert!(matches!(
+            error(&at_bound(local, same, "/v1/a")),
+            Some(ProxyError::NoActiveNode)
+        ));
+    }
+
+    /// A redirect is labelled by why it happened, the same before and after a failed
+    /// forward: `disable_clustering` when the node has it, `header` otherwise.
+    #[test]
+    fn redirect_reason_does_not_depend_on_the_attempt() {
+        for attempt in [
+            Attempt::First,
+            Attempt::Forward { seq: 1, refused: false },
+            Attempt::Local { unreachable: false },
+        ] {
+            for (dc, reason) in [
+                (true, RedirectReason::DisableClustering),
+                (false, RedirectReason::Header),
+            ] {
+                let s = step(Route::Redirect("http://a/v1/x".into()), attempt, None, false, dc);
+                assert_eq!(redirect(&s), Some(("http://a/v1/x", reason)), "{attempt:?}");
+            }
+        }
     }
 
     fn role() -> impl Strategy<Value = LocalRole> {
@@ -382,6 +611,40 @@ mod tests {
             if matches!(local, LocalRole::Active | LocalRole::Disabled) {
                 prop_assert_eq!(r, Route::Local);
             }
+        }
+
+        /// For any route, attempt and view: a step never forwards to the advertisement
+        /// whose forward just failed, never sends back to a local node that refused before
+        /// the view changed, and never forwards with no active known; the hold bound always
+        /// ends the wait (`at_bound` never waits).
+        #[test]
+        fn steps_never_repeat_a_failed_attempt(
+            r in prop_oneof![Just(Route::Local), Just(Route::Forward), Just(Route::Sealed), Just(Route::Hold),
+                             Just(Route::Redirect("http://a/v1/x".into()))],
+            kind in 0u8..3,
+            failed_seq in 0u64..3,
+            refused in any::<bool>(),
+            seen in proptest::option::of(0u64..3),
+            changed in any::<bool>(),
+            dc in any::<bool>(),
+        ) {
+            let attempt = match kind {
+                0 => Attempt::First,
+                1 => Attempt::Forward { seq: failed_seq, refused },
+                _ => Attempt::Local { unreachable: refused },
+            };
+            let active = seen.map(|seq| ActiveSeen { seq, redirect_addr: "http://a" });
+            match step(r, attempt, active, changed, dc) {
+                Step::Forward => {
+                    prop_assert!(active.is_some());
+                    if let Attempt::Forward { seq, .. } = attempt {
+                        prop_assert_ne!(Some(seq), seen);
+                    }
+                }
+                Step::Local => prop_assert!(changed || !matches!(attempt, Attempt::Local { .. }), "local again unchanged"),
+                Step::Answer(_) | Step::Wait => {}
+            }
+            prop_assert!(!matches!(at_bound(attempt, active, "/v1/x"), Step::Wait));
         }
     }
 }

@@ -1,18 +1,21 @@
-//! The thin Pingora layer: gathers the inputs of [`crate::route::route`] for each request,
-//! carries out the decision (write a 307 / 503 and stop, or pick the local node or the
-//! active node as upstream), and maps what went wrong on the way back to Vault's answers.
+//! The thin Pingora layer: gathers the inputs of the route decision ([`crate::route`]) for
+//! each request and carries out what it decides. Two helpers do the work of every phase:
+//! `decide_holding` (one bounded hold over the view, for the first decision and for the one
+//! after a failed attempt alike) and `answer` (every 307 and error the proxy writes itself,
+//! with its metric labels taken from the answer).
 //!
 //! Request life cycle (Pingora phases):
-//! - `request_filter`: framing and size checks, route decision, bounded hold while no active
-//!   node is known; redirects and errors are written here (`Ok(true)` = response sent).
+//! - `request_filter`: framing and size checks, then the first decision: an upstream, or an
+//!   answer written at once (`Ok(true)` = response sent).
 //! - `upstream_peer`: the local node's socket, or the active's cluster listener (mTLS). After
-//!   a forward could not be sent (refused, timed out) it holds for a different advertisement
-//!   within the same bound, then forwards there, or answers 307 (same active still current)
-//!   or 503 (none).
-//! - `fail_to_connect`: classifies the failure (TLS -> 307 at once, unreachable -> hold).
+//!   an attempt failed before anything ran (the forward could not be sent, the upstream
+//!   refused as not active, the local socket was unreachable), it decides again after that
+//!   attempt, within the same hold bound.
+//! - `fail_to_connect`: classifies the failure (TLS -> 307 at once, unreachable -> decide
+//!   again).
 //! - `upstream_request_filter`: hop-by-hop headers out, the internal client-address header
 //!   set from the TCP peer (or a trusted `X-Forwarded-For`), never from the client.
-//! - `fail_to_proxy`: writes the decided fallback, or 502 for a request whose forward broke
+//! - `fail_to_proxy`: writes the decided answer, or 502 for a request whose forward broke
 //!   after it was sent (never replayed).
 
 use std::net::SocketAddr;
@@ -31,7 +34,9 @@ use crate::advert::{Target, View};
 use crate::error::ProxyError;
 use crate::local::NodeSocket;
 use crate::metrics::{class, Metrics};
-use crate::route::{self, after_failure, after_hold, ForwardFailure, HoldEnd, LocalRole, Route, RouteInput};
+use crate::route::{
+    self, after_failure, ActiveSeen, Answer, Attempt, ForwardFailure, LocalRole, Route, RouteInput, Step,
+};
 use crate::tls::{forward_peer, local_peer, ForwardProtocol};
 use crate::xff::TrustedForwarders;
 
@@ -83,11 +88,10 @@ pub enum Upstream {
     Active(Arc<Target>),
 }
 
-/// A response decided before or instead of proxying, written by `fail_to_proxy`.
-#[derive(Debug)]
-enum Fallback {
-    Redirect(String),
-    Error(ProxyError),
+/// The outcome of a decision: an upstream (with the route label), or an answer.
+enum Decided {
+    Go(Upstream, &'static str),
+    Answer(Answer),
 }
 
 /// Per-request state.
@@ -95,19 +99,13 @@ pub struct Ctx {
     upstream: Upstream,
     /// Route label for metrics.
     route: &'static str,
-    fallback: Option<Fallback>,
-    /// The advertisement whose forward could not be sent: hold for a different one.
-    failed_seq: Option<u64>,
+    /// The answer `fail_to_proxy` writes if this attempt is the last.
+    fallback: Option<Answer>,
+    /// The attempt that failed before anything ran (the next `upstream_peer` decides again
+    /// after it); `None` while nothing failed.
+    failed: Option<Attempt>,
+    /// One hold bound per request, however many holds it goes through.
     hold_deadline: Option<tokio::time::Instant>,
-    /// The upstream (the advertised active, or the local node the view still thought
-    /// active) refused the request as not active (loop guard): nothing ran there and it may
-    /// be sent again (see `error_while_proxy`).
-    refused: bool,
-    /// The local node refused: hold until the view changes, then decide again.
-    local_refused: bool,
-    /// The local node's socket could not be reached (nothing was sent): if the hold ends
-    /// without a change, the answer is "local node unavailable".
-    local_unreachable: bool,
     started: Instant,
     body_bytes: u64,
 }
@@ -189,6 +187,14 @@ fn stop(what: &'static str) -> Box<Error> {
     Error::explain(ErrorType::Custom("vha-fallback"), what)
 }
 
+/// The active the view advertises, as the route decision sees it.
+fn active_seen(view: &View) -> Option<ActiveSeen<'_>> {
+    view.active.as_deref().map(|t| ActiveSeen {
+        seq: t.seq,
+        redirect_addr: &t.redirect_addr,
+    })
+}
+
 fn classify(e: &Error) -> ForwardFailure {
     match e.etype() {
         ErrorType::TLSHandshakeFailure
@@ -216,6 +222,65 @@ impl VhaProxy {
         })
     }
 
+    /// Decides where the request goes after `attempt`, holding while the view has nothing
+    /// to go to, until the request's hold bound: an upstream, or an answer.
+    async fn decide_holding(&self, session: &Session, ctx: &mut Ctx, attempt: Attempt) -> Decided {
+        let pq = path_and_query(session);
+        let mut rx = self.view.clone();
+        let mut hold: Option<crate::metrics::Hold> = None;
+        let mut changed = false;
+        let (step, view) = loop {
+            let view = rx.borrow_and_update().clone();
+            let s = route::step(
+                self.decide(&view, session, &pq),
+                attempt,
+                active_seen(&view),
+                changed,
+                view.disable_clustering,
+            );
+            if !matches!(s, Step::Wait) {
+                break (s, view);
+            }
+            hold.get_or_insert_with(|| self.metrics.hold_started());
+            let deadline = *ctx
+                .hold_deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.hold_timeout);
+            if wait_change(&mut rx, deadline).await {
+                changed = true;
+                continue;
+            }
+            let view = rx.borrow().clone();
+            break (route::at_bound(attempt, active_seen(&view), &pq), view);
+        };
+        if let Some(h) = hold {
+            h.end(step.hold_outcome());
+        }
+        match step {
+            Step::Local => Decided::Go(Upstream::Local(view.local), "local"),
+            Step::Forward => match view.active.clone() {
+                Some(t) => Decided::Go(Upstream::Active(t), "forward"),
+                None => Decided::Answer(Answer::Error(ProxyError::NoActiveNode)),
+            },
+            Step::Answer(a) => Decided::Answer(a),
+            Step::Wait => Decided::Answer(Answer::Error(ProxyError::NoActiveNode)),
+        }
+    }
+
+    /// Writes an answer of the proxy's own (every 307 and error it sends goes through
+    /// here): the route label and the redirect reason come from the answer.
+    async fn answer(&self, session: &mut Session, ctx: &mut Ctx, a: &Answer) -> pingora::Result<()> {
+        if let Some(label) = a.route_label() {
+            ctx.route = label;
+        }
+        match a {
+            Answer::Redirect { location, reason } => {
+                self.metrics.redirects.with_label_values(&[reason.label()]).inc();
+                write_simple(session, 307, Some(location), b"").await
+            }
+            Answer::Error(e) => write_error(session, e).await,
+        }
+    }
+
     /// The client address the node should see (see `xff`).
     fn client_addr(&self, session: &Session) -> Option<SocketAddr> {
         let peer = session.client_addr().and_then(|a| a.as_inet()).copied()?;
@@ -233,11 +298,8 @@ impl ProxyHttp for VhaProxy {
             upstream: Upstream::None,
             route: "none",
             fallback: None,
-            failed_seq: None,
+            failed: None,
             hold_deadline: None,
-            refused: false,
-            local_refused: false,
-            local_unreachable: false,
             started: Instant::now(),
             body_bytes: 0,
         }
@@ -248,77 +310,28 @@ impl ProxyHttp for VhaProxy {
             session.set_keepalive(None);
         }
         if conflicting_framing(session) {
-            ctx.route = "rejected";
             session.set_keepalive(None);
-            write_error(session, &ProxyError::BadFraming).await?;
+            self.answer(session, ctx, &Answer::Error(ProxyError::BadFraming))
+                .await?;
             return Ok(true);
         }
         if let Some(max) = self.settings.max_request_size {
             if vha_core::announced_body_len(&session.req_header().headers).is_some_and(|n| n > max) {
-                ctx.route = "rejected";
                 session.set_keepalive(None);
-                write_error(session, &ProxyError::PayloadTooLarge).await?;
+                self.answer(session, ctx, &Answer::Error(ProxyError::PayloadTooLarge))
+                    .await?;
                 return Ok(true);
             }
         }
-        let pq = path_and_query(session);
-        let mut rx = self.view.clone();
-        let mut hold: Option<crate::metrics::Hold> = None;
-        loop {
-            let view = rx.borrow_and_update().clone();
-            match self.decide(&view, session, &pq) {
-                Route::Local => {
-                    if let Some(h) = hold.take() {
-                        h.end("resolved");
-                    }
-                    ctx.route = "local";
-                    ctx.upstream = Upstream::Local(view.local);
-                    return Ok(false);
-                }
-                Route::Forward => {
-                    if let Some(h) = hold.take() {
-                        h.end("resolved");
-                    }
-                    ctx.route = "forward";
-                    ctx.upstream = Upstream::Active(view.active.clone().expect("forward implies an active node"));
-                    return Ok(false);
-                }
-                Route::Redirect(loc) => {
-                    if let Some(h) = hold.take() {
-                        h.end("resolved");
-                    }
-                    ctx.route = "redirect";
-                    let reason = if view.disable_clustering {
-                        "disable_clustering"
-                    } else {
-                        "header"
-                    };
-                    self.metrics.redirects.with_label_values(&[reason]).inc();
-                    write_simple(session, 307, Some(&loc), b"").await?;
-                    return Ok(true);
-                }
-                Route::Sealed => {
-                    if let Some(h) = hold.take() {
-                        h.end("sealed");
-                    }
-                    ctx.route = "sealed";
-                    write_error(session, &ProxyError::Sealed).await?;
-                    return Ok(true);
-                }
-                Route::Hold => {
-                    hold.get_or_insert_with(|| self.metrics.hold_started());
-                    let deadline = *ctx
-                        .hold_deadline
-                        .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.hold_timeout);
-                    if !wait_change(&mut rx, deadline).await {
-                        if let Some(h) = hold.take() {
-                            h.end("no_active");
-                        }
-                        ctx.route = "unavailable";
-                        write_error(session, &ProxyError::NoActiveNode).await?;
-                        return Ok(true);
-                    }
-                }
+        match self.decide_holding(session, ctx, Attempt::First).await {
+            Decided::Go(upstream, label) => {
+                ctx.route = label;
+                ctx.upstream = upstream;
+                Ok(false)
+            }
+            Decided::Answer(a) => {
+                self.answer(session, ctx, &a).await?;
+                Ok(true)
             }
         }
     }
@@ -328,90 +341,15 @@ impl ProxyHttp for VhaProxy {
         // filter again, and an earlier attempt's fallback no longer applies.
         ctx.body_bytes = 0;
         ctx.fallback = None;
-        // `Some(Some(seq))`: the forward to that advertisement failed; `Some(None)`: the local
-        // node refused as not active (the view was stale).
-        let failed = match (ctx.failed_seq.take(), std::mem::take(&mut ctx.local_refused)) {
-            (Some(seq), _) => Some(Some(seq)),
-            (None, true) => Some(None),
-            (None, false) => None,
-        };
-        let refused = std::mem::take(&mut ctx.refused);
-        let unreachable = std::mem::take(&mut ctx.local_unreachable);
-        if let Some(failed) = failed {
-            let mut changed = false;
-            let pq = path_and_query(session);
-            let deadline = *ctx
-                .hold_deadline
-                .get_or_insert_with(|| tokio::time::Instant::now() + self.settings.hold_timeout);
-            let hold = self.metrics.hold_started();
-            let mut rx = self.view.clone();
-            loop {
-                let view = rx.borrow_and_update().clone();
-                let fresh = view.active.as_ref().filter(|t| Some(t.seq) != failed).cloned();
-                match self.decide(&view, session, &pq) {
-                    // After a local refusal, only a changed view may route locally again.
-                    Route::Local if failed.is_some() || changed => {
-                        hold.end("resolved");
-                        ctx.upstream = Upstream::Local(view.local);
-                        ctx.route = "local";
-                        break;
-                    }
-                    Route::Forward if fresh.is_some() => {
-                        hold.end("resolved");
-                        ctx.upstream = Upstream::Active(fresh.expect("checked"));
-                        break;
-                    }
-                    Route::Redirect(loc) => {
-                        hold.end("resolved");
-                        ctx.route = "redirect";
-                        self.metrics.redirects.with_label_values(&["header"]).inc();
-                        ctx.fallback = Some(Fallback::Redirect(loc));
-                        return Err(stop("redirect after a failed forward"));
-                    }
-                    Route::Sealed => {
-                        hold.end("sealed");
-                        ctx.route = "sealed";
-                        ctx.fallback = Some(Fallback::Error(ProxyError::Sealed));
-                        return Err(stop("sealed"));
-                    }
-                    Route::Local | Route::Forward | Route::Hold => {}
+        if let Some(failed) = ctx.failed.take() {
+            match self.decide_holding(session, ctx, failed).await {
+                Decided::Go(upstream, label) => {
+                    ctx.route = label;
+                    ctx.upstream = upstream;
                 }
-                if wait_change(&mut rx, deadline).await {
-                    changed = true;
-                } else {
-                    let view = rx.borrow().clone();
-                    let end = match view.active.as_ref() {
-                        Some(t) if Some(t.seq) == failed && refused => HoldEnd::RefusedAtBound,
-                        Some(t) if Some(t.seq) == failed => HoldEnd::SameAtBound {
-                            redirect_addr: &t.redirect_addr,
-                        },
-                        // The local node refused and the view still routes to it.
-                        Some(_) if failed.is_none() => HoldEnd::RefusedAtBound,
-                        Some(_) => HoldEnd::NewActive,
-                        None => HoldEnd::NoneAtBound,
-                    };
-                    match after_hold(end, &pq) {
-                        Some(Route::Redirect(loc)) => {
-                            hold.end("same_active");
-                            self.metrics.redirects.with_label_values(&["hold_bound"]).inc();
-                            ctx.route = "redirect";
-                            ctx.fallback = Some(Fallback::Redirect(loc));
-                            return Err(stop("hold bound reached with the same active"));
-                        }
-                        Some(_) => continue,
-                        None if unreachable => {
-                            hold.end("no_active");
-                            ctx.route = "unavailable";
-                            ctx.fallback = Some(Fallback::Error(ProxyError::LocalUnavailable));
-                            return Err(stop("local node unavailable"));
-                        }
-                        None => {
-                            hold.end("no_active");
-                            ctx.route = "unavailable";
-                            ctx.fallback = Some(Fallback::Error(ProxyError::NoActiveNode));
-                            return Err(stop("no active node"));
-                        }
-                    }
+                Decided::Answer(a) => {
+                    ctx.fallback = Some(a);
+                    return Err(stop("answered after a failed attempt"));
                 }
             }
         }
@@ -433,18 +371,19 @@ impl ProxyHttp for VhaProxy {
             Upstream::Active(t) => {
                 let f = classify(&e);
                 match after_failure(f, &t.redirect_addr, &path_and_query(session)) {
-                    Route::Redirect(loc) => {
+                    Some(answer) => {
                         tracing::warn!(error = %e, active = %t.addr, "forward failed in TLS; falling back to 307");
                         self.metrics.forward_error("tls");
-                        self.metrics.redirects.with_label_values(&["tls_fallback"]).inc();
-                        ctx.route = "redirect";
-                        ctx.fallback = Some(Fallback::Redirect(loc));
+                        ctx.fallback = Some(answer);
                         e.set_retry(false);
                     }
-                    _ => {
+                    None => {
                         tracing::info!(error = %e, active = %t.addr, "active node unreachable; holding for a new one");
                         self.metrics.forward_error("unreachable");
-                        ctx.failed_seq = Some(t.seq);
+                        ctx.failed = Some(Attempt::Forward {
+                            seq: t.seq,
+                            refused: false,
+                        });
                         e.set_retry(true);
                     }
                 }
@@ -453,7 +392,7 @@ impl ProxyHttp for VhaProxy {
             // the meantime, and then the request must be decided again, not refused.
             Upstream::Local(role) if !route::hold_after_local_unreachable(*role) => {
                 // Known to be down: say so at once (a health check must not wait).
-                ctx.fallback = Some(Fallback::Error(ProxyError::LocalUnavailable));
+                ctx.fallback = Some(Answer::Error(ProxyError::LocalUnavailable));
                 e.set_retry(false);
             }
             Upstream::Local(_) => {
@@ -462,9 +401,8 @@ impl ProxyHttp for VhaProxy {
                 // new active is advertised) and decide again; unchanged at the hold
                 // bound, 503.
                 tracing::info!(error = %e, "local node unreachable; holding for a new view");
-                ctx.local_refused = true;
-                ctx.local_unreachable = true;
-                ctx.fallback = Some(Fallback::Error(ProxyError::LocalUnavailable));
+                ctx.failed = Some(Attempt::Local { unreachable: true });
+                ctx.fallback = Some(Answer::Error(ProxyError::LocalUnavailable));
                 e.set_retry(true);
             }
             Upstream::None => e.set_retry(false),
@@ -490,15 +428,17 @@ impl ProxyHttp for VhaProxy {
             Upstream::Active(t) => {
                 tracing::info!(active = %t.addr, "advertised active refused the forward as not active; holding for a new one");
                 self.metrics.forward_error("not_active");
-                ctx.failed_seq = Some(t.seq);
+                ctx.failed = Some(Attempt::Forward {
+                    seq: t.seq,
+                    refused: true,
+                });
             }
             Upstream::Local(_) => {
                 tracing::info!("local node is no longer active; deciding again");
-                ctx.local_refused = true;
+                ctx.failed = Some(Attempt::Local { unreachable: false });
             }
             Upstream::None => return Ok(()),
         }
-        ctx.refused = true;
         Err(Error::explain(
             ErrorType::Custom("vha-not-active"),
             "the node is not active",
@@ -514,12 +454,12 @@ impl ProxyHttp for VhaProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if ctx.refused {
+        if ctx.failed.is_some_and(|a| a.refused()) {
             // Refused before running, so any method may go again, if its body is still
             // whole in Pingora's retry buffer (64 KiB); otherwise 503, never half a body.
             // The fallback stands if this was the last attempt (or the body cannot go again).
             e.set_retry(!session.as_ref().retry_buffer_truncated());
-            ctx.fallback = Some(Fallback::Error(ProxyError::NotActive));
+            ctx.fallback = Some(Answer::Error(ProxyError::NotActive));
         } else if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated() {
             // Pingora's default: only idempotent requests whose body is still whole, and
             // only when a reused (possibly stale) pooled connection failed.
@@ -540,7 +480,7 @@ impl ProxyHttp for VhaProxy {
         if let (Some(b), Some(max)) = (body.as_ref(), self.settings.max_request_size) {
             ctx.body_bytes += b.len() as u64;
             if ctx.body_bytes > max {
-                ctx.fallback = Some(Fallback::Error(ProxyError::PayloadTooLarge));
+                ctx.fallback = Some(Answer::Error(ProxyError::PayloadTooLarge));
                 // Marked as the client's error: Pingora's h2 forwarding treats any other
                 // body error as the upstream's and keeps waiting for its response (the
                 // client would hang); this way both protocols end the request at once.
@@ -596,13 +536,13 @@ impl ProxyHttp for VhaProxy {
                 // The client gets the kind and the root cause; the peer, SNI and certificate
                 // details stay in the log.
                 tracing::warn!(error = %e, "forwarded request failed before a response");
-                Some(Fallback::Error(ProxyError::ForwardBroken(format!(
+                Some(Answer::Error(ProxyError::ForwardBroken(format!(
                     "{}: {}",
                     e.etype().as_str(),
                     e.root_cause()
                 ))))
             }
-            (ErrorSource::Upstream, Upstream::Local(_)) => Some(Fallback::Error(ProxyError::LocalUnavailable)),
+            (ErrorSource::Upstream, Upstream::Local(_)) => Some(Answer::Error(ProxyError::LocalUnavailable)),
             _ => None,
         });
         // The connection is not reused after a failed proxy attempt (Pingora's rule); the
@@ -610,13 +550,9 @@ impl ProxyHttp for VhaProxy {
         session.set_keepalive(None);
         let code = match (&fallback, already) {
             (_, true) => 0,
-            (Some(Fallback::Redirect(loc)), false) => {
-                let _ = write_simple(session, 307, Some(loc), b"").await;
-                307
-            }
-            (Some(Fallback::Error(pe)), false) => {
-                let _ = write_error(session, pe).await;
-                pe.status()
+            (Some(a), false) => {
+                let _ = self.answer(session, ctx, a).await;
+                a.status()
             }
             (None, false) => {
                 let code = match e.etype() {
