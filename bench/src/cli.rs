@@ -44,13 +44,13 @@ pub struct Args {
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// Measured time per scenario per round.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = vha_core::duration::parse)]
     pub duration: Duration,
     /// Also stop a run after this many operations.
     #[arg(long)]
     pub requests: Option<u64>,
     /// Unmeasured warm-up before each run.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "1s", value_parser = vha_core::duration::parse)]
     pub warmup: Duration,
     /// Closed loop: concurrent request loops.
     #[arg(long, default_value_t = 32)]
@@ -62,7 +62,7 @@ pub struct Args {
     #[arg(long, default_value_t = 256)]
     pub max_inflight: usize,
     /// Per-request timeout.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = vha_core::duration::parse)]
     pub timeout: Duration,
     /// health | kv-read | kv-write | mixed.
     #[arg(long, default_value = "kv-read")]

@@ -11,6 +11,7 @@ pub mod advert;
 pub mod barrier;
 pub mod cluster_tls;
 pub mod config;
+pub mod duration;
 pub mod error;
 pub mod local;
 pub mod pair;

@@ -325,7 +325,7 @@ fn wall(deadline: tokio::time::Instant) -> SystemTime {
 }
 
 async fn hold(c: &LockdBackend, key: &str, value: &str, ttl: &str) -> Result<(), String> {
-    let ttl = vha_core::config::parse_duration(ttl).ok_or_else(|| format!("{ttl:?} is not a duration"))?;
+    let ttl = vha_core::duration::parse(ttl).map_err(|e| e.to_string())?;
     let c = c.with_timing(LockTiming::from_ttl(ttl));
     let Some((guard, deadline)) = c
         .acquire_lease(key, value, CancellationToken::new())

@@ -28,7 +28,7 @@ use std::time::Duration;
 use hcl_edit::expr::Expression;
 use hcl_edit::structure::Body;
 use hcl_edit::Span;
-use vha_core::config::{parse_duration, ConfigError};
+use vha_core::config::ConfigError;
 use vha_core::storage::{MAX_LOCAL_VALUE_LEN, MAX_VALUE_LEN};
 
 use crate::store::DEFAULT_COMPACT_BYTES;
@@ -140,7 +140,7 @@ impl Setting<'_> {
         }
     }
     fn duration(&self) -> Result<Duration, ConfigError> {
-        parse_duration(&self.value).ok_or_else(|| self.err(format!("{:?} is not a duration", self.value)))
+        vha_core::duration::parse(&self.value).map_err(|_| self.err(format!("{:?} is not a duration", self.value)))
     }
 }
 

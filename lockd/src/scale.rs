@@ -366,8 +366,7 @@ async fn run_engine(
 ) -> Result<Outcome, String> {
     let entries = args.entries.unwrap_or(0);
     let secrets = entries.div_ceil(2);
-    let ttl = vha_core::config::parse_duration(&args.lease_ttl)
-        .ok_or_else(|| format!("{:?} is not a duration", args.lease_ttl))?;
+    let ttl = vha_core::duration::parse(&args.lease_ttl).map_err(|e| e.to_string())?;
     let dir = root.join(format!("scale-{engine}"));
     let mut lockd = Lockd::spawn(port, &dir, engine, args.compact_bytes)?;
     let url = lockd.url();

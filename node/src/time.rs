@@ -51,47 +51,14 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
         .or_else(|| humantime::parse_rfc3339(s).ok())
 }
 
-/// Parses Go duration text (`1h30m`, `90s`, `1.5h`, `2d`) or plain seconds (`"3600"`).
+/// Parses Go duration text (`1h30m`, `90s`, `1.5h`, `2d`) or plain seconds (`"3600"`), in
+/// the one grammar of [`vha_core::duration`], to whole seconds; empty is 0 (Vault's unset).
 pub fn parse_duration_str(s: &str) -> Result<u64, ApiError> {
-    let invalid = || ApiError::BadRequest(format!("time: invalid duration {s:?}"));
-    let t = s.trim();
-    if t.is_empty() {
+    if s.trim().is_empty() {
         return Ok(0);
     }
-    if let Ok(n) = t.parse::<u64>() {
-        return bound(n, s);
-    }
-    let mut total = 0f64;
-    let mut rest = t;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(invalid)?;
-        if num_end == 0 {
-            return Err(invalid());
-        }
-        let n: f64 = rest[..num_end].parse().map_err(|_| invalid())?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let mult = match &rest[..unit_end] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            "d" => 86400.0,
-            _ => return Err(invalid()),
-        };
-        total += n * mult;
-        rest = &rest[unit_end..];
-    }
-    if !total.is_finite() || total < 0.0 || total > MAX_DURATION_SECS as f64 {
-        return Err(invalid());
-    }
-    Ok(total as u64)
+    let d = vha_core::duration::parse(s).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    bound(d.as_secs(), s)
 }
 
 fn bound(n: u64, s: &str) -> Result<u64, ApiError> {

@@ -211,7 +211,7 @@ impl Stanza {
     pub fn get_duration(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
         match self.get(key) {
             None => Ok(default),
-            Some(v) => parse_duration(v).ok_or_else(|| self.error(key, format!("{v:?} is not a duration"))),
+            Some(v) => crate::duration::parse(v).map_err(|_| self.error(key, format!("{v:?} is not a duration"))),
         }
     }
 }
@@ -223,15 +223,6 @@ pub fn parse_bool(v: &str) -> Option<bool> {
         "false" | "0" | "f" => Some(false),
         _ => None,
     }
-}
-
-/// Parses Vault-style durations: `"90s"`, `"1m30s"`, `"1h"`, `"500ms"`, or bare seconds.
-pub fn parse_duration(v: &str) -> Option<Duration> {
-    let v = v.trim();
-    if let Ok(secs) = v.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    humantime::parse_duration(v).ok()
 }
 
 /// One `listener "tcp" { ... }` block, defaults applied.

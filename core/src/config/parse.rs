@@ -19,7 +19,7 @@ use hcl_edit::Span;
 use url::Url;
 
 use super::{
-    parse_bool, parse_duration, Config, ConfigError, Env, IpNet, Listener, LogLevel, ProxyConfig, Stanza, StanzaValue,
+    parse_bool, Config, ConfigError, Env, IpNet, Listener, LogLevel, ProxyConfig, Stanza, StanzaValue,
     DEFAULT_MAX_REQUEST_DURATION, DEFAULT_MAX_REQUEST_SIZE,
 };
 
@@ -295,7 +295,8 @@ impl<'a> Ctx<'a> {
             Some(m) => (true, m),
             None => (false, t),
         };
-        let d = parse_duration(magnitude).ok_or_else(|| self.invalid(line, key, format!("{s:?} is not a duration")))?;
+        let d = crate::duration::parse(magnitude)
+            .map_err(|_| self.invalid(line, key, format!("{s:?} is not a duration")))?;
         Ok(if negative && !d.is_zero() { None } else { Some(d) })
     }
 
