@@ -5,6 +5,8 @@
 //!   -> dispatch (sys/policy, sys/mounts, sys/audit, sys/capabilities, auth/token, mounts)
 //!   -> revoke a token whose last use this was -> audit response -> Vault's envelope
 //! ```
+//! The gates are the same for the `sys/` endpoints outside this pipeline ([`authorize`]):
+//! `authenticate`, then `admit` (the ACL's decision, audited), then [`Authorized::answer`].
 //!
 //! Handlers return a [`LogicalResponse`]; this module wraps it into Vault's response envelope
 //! (`request_id, lease_id, renewable, lease_duration, data, wrap_info, warnings, auth,
@@ -143,19 +145,45 @@ pub async fn authorize(
 ) -> Result<Authorized, ApiError> {
     let view = node.view();
     let info = crate::audit::RequestInfo::new(&uuid::Uuid::new_v4().to_string(), req, path, "system");
-    let entry = match node.tokens().resolve(&view, req.token()).await {
-        Ok(e) => e,
-        Err(e) => {
-            node.audit().log_request(&info, None, op, &view).await?;
-            node.audit()
-                .log_response(&info, None, op, Some(&e), None, &view)
-                .await?;
-            return Err(e);
-        }
-    };
+    let entry = authenticate(node, &info, req.token(), op).await?;
     let acl = node.policies().acl(&view, &entry.policies).await?;
+    let allowed = acl.allows(path, op, sudo);
+    admit(node, info, entry, op, allowed).await
+}
+
+/// The first gate of every authenticated call: who is calling. A missing or invalid token
+/// is Vault's plain "permission denied", audited as request and response at once.
+async fn authenticate(
+    node: &Node,
+    info: &crate::audit::RequestInfo,
+    token: Option<&str>,
+    op: Operation,
+) -> Result<TokenEntry, ApiError> {
+    let view = node.view();
+    match node.tokens().resolve(&view, token).await {
+        Ok(e) => Ok(e),
+        Err(e) => {
+            node.audit().log_request(info, None, op, &view).await?;
+            node.audit().log_response(info, None, op, Some(&e), None, &view).await?;
+            Err(e)
+        }
+    }
+}
+
+/// The second gate: the ACL's decision (`allowed`), audited. The request line is written
+/// before anything else happens, so a failed audit write stops the call; a refusal is
+/// audited as the response at once; an allowed call counts its use (only allowed calls do,
+/// as in Vault) and answers through [`Authorized::answer`].
+async fn admit(
+    node: &Node,
+    info: crate::audit::RequestInfo,
+    entry: TokenEntry,
+    op: Operation,
+    allowed: bool,
+) -> Result<Authorized, ApiError> {
+    let view = node.view();
     node.audit().log_request(&info, Some(&entry), op, &view).await?;
-    if !acl.allows(path, op, sudo) {
+    if !allowed {
         let e = ApiError::AclDenied;
         node.audit()
             .log_response(&info, Some(&entry), op, Some(&e), None, &view)
@@ -163,9 +191,6 @@ pub async fn authorize(
         return Err(e);
     }
     let entry = node.tokens().consume_use(&view, entry).await?;
-    if entry.num_uses < 0 {
-        node.tokens().revoke_tree(&view, &entry.hash).await?;
-    }
     Ok(Authorized { entry, info, op })
 }
 
@@ -179,11 +204,15 @@ pub struct Authorized {
 }
 
 impl Authorized {
-    /// Audits the outcome the client is about to get (its JSON body hashed like any
-    /// response; a non-JSON body such as Prometheus text is not written) and hands it back.
-    /// A failed audit write replaces the answer with the audit's error: no unaudited answer.
+    /// Revokes the token if this call was its last allowed use (Vault's behaviour), audits
+    /// the outcome the client is about to get (its JSON body hashed like any response; a
+    /// non-JSON body such as Prometheus text is not written) and hands it back. A failed
+    /// audit write replaces the answer with the audit's error: no unaudited answer.
     pub async fn answer(self, node: &Node, result: Result<ApiResponse, ApiError>) -> Result<ApiResponse, ApiError> {
         let view = node.view();
+        if self.entry.num_uses < 0 {
+            node.tokens().revoke_tree(&view, &self.entry.hash).await?;
+        }
         let (err, body) = match &result {
             Ok(r) => (None, r.body.as_ref()),
             Err(e) => (Some(e), None),
@@ -209,19 +238,9 @@ pub async fn serve(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiErro
     let target = classify(node, &path).await?;
     let mount_type = target.mount_type();
 
-    // Authentication: a missing or invalid token is Vault's plain "permission denied".
     let audit_req = crate::audit::RequestInfo::new(&request_id, req, &path, mount_type);
     let token = req.token().map(str::to_string);
-    let auth = match node.tokens().resolve(&view, token.as_deref()).await {
-        Ok(a) => a,
-        Err(e) => {
-            node.audit().log_request(&audit_req, None, op, &view).await?;
-            node.audit()
-                .log_response(&audit_req, None, op, Some(&e), None, &view)
-                .await?;
-            return Err(e);
-        }
-    };
+    let auth = authenticate(node, &audit_req, token.as_deref(), op).await?;
     let token = token.unwrap_or_default();
 
     if let (Target::Mount(m, rel), Operation::Update) = (&target, op) {
@@ -247,50 +266,23 @@ pub async fn serve(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiErro
             acl.allows_request(&path, op, needs_sudo(&path), params)
         }
     };
-    // No unaudited access: a failed audit write stops the request before any change.
-    node.audit().log_request(&audit_req, Some(&auth), op, &view).await?;
-    let (auth, result) = if !allowed {
-        (auth, Err(ApiError::AclDenied))
-    } else {
-        // Only allowed requests count against `num_uses` (Vault).
-        let auth = node.tokens().consume_use(&view, auth).await?;
-        let ctx = Ctx {
-            node,
-            req,
-            request_id: request_id.clone(),
-            auth: auth.clone(),
-            token,
-            acl,
-            op,
-        };
-        let result = dispatch(&ctx, target).await;
-        (auth, result)
+    let authorized = admit(node, audit_req, auth, op, allowed).await?;
+    let ctx = Ctx {
+        node,
+        req,
+        request_id: request_id.clone(),
+        auth: authorized.entry.clone(),
+        token,
+        acl,
+        op,
     };
-
-    // The last allowed use of a limited-use token: revoke it now (Vault's behaviour).
-    if auth.num_uses < 0 {
-        node.tokens().revoke_tree(&view, &auth.hash).await?;
-    }
-    match result {
-        Ok(resp) => {
-            let body = resp.body(&request_id, mount_type);
-            node.audit()
-                .log_response(&audit_req, Some(&auth), op, None, body.as_ref(), &view)
-                .await?;
-            Ok(ApiResponse {
-                status: resp.status,
-                headers: Default::default(),
-                body,
-                raw: None,
-            })
-        }
-        Err(e) => {
-            node.audit()
-                .log_response(&audit_req, Some(&auth), op, Some(&e), None, &view)
-                .await?;
-            Err(e)
-        }
-    }
+    let result = dispatch(&ctx, target).await.map(|resp| ApiResponse {
+        status: resp.status,
+        headers: Default::default(),
+        body: resp.body(&request_id, mount_type),
+        raw: None,
+    });
+    authorized.answer(node, result).await
 }
 
 async fn dispatch(ctx: &Ctx<'_>, target: Target) -> Result<LogicalResponse, ApiError> {
