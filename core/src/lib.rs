@@ -15,6 +15,7 @@ pub mod duration;
 pub mod error;
 pub mod local;
 pub mod pair;
+pub mod ports;
 pub mod served_cert;
 pub mod storage;
 

@@ -214,10 +214,7 @@ async fn run(args: &DevArgs, procs: &mut Vec<Proc>) -> Result<(), String> {
 
     let port = |offset: u16| -> Result<u16, String> {
         if args.port_base == 0 {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .map_err(|e| format!("no free port: {e}"))
+            vha_core::ports::free_port()
         } else {
             args.port_base
                 .checked_add(offset)

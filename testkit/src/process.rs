@@ -1,7 +1,6 @@
 //! Child processes the tests start: spawned with captured logs, signalled and reaped by PID,
 //! killed on drop so a failing test leaves nothing running.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -30,31 +29,10 @@ pub fn vha_binary() -> PathBuf {
     p
 }
 
-/// Ports handed out come from below Linux's default ephemeral range (32768-60999), so the
-/// kernel never gives one of them to an outgoing connection or a `bind(0)` between the
-/// check here and the bind by the process under test.
-const PORT_RANGE: std::ops::Range<u16> = 20_000..32_768;
-
-/// The next candidate port; each port is handed out at most once per test process.
-static NEXT_PORT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
-
 /// A port on 127.0.0.1 that was free a moment ago and that this process has not handed out
-/// before. Parallel tests in one binary never get the same port; the start is spread by PID
-/// so that consecutive test binaries do not reuse the ports of a binary whose processes may
-/// still be in TIME_WAIT.
+/// before (the one picker in `vha_core::ports`, below the kernel's ephemeral range).
 pub fn free_port() -> u16 {
-    let span = PORT_RANGE.end - PORT_RANGE.start;
-    let mut next = NEXT_PORT.lock().unwrap_or_else(|e| e.into_inner());
-    let mut offset = next.unwrap_or_else(|| (std::process::id() % u32::from(span)) as u16);
-    for _ in 0..span {
-        let port = PORT_RANGE.start + offset;
-        offset = (offset + 1) % span;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            *next = Some(offset);
-            return port;
-        }
-    }
-    panic!("no free port on 127.0.0.1 in {PORT_RANGE:?}");
+    vha_core::ports::free_port().expect("a free port on 127.0.0.1")
 }
 
 /// Whether process `pid` exists and is not a zombie (a zombie still accepts signal 0, so
@@ -167,25 +145,5 @@ impl ChildProc {
 impl Drop for ChildProc {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Ports from `free_port` are distinct within a process, even from parallel threads, and
-    /// all lie outside the kernel's ephemeral range.
-    #[test]
-    fn free_ports_are_distinct_and_below_the_ephemeral_range() {
-        let threads: Vec<_> = (0..4)
-            .map(|_| std::thread::spawn(|| (0..100).map(|_| free_port()).collect::<Vec<_>>()))
-            .collect();
-        let mut all: Vec<u16> = threads.into_iter().flat_map(|t| t.join().expect("thread")).collect();
-        assert!(all.iter().all(|p| PORT_RANGE.contains(p)));
-        let n = all.len();
-        all.sort_unstable();
-        all.dedup();
-        assert_eq!(all.len(), n, "a port was handed out twice");
     }
 }
