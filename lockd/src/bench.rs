@@ -20,7 +20,8 @@ use hyper_util::rt::TokioExecutor;
 use vha_core::storage::lockd::LockdBackend;
 use vha_core::storage::{Backend, HaBackend};
 
-use crate::procs::{free_port, wait_ready};
+use crate::procs::wait_ready;
+use vha_core::ports::free_port;
 
 /// Warm-up before each measured run: connections open, caches and the allocator settle.
 const WARMUP: Duration = Duration::from_millis(500);

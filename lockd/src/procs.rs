@@ -1,10 +1,8 @@
 //! Child-process helpers of the lockd benchmarks (the etcd comparison in `bench` and the
-//! scale run in `scale`): ports for the servers they start (the one picker in
-//! `vha_core::ports`), and waiting until one answers.
+//! scale run in `scale`): waiting until a server they started answers. (Their ports come
+//! from the one picker, `vha_core::ports::free_port`.)
 
 use std::time::{Duration, Instant};
-
-pub(crate) use vha_core::ports::free_port;
 
 /// Polls `f` every 50 ms until it says the server `what` is ready, for at most 30 s (a
 /// debug-build lockd or etcd on a busy machine starts within a few seconds).

@@ -523,7 +523,7 @@ pub async fn run(root: &Path, args: &ScaleArgs, value_size: usize) -> Result<(),
     let mut rows = Vec::new();
     for engine in &args.engines {
         eprintln!("engine {engine}:");
-        let port = crate::procs::free_port()?;
+        let port = vha_core::ports::free_port()?;
         rows.push(run_engine(root, engine, args, value_size, port).await?);
     }
     println!(

@@ -88,12 +88,6 @@ pub enum Upstream {
     Active(Arc<Target>),
 }
 
-/// The outcome of a decision: an upstream (with the route label), or an answer.
-enum Decided {
-    Go(Upstream, &'static str),
-    Answer(Answer),
-}
-
 /// Per-request state.
 pub struct Ctx {
     upstream: Upstream,
@@ -223,8 +217,9 @@ impl VhaProxy {
     }
 
     /// Decides where the request goes after `attempt`, holding while the view has nothing
-    /// to go to, until the request's hold bound: an upstream, or an answer.
-    async fn decide_holding(&self, session: &Session, ctx: &mut Ctx, attempt: Attempt) -> Decided {
+    /// to go to, until the request's hold bound: the upstream (and its route label) go into
+    /// `ctx`; `Some` is the answer to write instead.
+    async fn decide_holding(&self, session: &Session, ctx: &mut Ctx, attempt: Attempt) -> Option<Answer> {
         let pq = path_and_query(session);
         let mut rx = self.view.clone();
         let mut hold: Option<crate::metrics::Hold> = None;
@@ -255,15 +250,19 @@ impl VhaProxy {
         if let Some(h) = hold {
             h.end(step.hold_outcome());
         }
-        match step {
-            Step::Local => Decided::Go(Upstream::Local(view.local), "local"),
+        let (upstream, label) = match step {
+            Step::Local => (Upstream::Local(view.local), "local"),
             Step::Forward => match view.active.clone() {
-                Some(t) => Decided::Go(Upstream::Active(t), "forward"),
-                None => Decided::Answer(Answer::Error(ProxyError::NoActiveNode)),
+                Some(t) => (Upstream::Active(t), "forward"),
+                None => return Some(Answer::Error(ProxyError::NoActiveNode)),
             },
-            Step::Answer(a) => Decided::Answer(a),
-            Step::Wait => Decided::Answer(Answer::Error(ProxyError::NoActiveNode)),
-        }
+            Step::Answer(a) => return Some(a),
+            // `at_bound` never waits.
+            Step::Wait => return Some(Answer::Error(ProxyError::NoActiveNode)),
+        };
+        ctx.upstream = upstream;
+        ctx.route = label;
+        None
     }
 
     /// Writes an answer of the proxy's own (every 307 and error it sends goes through
@@ -324,12 +323,8 @@ impl ProxyHttp for VhaProxy {
             }
         }
         match self.decide_holding(session, ctx, Attempt::First).await {
-            Decided::Go(upstream, label) => {
-                ctx.route = label;
-                ctx.upstream = upstream;
-                Ok(false)
-            }
-            Decided::Answer(a) => {
+            None => Ok(false),
+            Some(a) => {
                 self.answer(session, ctx, &a).await?;
                 Ok(true)
             }
@@ -342,15 +337,9 @@ impl ProxyHttp for VhaProxy {
         ctx.body_bytes = 0;
         ctx.fallback = None;
         if let Some(failed) = ctx.failed.take() {
-            match self.decide_holding(session, ctx, failed).await {
-                Decided::Go(upstream, label) => {
-                    ctx.route = label;
-                    ctx.upstream = upstream;
-                }
-                Decided::Answer(a) => {
-                    ctx.fallback = Some(a);
-                    return Err(stop("answered after a failed attempt"));
-                }
+            if let Some(a) = self.decide_holding(session, ctx, failed).await {
+                ctx.fallback = Some(a);
+                return Err(stop("answered after a failed attempt"));
             }
         }
         let mut peer = match &ctx.upstream {

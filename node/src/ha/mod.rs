@@ -102,7 +102,9 @@ pub async fn run<C: ClusterChannel>(node: Arc<Node>) {
 enum Outcome<C> {
     HoldOffElapsed,
     Acquired(Result<Option<LockGuard>, StorageError>),
-    SetUp(Result<SetUpTerm<C>, SetupError>),
+    /// The term's identity and advertisement, and its open channel (none with
+    /// `disable_clustering`).
+    SetUp(Result<(SetUpTerm, Option<C>), SetupError>),
     Drained,
     /// A signal of the running term (already an [`Event`] with its term).
     TermEnded(Event),
@@ -110,10 +112,9 @@ enum Outcome<C> {
 
 type Pending<C> = Pin<Box<dyn Future<Output = Outcome<C>> + Send>>;
 
-/// A term's set-up parts.
-struct SetUpTerm<C> {
+/// What a set-up term advertises.
+struct SetUpTerm {
     identity: Arc<ClusterIdentity>,
-    channel: Option<C>,
     adv: Advertisement,
 }
 
@@ -141,7 +142,7 @@ struct Carrier<C: ClusterChannel> {
     uuid: String,
     guard: Option<LockGuard>,
     fence: Option<Fence>,
-    set_up: Option<SetUpTerm<C>>,
+    set_up: Option<SetUpTerm>,
     channel: Option<C>,
     lingering: Option<C::Closed>,
     /// When the running term became active (for its log line).
@@ -188,9 +189,9 @@ impl<C: ClusterChannel> Carrier<C> {
                 tracing::warn!(error = %e, "contending for the HA lock failed; retrying");
                 Event::AcquireFailed
             }
-            Outcome::SetUp(Ok(t)) => {
-                self.channel = t.channel;
-                self.set_up = Some(SetUpTerm { channel: None, ..t });
+            Outcome::SetUp(Ok((t, channel))) => {
+                self.set_up = Some(t);
+                self.channel = channel;
                 Event::SetUp
             }
             Outcome::SetUp(Err(e)) => {
@@ -393,7 +394,11 @@ impl<C: ClusterChannel> Carrier<C> {
 /// Sets a term up, in order: a fresh key and certificate, the cluster channel (ready before
 /// anyone can read the advertisement), the advertisement written with the term's fence,
 /// stale advertisements deleted. On failure nothing stays advertised or open.
-async fn set_up<C: ClusterChannel>(node: &Arc<Node>, uuid: &str, fence: &Fence) -> Result<SetUpTerm<C>, SetupError> {
+async fn set_up<C: ClusterChannel>(
+    node: &Arc<Node>,
+    uuid: &str,
+    fence: &Fence,
+) -> Result<(SetUpTerm, Option<C>), SetupError> {
     let uuid_owned = uuid.to_string();
     let identity = tokio::task::spawn_blocking(move || ClusterIdentity::generate(&uuid_owned))
         .await
@@ -435,7 +440,7 @@ async fn set_up<C: ClusterChannel>(node: &Arc<Node>, uuid: &str, fence: &Fence) 
         note_fenced(node, &e);
         return Err(e.into());
     }
-    Ok(SetUpTerm { identity, channel, adv })
+    Ok((SetUpTerm { identity, adv }, channel))
 }
 
 /// Records what the machine measured.
