@@ -35,7 +35,7 @@ struct DevArgs {
     #[arg(long, default_value = ".vha-dev")]
     dir: PathBuf,
     /// First API port; node i listens on base + 10*i (cluster port +1), lockd on base + 100.
-    /// 0 picks free ephemeral ports (tests).
+    /// 0 picks free ports (below the kernel's ephemeral range; tests).
     #[arg(long, default_value_t = 8200)]
     port_base: u16,
     /// lockd lease TTL for the HA lock (etcd: `lock_timeout`, at least 5s).
