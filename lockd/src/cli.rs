@@ -1,20 +1,16 @@
-//! `vha lockd ...`: run the daemon, take and restore snapshots, and (hidden) `hold` and
-//! `bench` helpers used by tests and benchmarks.
+//! `vha lockd ...`: run the daemon, take and restore snapshots, and (hidden) the `bench`
+//! of the lockd benchmarks.
 //!
 //! - `vha lockd [--config FILE] [--listen 127.0.0.1:8300] [--data-dir DIR] [--lease-ttl 10s]`
 //!   runs until SIGTERM/SIGINT (flags override the file).
 //! - `vha lockd snapshot save FILE --address URL` / `snapshot restore FILE --data-dir DIR`
 //!   (offline: refuses while a lockd holds the directory).
-//! - `vha lockd hold --address URL --key K --value V [--ttl 2s]` (hidden): holds a lock and
-//!   prints `acquired token=N unix_ms=T`, then `lost deadline_unix_ms=D unix_ms=T`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
-use vha_core::storage::lockd::{LockTiming, LockdBackend, LockdCredentials};
+use vha_core::storage::lockd::{LockdBackend, LockdCredentials};
 
 use crate::config::LockdConfig;
 
@@ -74,20 +70,6 @@ enum Cmd {
         #[command(subcommand)]
         op: SnapOp,
     },
-    /// Holds a lock until lost (test helper).
-    #[command(hide = true)]
-    Hold {
-        #[arg(long)]
-        address: String,
-        #[command(flatten)]
-        creds: ClientCreds,
-        #[arg(long)]
-        key: String,
-        #[arg(long)]
-        value: String,
-        #[arg(long, default_value = "10s")]
-        ttl: String,
-    },
     /// Guarded-write benchmark against lockd and (optionally) etcd.
     #[command(hide = true)]
     Bench(crate::bench::BenchArgs),
@@ -130,7 +112,8 @@ pub struct ClientCreds {
 }
 
 impl ClientCreds {
-    fn client(&self, address: &str) -> Result<LockdBackend, String> {
+    /// A client of the lockd at `address` with these credentials.
+    pub fn client(&self, address: &str) -> Result<LockdBackend, String> {
         let mut creds = match &self.token_file {
             Some(p) => LockdCredentials::token_file(p)?,
             None => match std::env::var(vha_core::storage::lockd::TOKEN_ENV) {
@@ -155,10 +138,6 @@ fn init_tracing() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .try_init();
-}
-
-fn unix_ms(t: SystemTime) -> u128 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
 }
 
 /// `vha lockd ...`
@@ -195,15 +174,6 @@ pub fn main(args: Vec<String>) -> ExitCode {
         Some(Cmd::Snapshot {
             op: SnapOp::Restore { ref file, ref data_dir },
         }) => snapshot_restore(file, data_dir),
-        Some(Cmd::Hold {
-            ref address,
-            ref creds,
-            ref key,
-            ref value,
-            ref ttl,
-        }) => creds
-            .client(address)
-            .and_then(|c| rt.block_on(hold(&c, key, value, ttl))),
         Some(Cmd::Bench(ref b)) => rt.block_on(crate::bench::run(b)),
     };
     match res {
@@ -312,42 +282,5 @@ fn snapshot_restore(file: &std::path::Path, data_dir: &std::path::Path) -> Resul
         data_dir.display(),
         r.kept_marks
     );
-    Ok(())
-}
-
-fn wall(deadline: tokio::time::Instant) -> SystemTime {
-    let (ni, ns) = (tokio::time::Instant::now(), SystemTime::now());
-    if deadline >= ni {
-        ns + (deadline - ni)
-    } else {
-        ns - (ni - deadline)
-    }
-}
-
-async fn hold(c: &LockdBackend, key: &str, value: &str, ttl: &str) -> Result<(), String> {
-    let ttl = vha_core::duration::parse(ttl).map_err(|e| e.to_string())?;
-    let c = c.with_timing(LockTiming::from_ttl(ttl));
-    let Some((guard, deadline)) = c
-        .acquire_lease(key, value, CancellationToken::new())
-        .await
-        .map_err(|e| e.to_string())?
-    else {
-        return Err("acquire cancelled".into());
-    };
-    println!(
-        "acquired token={} unix_ms={}",
-        guard.fence().token,
-        unix_ms(SystemTime::now())
-    );
-    guard.lost().cancelled().await;
-    let d = *deadline.borrow();
-    println!(
-        "lost deadline_unix_ms={} unix_ms={}",
-        unix_ms(wall(d)),
-        unix_ms(SystemTime::now())
-    );
-    // Keep the lock state as is (no release: it is lost already) and exit.
-    std::mem::forget(guard);
-    tokio::time::sleep(Duration::from_millis(10)).await;
     Ok(())
 }

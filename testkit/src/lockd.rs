@@ -393,13 +393,12 @@ pub fn run_lockd_cmd(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Starts the hidden `vha lockd hold` helper: a separate process that holds `key` with
-/// `value` and a lease of `ttl`, printing `acquired token=N unix_ms=T` and later
-/// `lost deadline_unix_ms=D unix_ms=T`.
+/// Starts the `vha-lock-holder` test helper (built beside `vha`): a separate process that
+/// holds `key` with `value` and a lease of `ttl`, printing `acquired token=N unix_ms=T` and
+/// later `lost deadline_unix_ms=D unix_ms=T`.
 pub fn spawn_holder(l: &TestLockd, key: &str, value: &str, ttl: &str, log: &Path) -> ChildProc {
-    let mut cmd = Command::new(vha_binary());
-    cmd.args(["lockd", "hold"])
-        .args(l.client_args())
+    let mut cmd = Command::new(vha_binary().with_file_name("vha-lock-holder"));
+    cmd.args(l.client_args())
         .args(["--key", key, "--value", value, "--ttl", ttl]);
     ChildProc::spawn("holder", cmd, log)
 }
