@@ -14,6 +14,7 @@ pub mod config;
 pub mod duration;
 pub mod error;
 pub mod local;
+pub mod logging;
 pub mod pair;
 pub mod ports;
 pub mod served_cert;

@@ -131,15 +131,6 @@ impl ClientCreds {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
-}
-
 /// `vha lockd ...`
 pub fn main(args: Vec<String>) -> ExitCode {
     let args = match Args::try_parse_from(std::iter::once("vha lockd".to_string()).chain(args)) {
@@ -153,7 +144,8 @@ pub fn main(args: Vec<String>) -> ExitCode {
             };
         }
     };
-    init_tracing();
+    // lockd's configuration has no log level: info, or RUST_LOG.
+    let _ = vha_core::logging::init("info", &[]);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

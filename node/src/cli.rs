@@ -49,7 +49,7 @@ pub fn server(args: Vec<String>) -> ExitCode {
         .clone()
         .unwrap_or_else(|| cfg.log_level.as_str().to_string());
     // `--log-level` pins the level: a reload does not change it.
-    let set_level = init_tracing(&level).filter(|_| args.log_level.is_none());
+    let set_level = vha_core::logging::init(&level, &[]).filter(|_| args.log_level.is_none());
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -58,37 +58,6 @@ pub fn server(args: Vec<String>) -> ExitCode {
         }
     };
     rt.block_on(run(cfg, &level, set_level))
-}
-
-/// Sets a new log level (Vault's names) on SIGHUP.
-pub type SetLevel = Box<dyn Fn(&str) + Send + Sync>;
-
-fn level_filter(level: &str) -> tracing_subscriber::EnvFilter {
-    tracing_subscriber::EnvFilter::new(config::LogLevel::parse(level).map(|l| l.as_str()).unwrap_or("info"))
-}
-
-/// Sets up logging to stderr at `level` (Vault's names), unless `RUST_LOG` says otherwise;
-/// returns how to change the level later (`None` when `RUST_LOG` fixes it).
-pub fn init_tracing(level: &str) -> Option<SetLevel> {
-    let from_env = tracing_subscriber::EnvFilter::try_from_default_env().ok();
-    let fixed = from_env.is_some();
-    let filter = from_env.unwrap_or_else(|| level_filter(level));
-    use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .with_filter_reloading();
-    let handle = builder.reload_handle();
-    let _ = builder.try_init();
-    (!fixed).then(|| {
-        Box::new(move |level: &str| {
-            if let Err(e) = handle.reload(level_filter(level)) {
-                tracing::warn!(error = %e, "could not change the log level");
-            }
-        }) as SetLevel
-    })
 }
 
 /// The banner lines, Vault's layout: right-aligned labels.
@@ -135,7 +104,7 @@ pub fn banner(cfg: &Config, opened: &OpenedStores, level: &str) -> String {
     out
 }
 
-async fn run(cfg: Config, level: &str, set_level: Option<SetLevel>) -> ExitCode {
+async fn run(cfg: Config, level: &str, set_level: Option<vha_core::logging::SetLevel>) -> ExitCode {
     let opened = match open_stores(&cfg) {
         Ok(o) => o,
         Err(e) => {

@@ -77,7 +77,7 @@ pub fn main(raw: Vec<String>) -> ExitCode {
         let child_args: Vec<String> = raw.into_iter().filter(|a| a != "--daemon").collect();
         return crate::daemon::start(&child_args, &files, args.upgrade);
     }
-    let set_level = init_tracing(&cfg);
+    let set_level = vha_core::logging::init(cfg.log_level.as_str(), LIBRARIES);
     match run(cfg, set_level, args.upgrade, files) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -87,36 +87,8 @@ pub fn main(raw: Vec<String>) -> ExitCode {
     }
 }
 
-/// The log filter for `level`: the proxy's own level, the libraries it drives at info.
-fn log_filter(level: &str) -> tracing_subscriber::EnvFilter {
-    tracing_subscriber::EnvFilter::new(format!(
-        "{level},pingora=info,pingora_core=info,pingora_proxy=info,h2=info,hyper=info,rustls=info"
-    ))
-}
-
-/// Installs the log subscriber; returns how a reload sets a new `log_level` (`None` when
-/// `RUST_LOG` decides the filter: it wins over the file, at start and on reload).
-fn init_tracing(cfg: &Config) -> Option<SetLevel> {
-    let fixed = std::env::var("RUST_LOG").ok();
-    let filter = match &fixed {
-        Some(f) => tracing_subscriber::EnvFilter::new(f),
-        None => log_filter(cfg.log_level.as_str()),
-    };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::env::var_os("NO_COLOR").is_none())
-        .with_writer(std::io::stderr)
-        .with_filter_reloading();
-    let handle = builder.reload_handle();
-    let _ = builder.try_init();
-    fixed.is_none().then(|| {
-        Box::new(move |level: &str| {
-            if let Err(e) = handle.reload(log_filter(level)) {
-                tracing::warn!(error = %e, "could not change the log level");
-            }
-        }) as SetLevel
-    })
-}
+/// The libraries the proxy drives, held at `info` when the proxy itself runs at `debug`.
+const LIBRARIES: &[&str] = &["pingora", "pingora_core", "pingora_proxy", "h2", "hyper", "rustls"];
 
 fn run(cfg: Config, set_level: Option<SetLevel>, upgrade: bool, files: RunFiles) -> Result<(), ProxyError> {
     let pcfg = cfg

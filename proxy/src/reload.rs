@@ -16,8 +16,7 @@ use vha_core::storage::factory::Credentials;
 use crate::metrics::Metrics;
 use crate::xff::TrustedForwarders;
 
-/// Sets the log filter from a `log_level` (`None` when `RUST_LOG` fixes it).
-pub type SetLevel = Box<dyn Fn(&str) + Send + Sync>;
+pub use vha_core::logging::SetLevel;
 
 /// What a reload changes, and where.
 pub struct Reloader {
