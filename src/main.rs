@@ -1,5 +1,5 @@
-//! `vha`: the one multi-call binary. Each subcommand lives in its crate; this file only
-//! dispatches. Go-style single-dash flags (`-config=FILE`, `-format=json`) are accepted as
+//! `vha`: the one multi-call binary. Each subcommand lives in its crate (the servers in
+//! node, proxy and lockd; the tooling in ops and bench); this file only dispatches. Go-style single-dash flags (`-config=FILE`, `-format=json`) are accepted as
 //! Vault's CLI spells them.
 
 use std::process::ExitCode;
@@ -19,12 +19,13 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args[2..].to_vec();
     match cmd.as_str() {
         "server" => vha_node::cli::server(rest),
+        "lockd" if rest.first().map(String::as_str) == Some("bench") => vha_ops::lockd_bench::main(rest[1..].to_vec()),
         "lockd" => vha_lockd::cli::main(rest),
-        "dev" => vha_node::dev::main(rest),
+        "dev" => vha_ops::dev::main(rest),
         "proxy" => vha_proxy::cli::main(rest),
         "bench" => vha_bench::cli::main(rest),
-        "status" => vha_node::cmd::status(rest),
-        "operator" => vha_node::cmd::operator(rest),
+        "status" => vha_ops::cmd::status(rest),
+        "operator" => vha_ops::cmd::operator(rest),
         "version" | "--version" | "-v" => {
             println!("vha v{}", vha_core::VERSION);
             ExitCode::SUCCESS

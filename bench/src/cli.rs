@@ -342,8 +342,9 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
                 ));
             }
             // Restarted vha nodes belong to the dev cluster now: detach them.
-            // (std's Child neither kills nor waits on drop.)
-            ctl.children.clear();
+            for (_, c) in ctl.children.drain() {
+                c.detach();
+            }
             fo.push(r);
         } else {
             notes.push("--failover needs cluster.json (pids and configs); skipped".into());
@@ -365,9 +366,8 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
                 on_restart: None,
             };
             let r = failover::run(&mut ctl, h, args.failover, args.failover_writers, args.quiet).await;
-            for (_, mut c) in ctl.children.drain() {
-                crate::peers::stop_child(&mut c);
-            }
+            // Restarted OpenBao nodes stop with their handles.
+            ctl.children.clear();
             fo.push(r);
         }
     }

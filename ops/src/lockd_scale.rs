@@ -15,7 +15,7 @@
 //! around them is I/O.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,6 +28,12 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use vha_core::storage::lockd::LockdBackend;
 use vha_core::storage::{Backend, Fence};
+
+use crate::process::Child;
+
+/// How long lockd may take to answer after it starts (a debug build on a busy machine
+/// starts within a few seconds).
+pub(crate) const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Arguments of the scale run (flattened into `vha lockd bench`).
 #[derive(clap::Args, Debug, Clone)]
@@ -57,10 +63,10 @@ pub struct ScaleArgs {
 
 /// What a KV v2 write adds around the user's bytes in the version entry: the `{"data":{..}}`
 /// JSON wrapper (about 15 bytes) and the barrier envelope (17-byte header + 16-byte tag).
-pub const VERSION_OVERHEAD: usize = 48;
+pub(crate) const VERSION_OVERHEAD: usize = 48;
 /// Size of a KV v2 metadata entry with one version: the serialized `KeyMetadata` (three
 /// RFC 3339 timestamps, counters, flags: about 330 bytes) plus the barrier envelope.
-pub const METADATA_LEN: usize = 360;
+pub(crate) const METADATA_LEN: usize = 360;
 /// Renewal interval as a fraction of the TTL: what the lockd client does (TTL/10).
 const RENEW_DIVISOR: u32 = 10;
 /// How often a long fill reports its progress on stderr.
@@ -73,7 +79,7 @@ const RESTART_LIMIT: Duration = Duration::from_secs(300);
 
 /// Latency summary of one kind of operation.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Summary {
+pub(crate) struct Summary {
     pub count: usize,
     pub p50: Duration,
     pub p99: Duration,
@@ -81,7 +87,7 @@ pub struct Summary {
 }
 
 /// The nearest-rank percentile `p` (0..=1) of `sorted` (ascending); zero when empty.
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -90,7 +96,7 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 impl Summary {
-    pub fn of(mut lat: Vec<Duration>) -> Summary {
+    pub(crate) fn of(mut lat: Vec<Duration>) -> Summary {
         lat.sort_unstable();
         Summary {
             count: lat.len(),
@@ -102,7 +108,7 @@ impl Summary {
 }
 
 /// A `kB` field of `/proc/<pid>/status` (`VmHWM`, `VmRSS`), in bytes.
-pub fn status_bytes(status: &str, field: &str) -> Option<u64> {
+pub(crate) fn status_bytes(status: &str, field: &str) -> Option<u64> {
     status.lines().find_map(|l| {
         let rest = l.strip_prefix(field)?.strip_prefix(':')?;
         let mut it = rest.split_whitespace();
@@ -112,7 +118,7 @@ pub fn status_bytes(status: &str, field: &str) -> Option<u64> {
 }
 
 /// The value of an unlabelled series in Prometheus text exposition.
-pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| {
         let rest = l.strip_prefix(name)?;
         rest.strip_prefix(' ')?.trim().parse().ok()
@@ -122,13 +128,13 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
 /// The lockd client's rule for when a holder gives up (see PROTOCOL.md, "Holder side"): its
 /// deadline is the send time of the last successful renewal plus TTL - TTL/5. A renewal
 /// answered after that deadline came too late: the holder had already stepped down.
-pub fn renewal_too_late(last_ok_sent: Duration, answered: Duration, ttl: Duration) -> bool {
+pub(crate) fn renewal_too_late(last_ok_sent: Duration, answered: Duration, ttl: Duration) -> bool {
     answered > last_ok_sent + ttl - ttl / 5
 }
 
 /// The two store keys of secret `i`, shaped like KV v2's (`versions/<sha256 hex>/1` and
 /// `metadata/<path>` under a mount's storage prefix).
-pub fn secret_keys(i: u64) -> (String, String) {
+pub(crate) fn secret_keys(i: u64) -> (String, String) {
     let h = |x: u64| {
         // splitmix64: spreads consecutive secrets over the key space like SHA-256 would.
         let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -150,7 +156,7 @@ pub fn secret_keys(i: u64) -> (String, String) {
 }
 
 /// `n` pseudo-random bytes (xorshift64 from `seed`): incompressible, like ciphertext.
-pub fn noise(seed: u64, n: usize) -> Vec<u8> {
+pub(crate) fn noise(seed: u64, n: usize) -> Vec<u8> {
     let mut x = seed | 1;
     let mut out = Vec::with_capacity(n + 8);
     while out.len() < n {
@@ -179,7 +185,7 @@ fn proc_status(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default()
 }
 
-/// Kills the child (SIGKILL) on drop, so no error path leaves a lockd running.
+/// The lockd under test (stopped when dropped, so no error path leaves it running).
 struct Lockd {
     child: Child,
     port: u16,
@@ -206,12 +212,11 @@ impl Lockd {
             .arg(dir)
             .args(["--min-lease-ttl", "100ms"])
             .env("RUST_LOG", "warn")
-            .env("VHA_LOCKD_ENGINE", engine)
-            .stdout(Stdio::null());
+            .env(vha_lockd::store::ENGINE_ENV, engine);
         if let Some(c) = compact_bytes {
             cmd.args(["--compact-bytes", &c.to_string()]);
         }
-        cmd.spawn().map_err(|e| format!("starting lockd: {e}"))
+        Child::spawn("lockd", cmd, None)
     }
 
     fn url(&self) -> String {
@@ -219,22 +224,14 @@ impl Lockd {
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.pid()
     }
 
     /// `kill -9`, reap, start again on the same directory and port.
     fn kill_and_respawn(&mut self) -> Result<(), String> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill();
         self.child = Lockd::start(self.port, &self.dir, &self.engine, self.compact_bytes)?;
         Ok(())
-    }
-}
-
-impl Drop for Lockd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -372,7 +369,7 @@ async fn run_engine(
     let url = lockd.url();
     let http: Http = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let probe = LockdBackend::connect(&url).map_err(|e| e.to_string())?;
-    crate::procs::wait_ready("lockd", || async { probe.get("bench/ready").await.is_ok() }).await?;
+    crate::process::wait_until("lockd", START_TIMEOUT, || async { probe.get("bench/ready").await.ok() }).await?;
 
     let lock = "bench/scale-lock".to_string();
     let token = Arc::new(AtomicU64::new(acquire(&http, &url, &lock, ttl).await?));
@@ -509,7 +506,7 @@ fn mb(b: u64) -> String {
 }
 
 /// Runs the scale benchmark for each engine in turn and prints one row per engine.
-pub async fn run(root: &Path, args: &ScaleArgs, value_size: usize) -> Result<(), String> {
+pub(crate) async fn run(root: &Path, args: &ScaleArgs, value_size: usize) -> Result<(), String> {
     let entries = args.entries.unwrap_or(0);
     println!(
         "scale: {entries} store entries = {} KV v2 secrets (version entry {} B + metadata entry {} B), \
