@@ -15,6 +15,8 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "== unused dependencies"
+python3 scripts/unused-deps.py
 echo "== promtool: alerting rules and their unit tests"
 promtool check rules grafana/alerts/vha-alerts.yml
 (cd grafana/alerts && promtool test rules vha-alerts.test.yml)

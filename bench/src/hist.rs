@@ -12,7 +12,7 @@ const SIGFIG: u8 = 3;
 
 /// A latency histogram in microseconds.
 #[derive(Clone, Debug)]
-pub struct LatencyHist {
+pub(crate) struct LatencyHist {
     h: Histogram<u64>,
 }
 
@@ -23,31 +23,31 @@ impl Default for LatencyHist {
 }
 
 impl LatencyHist {
-    pub fn new() -> LatencyHist {
+    pub(crate) fn new() -> LatencyHist {
         LatencyHist {
             h: Histogram::new_with_bounds(1, MAX_US, SIGFIG).expect("valid histogram bounds"),
         }
     }
 
     /// Records one latency in microseconds (clamped to 1 µs .. 10 min).
-    pub fn record_us(&mut self, us: u64) {
+    pub(crate) fn record_us(&mut self, us: u64) {
         let _ = self.h.record(us.clamp(1, MAX_US));
     }
 
-    pub fn record(&mut self, d: std::time::Duration) {
+    pub(crate) fn record(&mut self, d: std::time::Duration) {
         self.record_us(d.as_micros().min(u64::MAX as u128) as u64);
     }
 
-    pub fn add(&mut self, other: &LatencyHist) {
+    pub(crate) fn add(&mut self, other: &LatencyHist) {
         let _ = self.h.add(&other.h);
     }
 
-    pub fn count(&self) -> u64 {
+    pub(crate) fn count(&self) -> u64 {
         self.h.len()
     }
 
     /// The value (µs) at quantile `q` in 0..=1 (0 when empty).
-    pub fn quantile_us(&self, q: f64) -> u64 {
+    pub(crate) fn quantile_us(&self, q: f64) -> u64 {
         if self.h.is_empty() {
             0
         } else {
@@ -55,7 +55,7 @@ impl LatencyHist {
         }
     }
 
-    pub fn summary(&self) -> Percentiles {
+    pub(crate) fn summary(&self) -> Percentiles {
         let ms = |us: u64| us as f64 / 1000.0;
         Percentiles {
             count: self.count(),
@@ -70,7 +70,7 @@ impl LatencyHist {
 
     /// `(latency_ms, cumulative fraction)` points for a distribution plot, one per distinct
     /// recorded bucket (bounded by the histogram's resolution).
-    pub fn cdf_points(&self, max_points: usize) -> Vec<(f64, f64)> {
+    pub(crate) fn cdf_points(&self, max_points: usize) -> Vec<(f64, f64)> {
         let total = self.count();
         if total == 0 {
             return Vec::new();
@@ -96,7 +96,7 @@ impl LatencyHist {
 
 /// The percentiles every report shows.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct Percentiles {
+pub(crate) struct Percentiles {
     pub count: u64,
     pub mean_ms: f64,
     pub p50_ms: f64,
@@ -107,7 +107,7 @@ pub struct Percentiles {
 }
 
 /// Median of a list (mean of the middle two for an even length); `None` when empty.
-pub fn median(xs: &[f64]) -> Option<f64> {
+pub(crate) fn median(xs: &[f64]) -> Option<f64> {
     let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return None;
@@ -122,7 +122,7 @@ pub fn median(xs: &[f64]) -> Option<f64> {
 }
 
 /// Nearest-rank percentile of raw samples (used for failover trials, where there are few).
-pub fn percentile(xs: &[f64], q: f64) -> Option<f64> {
+pub(crate) fn percentile(xs: &[f64], q: f64) -> Option<f64> {
     let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
     if v.is_empty() {
         return None;

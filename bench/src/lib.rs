@@ -9,10 +9,10 @@
 //! - [`report`]: progress bar, table, JSON, self-contained HTML.
 
 pub mod cli;
-pub mod failover;
-pub mod hist;
-pub mod load;
-pub mod peers;
-pub mod report;
-pub mod scenario;
-pub mod workload;
+pub(crate) mod failover;
+pub(crate) mod hist;
+pub(crate) mod load;
+pub(crate) mod peers;
+pub(crate) mod report;
+pub(crate) mod scenario;
+pub(crate) mod workload;

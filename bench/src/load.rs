@@ -19,7 +19,7 @@ use crate::hist::LatencyHist;
 
 /// What one logical operation ended as.
 #[derive(Clone, Debug, Default)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// The operation did what the scenario expects (2xx, or the 307 for `redirect`).
     pub ok: bool,
     /// Final HTTP status, if a response came back.
@@ -29,11 +29,11 @@ pub struct Outcome {
 }
 
 /// One operation: called with a sequence number, resolves to its outcome.
-pub type OpFn = Arc<dyn Fn(u64) -> BoxFuture<'static, Outcome> + Send + Sync>;
+pub(crate) type OpFn = Arc<dyn Fn(u64) -> BoxFuture<'static, Outcome> + Send + Sync>;
 
 /// How requests are issued.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// `workers` concurrent request loops.
     Closed { workers: usize },
     /// `rate` requests/s on a fixed schedule, at most `max_inflight` at once.
@@ -42,7 +42,7 @@ pub enum Mode {
 
 /// One measured run.
 #[derive(Clone, Debug)]
-pub struct RunSpec {
+pub(crate) struct RunSpec {
     pub mode: Mode,
     pub duration: Duration,
     /// Stop after this many operations (besides `duration`).
@@ -55,14 +55,14 @@ pub struct RunSpec {
 
 /// Live counters the progress bar reads.
 #[derive(Debug, Default)]
-pub struct Live {
+pub(crate) struct Live {
     pub ok: AtomicU64,
     pub errors: AtomicU64,
 }
 
 /// Per-window aggregates for latency-over-time plots.
 #[derive(Clone, Debug, Default)]
-pub struct Window {
+pub(crate) struct Window {
     pub ok: u64,
     pub errors: u64,
     pub hist: LatencyHist,
@@ -70,7 +70,7 @@ pub struct Window {
 
 /// The result of one run.
 #[derive(Clone, Debug, Default)]
-pub struct RunResult {
+pub(crate) struct RunResult {
     /// Latencies (open loop: corrected, from the intended send time).
     pub latency: LatencyHist,
     /// Service time: from the actual send to the answer.
@@ -93,7 +93,7 @@ pub struct RunResult {
 
 impl RunResult {
     /// Successful operations per second.
-    pub fn throughput(&self) -> f64 {
+    pub(crate) fn throughput(&self) -> f64 {
         let s = self.elapsed.as_secs_f64();
         if s > 0.0 {
             self.ok as f64 / s
@@ -124,19 +124,19 @@ impl RunResult {
 }
 
 /// The send time the open-loop schedule gives operation `i` at `rate` per second.
-pub fn intended_offset(i: u64, rate: f64) -> Duration {
+pub(crate) fn intended_offset(i: u64, rate: f64) -> Duration {
     Duration::from_secs_f64(i as f64 / rate)
 }
 
 /// Coordinated-omission-corrected latency: from the intended send time to the answer. An
 /// operation sent on time has `corrected == service`; one that waited for a worker is
 /// charged the wait.
-pub fn corrected_latency(intended: Instant, done: Instant) -> Duration {
+pub(crate) fn corrected_latency(intended: Instant, done: Instant) -> Duration {
     done.saturating_duration_since(intended)
 }
 
 /// Window width for a run of `duration`: about 200 windows, never under 100 ms.
-pub fn window_for(duration: Duration) -> Duration {
+pub(crate) fn window_for(duration: Duration) -> Duration {
     (duration / 200).max(Duration::from_millis(100))
 }
 
@@ -202,7 +202,7 @@ async fn timed(op: &OpFn, seq: u64, timeout: Duration) -> (Outcome, bool) {
 }
 
 /// Runs the warm-up and then the measured load; `live` is updated as operations finish.
-pub async fn run(spec: &RunSpec, op: OpFn, live: Arc<Live>) -> RunResult {
+pub(crate) async fn run(spec: &RunSpec, op: OpFn, live: Arc<Live>) -> RunResult {
     let mut warmup_http = 0u64;
     if !spec.warmup.is_zero() {
         let workers = match spec.mode {

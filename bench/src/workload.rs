@@ -9,7 +9,7 @@ use http::Method;
 /// The request mix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Kind {
+pub(crate) enum Kind {
     /// `GET /v1/sys/health` (unauthenticated; always answered locally, even by a standby).
     Health,
     /// `GET /v1/secret/data/bench/k<i>`.
@@ -35,7 +35,7 @@ impl std::str::FromStr for Kind {
 
 /// One request, ready to send.
 #[derive(Clone, Debug)]
-pub struct Req {
+pub(crate) struct Req {
     pub method: Method,
     /// Path and query, starting with `/v1/`.
     pub path: String,
@@ -45,7 +45,7 @@ pub struct Req {
 
 /// A workload: kind, value size, key-space size.
 #[derive(Clone, Debug)]
-pub struct Workload {
+pub(crate) struct Workload {
     pub kind: Kind,
     pub payload: usize,
     pub keys: u64,
@@ -54,10 +54,10 @@ pub struct Workload {
 }
 
 /// KV v2 mount the workloads use (`vha dev` mounts it at `secret/`).
-pub const MOUNT: &str = "secret";
+pub(crate) const MOUNT: &str = "secret";
 
 impl Workload {
-    pub fn new(kind: Kind, payload: usize, keys: u64) -> Workload {
+    pub(crate) fn new(kind: Kind, payload: usize, keys: u64) -> Workload {
         let body = Bytes::from(serde_json::json!({ "data": { "v": "x".repeat(payload) } }).to_string());
         Workload {
             kind,
@@ -68,7 +68,7 @@ impl Workload {
     }
 
     /// The request for operation `seq`.
-    pub fn request(&self, seq: u64) -> Req {
+    pub(crate) fn request(&self, seq: u64) -> Req {
         let read = match self.kind {
             Kind::Health => {
                 return Req {
@@ -99,12 +99,12 @@ impl Workload {
         }
     }
 
-    pub fn read_path(&self, key: u64) -> String {
+    pub(crate) fn read_path(&self, key: u64) -> String {
         format!("/v1/{MOUNT}/data/bench/k{key}")
     }
 
     /// Requests that seed the keys reads need (one write per key); empty if nothing reads.
-    pub fn seed_requests(&self) -> Vec<Req> {
+    pub(crate) fn seed_requests(&self) -> Vec<Req> {
         if matches!(self.kind, Kind::Health | Kind::KvWrite) {
             return Vec::new();
         }
@@ -118,7 +118,7 @@ impl Workload {
             .collect()
     }
 
-    pub fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         match self.kind {
             Kind::Health => "sys/health".into(),
             Kind::KvRead => format!("kv-read {} B", self.payload),

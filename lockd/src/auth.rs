@@ -68,7 +68,7 @@ impl Refusal {
 /// [`TokenCheck::replace`] on SIGHUP reaches every connection); each token is zeroized when
 /// the last reference to it goes.
 #[derive(Clone, Default)]
-pub struct TokenCheck {
+pub(crate) struct TokenCheck {
     token: Option<Arc<RwLock<Arc<Tokens>>>>,
 }
 
@@ -84,7 +84,7 @@ impl std::fmt::Debug for TokenCheck {
 }
 
 impl TokenCheck {
-    pub fn new(tokens: Option<Vec<Zeroizing<String>>>) -> TokenCheck {
+    pub(crate) fn new(tokens: Option<Vec<Zeroizing<String>>>) -> TokenCheck {
         TokenCheck {
             token: tokens.map(|t| Arc::new(RwLock::new(Arc::new(t)))),
         }
@@ -92,7 +92,7 @@ impl TokenCheck {
 
     /// Requires one of `token` from now on. Refused when no token was configured at start:
     /// turning authentication on or off takes a restart.
-    pub fn replace(&self, token: Vec<Zeroizing<String>>) -> Result<(), &'static str> {
+    pub(crate) fn replace(&self, token: Vec<Zeroizing<String>>) -> Result<(), &'static str> {
         let Some(slot) = &self.token else {
             return Err("token_file was not set at start; adding it takes a restart");
         };
@@ -100,14 +100,14 @@ impl TokenCheck {
         Ok(())
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.token.is_some()
     }
 
     /// Decides over a request's `Authorization` header (raw bytes, `None` when absent).
     /// With no token configured every request passes (mutual TLS, if any, was checked at
     /// the handshake).
-    pub fn check(&self, authorization: Option<&[u8]>) -> Result<(), Refusal> {
+    pub(crate) fn check(&self, authorization: Option<&[u8]>) -> Result<(), Refusal> {
         let Some(slot) = &self.token else {
             return Ok(());
         };

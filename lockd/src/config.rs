@@ -35,15 +35,15 @@ use crate::store::DEFAULT_COMPACT_BYTES;
 
 /// Default listen address: loopback, port 8300 (Vault's API is 8200, its cluster port 8201;
 /// 8300 keeps lockd out of their way and off the network unless asked).
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8300";
+pub(crate) const DEFAULT_LISTEN: &str = "127.0.0.1:8300";
 /// Default lease TTL, matching the client's default (see `vha_core::storage::lockd`): long
 /// enough that two cores saturated by a benchmark never delay renewals past it, while the
 /// common crash case fails over early through release-by-token.
-pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 /// Shortest TTL accepted: below this scheduling jitter alone could expire a live holder.
-pub const DEFAULT_MIN_LEASE_TTL: Duration = Duration::from_millis(100);
+pub(crate) const DEFAULT_MIN_LEASE_TTL: Duration = Duration::from_millis(100);
 /// Longest TTL accepted: a crashed holder blocks failover for at most this long.
-pub const DEFAULT_MAX_LEASE_TTL: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_MAX_LEASE_TTL: Duration = Duration::from_secs(300);
 
 const KNOWN: &[&str] = &[
     "listen",

@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 /// One stored entry.
 #[derive(Clone, Debug)]
-pub struct Stored {
+pub(crate) struct Stored {
     pub value: Bytes,
     pub fence_token: Option<u64>,
     pub revision: u64,
@@ -22,13 +22,13 @@ pub struct Stored {
 
 /// The KV map.
 #[derive(Clone, Debug)]
-pub enum KvMap {
+pub(crate) enum KvMap {
     Tree(BTreeMap<String, Stored>),
     Persistent(imbl::OrdMap<Arc<str>, Stored>),
 }
 
 impl KvMap {
-    pub fn new(persistent: bool) -> KvMap {
+    pub(crate) fn new(persistent: bool) -> KvMap {
         if persistent {
             KvMap::Persistent(imbl::OrdMap::new())
         } else {
@@ -36,25 +36,21 @@ impl KvMap {
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             KvMap::Tree(m) => m.len(),
             KvMap::Persistent(m) => m.len(),
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    pub fn get(&self, key: &str) -> Option<&Stored> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Stored> {
         match self {
             KvMap::Tree(m) => m.get(key),
             KvMap::Persistent(m) => m.get(key),
         }
     }
 
-    pub fn insert(&mut self, key: String, s: Stored) {
+    pub(crate) fn insert(&mut self, key: String, s: Stored) {
         match self {
             KvMap::Tree(m) => {
                 m.insert(key, s);
@@ -66,7 +62,7 @@ impl KvMap {
     }
 
     /// Removes `key`; whether it was there.
-    pub fn remove(&mut self, key: &str) -> bool {
+    pub(crate) fn remove(&mut self, key: &str) -> bool {
         match self {
             KvMap::Tree(m) => m.remove(key).is_some(),
             KvMap::Persistent(m) => m.remove(key).is_some(),
@@ -74,7 +70,7 @@ impl KvMap {
     }
 
     /// Keys from `start` on, in order.
-    pub fn keys_from<'a>(&'a self, start: &'a str) -> Box<dyn Iterator<Item = &'a str> + 'a> {
+    pub(crate) fn keys_from<'a>(&'a self, start: &'a str) -> Box<dyn Iterator<Item = &'a str> + 'a> {
         let range = (Bound::Included(start), Bound::Unbounded);
         match self {
             KvMap::Tree(m) => Box::new(m.range::<str, _>(range).map(|(k, _)| k.as_str())),
@@ -83,7 +79,7 @@ impl KvMap {
     }
 
     /// Every entry, in key order.
-    pub fn iter(&self) -> Box<dyn Iterator<Item = (&str, &Stored)> + '_> {
+    pub(crate) fn iter(&self) -> Box<dyn Iterator<Item = (&str, &Stored)> + '_> {
         match self {
             KvMap::Tree(m) => Box::new(m.iter().map(|(k, v)| (k.as_str(), v))),
             KvMap::Persistent(m) => Box::new(m.iter().map(|(k, v)| (&**k, v))),
@@ -91,7 +87,7 @@ impl KvMap {
     }
 
     /// An immutable view sharing structure with `self` (O(1)), for the persistent map only.
-    pub fn view(&self) -> Option<KvMap> {
+    pub(crate) fn view(&self) -> Option<KvMap> {
         match self {
             KvMap::Tree(_) => None,
             KvMap::Persistent(m) => Some(KvMap::Persistent(m.clone())),

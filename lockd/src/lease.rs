@@ -20,7 +20,7 @@ use crate::error::LockdError;
 
 /// A granted lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
+pub(crate) struct Lease {
     pub value: String,
     pub token: u64,
     pub ttl: Duration,
@@ -61,7 +61,7 @@ impl LockState {
 
 /// A lock's two high-water marks (see [`LeaseTable`]'s rules).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Marks {
+pub(crate) struct Marks {
     /// Highest token granted here (0: never granted here).
     pub granted: u64,
     /// Highest token granted or accepted on a fenced write.
@@ -98,18 +98,20 @@ pub enum Effect {
 
 /// The lease table.
 #[derive(Clone, Debug, Default)]
-pub struct LeaseTable {
+pub(crate) struct LeaseTable {
     locks: BTreeMap<String, LockState>,
 }
 
 impl LeaseTable {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
     /// Takes the lock if free (or if its lease ran out). Acquiring again with the current
     /// holder's value renews that lease (idempotent retry). Otherwise `LockHeld`.
-    pub fn acquire(&mut self, key: &str, value: &str, ttl: Duration, now: Duration) -> Result<Vec<Effect>, LockdError> {
+    pub(crate) fn acquire(
+        &mut self,
+        key: &str,
+        value: &str,
+        ttl: Duration,
+        now: Duration,
+    ) -> Result<Vec<Effect>, LockdError> {
         if ttl.is_zero() {
             return Err(LockdError::Invalid("lease ttl must be positive".into()));
         }
@@ -157,7 +159,7 @@ impl LeaseTable {
     /// Extends the lease `(key, token)` by its TTL from `now`. A lease whose deadline passed
     /// is `LeaseExpired` (even before a tick removed it); a token that is not the current
     /// lease is `UnknownLease`.
-    pub fn renew(&mut self, key: &str, token: u64, now: Duration) -> Result<Effect, LockdError> {
+    pub(crate) fn renew(&mut self, key: &str, token: u64, now: Duration) -> Result<Effect, LockdError> {
         match self.locks.get_mut(key).and_then(|s| s.lease.as_mut()) {
             Some(l) if l.token == token => {
                 if now >= l.deadline {
@@ -193,7 +195,7 @@ impl LeaseTable {
     /// Ends the lease `(key, token)`. Anyone presenting the key and the current token may
     /// release (see the server's release-by-token notes). A token that is not current is an
     /// error; releasing an already-ended lease is `LeaseExpired`, which callers treat as done.
-    pub fn release(&mut self, key: &str, token: u64, now: Duration) -> Result<Vec<Effect>, LockdError> {
+    pub(crate) fn release(&mut self, key: &str, token: u64, now: Duration) -> Result<Vec<Effect>, LockdError> {
         let mut effects = self.expire_key(key, now);
         match self.locks.get_mut(key) {
             Some(st) if st.lease.as_ref().is_some_and(|l| l.token == token) => {
@@ -226,7 +228,7 @@ impl LeaseTable {
     /// `Invalid` when this table grants `lock` and never granted `token`; otherwise records it
     /// as seen (returning `Observed` when it raised the highest, which only a lock granted
     /// elsewhere can do).
-    pub fn fence(&mut self, lock: &str, token: u64) -> Result<Option<Effect>, LockdError> {
+    pub(crate) fn fence(&mut self, lock: &str, token: u64) -> Result<Option<Effect>, LockdError> {
         self.check_fence(lock, token)?;
         let highest = self.highest(lock);
         if token > highest {
@@ -240,7 +242,7 @@ impl LeaseTable {
     }
 
     /// Checks a fence without recording it (for validating a write before it is applied).
-    pub fn check_fence(&self, lock: &str, token: u64) -> Result<(), LockdError> {
+    pub(crate) fn check_fence(&self, lock: &str, token: u64) -> Result<(), LockdError> {
         match self.locks.get(lock) {
             Some(st) => st.check(lock, token),
             None => Ok(()),
@@ -248,7 +250,7 @@ impl LeaseTable {
     }
 
     /// Ends every lease whose deadline is reached.
-    pub fn tick(&mut self, now: Duration) -> Vec<Effect> {
+    pub(crate) fn tick(&mut self, now: Duration) -> Vec<Effect> {
         let due: Vec<String> = self
             .locks
             .iter()
@@ -274,32 +276,32 @@ impl LeaseTable {
     }
 
     /// The earliest lease deadline, for the server's expiry timer.
-    pub fn next_deadline(&self) -> Option<Duration> {
+    pub(crate) fn next_deadline(&self) -> Option<Duration> {
         self.locks
             .values()
             .filter_map(|s| s.lease.as_ref().map(|l| l.deadline))
             .min()
     }
 
-    pub fn holder(&self, key: &str) -> Option<&Lease> {
+    pub(crate) fn holder(&self, key: &str) -> Option<&Lease> {
         self.locks.get(key).and_then(|s| s.lease.as_ref())
     }
 
-    pub fn highest(&self, key: &str) -> u64 {
+    pub(crate) fn highest(&self, key: &str) -> u64 {
         self.locks.get(key).map(|s| s.highest).unwrap_or(0)
     }
 
     /// The highest token granted for `key` here (0 when never granted here).
-    pub fn granted(&self, key: &str) -> u64 {
+    pub(crate) fn granted(&self, key: &str) -> u64 {
         self.locks.get(key).map(|s| s.granted).unwrap_or(0)
     }
 
-    pub fn active_leases(&self) -> usize {
+    pub(crate) fn active_leases(&self) -> usize {
         self.locks.values().filter(|s| s.lease.is_some()).count()
     }
 
     /// Every lock's marks and lease, for snapshots.
-    pub fn iter(&self) -> impl Iterator<Item = (&str, Marks, Option<&Lease>)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, Marks, Option<&Lease>)> {
         self.locks.iter().map(|(k, s)| {
             (
                 k.as_str(),
@@ -314,7 +316,7 @@ impl LeaseTable {
 
     /// The effects that restore every lock's marks (not its lease): what a snapshot keeps so
     /// that fence checks and the next grant are the same after recovery.
-    pub fn mark_effects(&self) -> Vec<Effect> {
+    pub(crate) fn mark_effects(&self) -> Vec<Effect> {
         let mut out = Vec::new();
         for (k, s) in &self.locks {
             if s.granted > 0 {
@@ -335,7 +337,7 @@ impl LeaseTable {
 
     /// Replays a durable effect (from the log or a snapshot) during recovery. Deadlines are
     /// set by [`LeaseTable::recovered`].
-    pub fn replay(&mut self, effect: &Effect) {
+    pub(crate) fn replay(&mut self, effect: &Effect) {
         match effect {
             Effect::Granted { key, value, token, ttl } => {
                 let st = self.locks.entry(key.clone()).or_default();
@@ -370,7 +372,7 @@ impl LeaseTable {
 
     /// Ends recovery at `now`: every lease that was held is held for a full TTL from now, so
     /// no second holder is granted while the old one may still act on its last renewal.
-    pub fn recovered(&mut self, now: Duration) {
+    pub(crate) fn recovered(&mut self, now: Duration) {
         for st in self.locks.values_mut() {
             if let Some(l) = st.lease.as_mut() {
                 l.deadline = now.saturating_add(l.ttl);
@@ -390,7 +392,7 @@ mod tests {
     /// A released lock is re-granted with a higher token; a held one is refused.
     #[test]
     fn grant_release_regrant() {
-        let mut t = LeaseTable::new();
+        let mut t = LeaseTable::default();
         let e = t.acquire("k", "a", MS(100), MS(0)).unwrap();
         assert!(matches!(e[0], Effect::Granted { token: 1, .. }));
         assert!(matches!(
@@ -405,7 +407,7 @@ mod tests {
     /// A lease ends exactly at its deadline; renewing after that is `LeaseExpired`.
     #[test]
     fn expiry_and_late_renew() {
-        let mut t = LeaseTable::new();
+        let mut t = LeaseTable::default();
         t.acquire("k", "a", MS(100), MS(0)).unwrap();
         t.renew("k", 1, MS(50)).unwrap();
         assert!(t.tick(MS(149)).is_empty(), "renewed lease must last ttl from the renew");
@@ -419,7 +421,7 @@ mod tests {
     /// by its original TTL (the one that is logged).
     #[test]
     fn idempotent_reacquire() {
-        let mut t = LeaseTable::new();
+        let mut t = LeaseTable::default();
         t.acquire("k", "a", MS(100), MS(0)).unwrap();
         let e = t.acquire("k", "a", MS(5000), MS(90)).unwrap();
         assert_eq!(
@@ -437,12 +439,12 @@ mod tests {
     /// next token exceeds every token granted or observed before it.
     #[test]
     fn restart_holds_for_full_ttl() {
-        let mut t = LeaseTable::new();
+        let mut t = LeaseTable::default();
         let mut log = t.acquire("k", "a", MS(100), MS(0)).unwrap();
         log.extend(t.fence("k", 1).unwrap());
         // A lock granted by another store (split mode): its tokens are only observed.
         log.extend(t.fence("x", 7).unwrap());
-        let mut r = LeaseTable::new();
+        let mut r = LeaseTable::default();
         log.iter().for_each(|e| r.replay(e));
         r.recovered(MS(1000));
         assert!(matches!(
@@ -460,7 +462,7 @@ mod tests {
     /// is the previous one + 1.
     #[test]
     fn forged_fence_token_refused() {
-        let mut t = LeaseTable::new();
+        let mut t = LeaseTable::default();
         t.acquire("k", "a", MS(100), MS(0)).unwrap();
         for forged in [2, 3, u64::MAX] {
             assert!(matches!(t.fence("k", forged), Err(LockdError::Invalid(_))), "{forged}");
@@ -480,7 +482,7 @@ mod tests {
     /// for a lock granted elsewhere) refuses a grant instead of wrapping around or panicking.
     #[test]
     fn exhausted_token_space_refuses_grant() {
-        let mut t = LeaseTable::new();
+        let mut t = LeaseTable::default();
         t.fence("ext", u64::MAX).unwrap();
         assert!(matches!(
             t.acquire("ext", "a", MS(100), MS(0)),
@@ -493,12 +495,12 @@ mod tests {
     /// grant are the same after compaction, even for a lock that is no longer held.
     #[test]
     fn marks_survive_snapshot_replay() {
-        let mut t = LeaseTable::new();
+        let mut t = LeaseTable::default();
         t.acquire("k", "a", MS(100), MS(0)).unwrap();
         t.release("k", 1, MS(1)).unwrap();
         t.acquire("k", "a", MS(100), MS(2)).unwrap();
         t.fence("ext", 40).unwrap();
-        let mut r = LeaseTable::new();
+        let mut r = LeaseTable::default();
         t.mark_effects().iter().for_each(|e| r.replay(e));
         for k in ["k", "ext", "none"] {
             assert_eq!((r.granted(k), r.highest(k)), (t.granted(k), t.highest(k)), "{k}");
@@ -541,7 +543,7 @@ mod tests {
         #[test]
         fn lease_safety(ops in proptest::collection::vec(op(), 1..80)) {
             let keys = ["a", "b", "c"];
-            let mut t = LeaseTable::new();
+            let mut t = LeaseTable::default();
             let mut durable: Vec<Effect> = Vec::new();
             let mut now = Duration::ZERO;
             // Per key: tokens granted, in order; and what the current believer may assume.
@@ -577,7 +579,7 @@ mod tests {
                     Op::Advance(ms) => now += MS(ms),
                     Op::Tick => effects = t.tick(now),
                     Op::Restart => {
-                        let mut r = LeaseTable::new();
+                        let mut r = LeaseTable::default();
                         durable.iter().for_each(|e| r.replay(e));
                         r.recovered(now);
                         t = r;

@@ -11,7 +11,7 @@ use prometheus::{
 
 /// fsync latency buckets: 50 µs (a battery-backed or tmpfs device) doubling-ish up to 5 s
 /// (a disk stalled by writeback), so both a fast NVMe and a saturated laptop disk show shape.
-pub const FSYNC_BUCKETS: &[f64] = &[
+pub(crate) const FSYNC_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 ];
 /// Group-commit batch sizes (records per fsync): 1 = no batching, up to a 64-client burst.

@@ -38,7 +38,7 @@ use crate::store::Store;
 
 /// Largest request body for a value limit: a maximal value base64-encoded (4/3) plus room for
 /// the key, fence and JSON punctuation. Bodies are cut off at this size before being parsed.
-pub fn max_body(max_value: usize) -> usize {
+pub(crate) fn max_body(max_value: usize) -> usize {
     max_value.div_ceil(3) * 4 + 64 * 1024
 }
 /// Depth of a watch stream's outgoing queue; a client that does not read gets `resync`
@@ -47,7 +47,7 @@ const WATCH_OUT_QUEUE: usize = 256;
 
 /// Limits the server enforces: lease TTLs on acquire requests, the size of a value.
 #[derive(Clone, Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub default_ttl: Duration,
     pub min_ttl: Duration,
     pub max_ttl: Duration,
@@ -59,7 +59,7 @@ type Body = BoxBody<Bytes, Infallible>;
 
 /// How clients are authenticated: TLS (with or without required client certificates, as the
 /// acceptor is configured) and the bearer token.
-pub struct Security {
+pub(crate) struct Security {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub tokens: TokenCheck,
 }
@@ -83,7 +83,7 @@ fn handshake_refusal(e: &std::io::Error) -> Refusal {
 }
 
 /// Serves `listener` until `shutdown` fires.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     store: Store,
     limits: Limits,

@@ -46,7 +46,7 @@ const LINGER: Duration = Duration::from_secs(3);
 const MAX_ECHO_BODY: usize = 16 * 1024;
 
 /// A running cluster listener.
-pub struct ClusterListener {
+pub(crate) struct ClusterListener {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Lingering>,
     pub local_addr: std::net::SocketAddr,
@@ -55,12 +55,12 @@ pub struct ClusterListener {
 /// A stopped listener's connections, lingering (see [`LINGER`]); dropping this leaves them
 /// to finish in the background.
 #[must_use = "dropping it leaves the linger to run in the background"]
-pub struct Lingering(Option<tokio::task::JoinHandle<()>>);
+pub(crate) struct Lingering(Option<tokio::task::JoinHandle<()>>);
 
 impl Lingering {
     /// Resolves once every lingering connection is closed (at most [`LINGER`] and a
     /// moment after the stop).
-    pub async fn wait(self) {
+    pub(crate) async fn wait(self) {
         if let Some(t) = self.0 {
             let _ = t.await;
         }
@@ -69,7 +69,7 @@ impl Lingering {
 
 impl ClusterListener {
     /// Binds the cluster address and starts serving with `identity`.
-    pub async fn start(node: Arc<Node>, identity: Arc<ClusterIdentity>) -> std::io::Result<ClusterListener> {
+    pub(crate) async fn start(node: Arc<Node>, identity: Arc<ClusterIdentity>) -> std::io::Result<ClusterListener> {
         let addr = node.config().listener().cluster_address;
         let tcp = TcpListener::bind(addr).await?;
         let local_addr = tcp.local_addr()?;
@@ -85,7 +85,7 @@ impl ClusterListener {
 
     /// Stops accepting; open connections answer "not active" for [`LINGER`], then close
     /// (see the module header).
-    pub async fn stop(self) -> Lingering {
+    pub(crate) async fn stop(self) -> Lingering {
         self.stop.cancel();
         let lingering = self.task.await.unwrap_or(Lingering(None));
         tracing::info!(local_addr = %self.local_addr, "cluster listener stopped");

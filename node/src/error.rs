@@ -70,7 +70,7 @@ pub enum ApiError {
 }
 
 /// Vault's one-error multierror text (`1 error occurred:\n\t* <msg>\n\n`).
-pub fn multierror(msg: &str) -> String {
+pub(crate) fn multierror(msg: &str) -> String {
     format!("1 error occurred:\n\t* {msg}\n\n")
 }
 

@@ -24,18 +24,18 @@ use crate::request::{ApiRequest, ApiResponse, Origin, CLIENT_ADDR_HEADER};
 
 /// How long shutdown waits for in-flight requests before closing connections anyway. Long
 /// enough for any normal request, short enough for a rolling restart to stay quick.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub use vha_core::HEADER_READ_TIMEOUT;
+pub(crate) use vha_core::HEADER_READ_TIMEOUT;
 /// Most header fields accepted in one request (hyper's default, explicit here); more is 431.
-pub const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 /// Largest request head accepted (bytes): the HTTP/2 header list, and the HTTP/1.1 read
 /// buffer that must hold the whole head.
-pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+pub(crate) const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 
 /// The connection builder every node listener uses: HTTP/1.1 and h2 with the header limits
 /// and the header-read deadline above.
-pub fn conn_builder() -> auto::Builder<TokioExecutor> {
+pub(crate) fn conn_builder() -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -51,13 +51,13 @@ pub fn conn_builder() -> auto::Builder<TokioExecutor> {
 
 /// Per-listener request limits (from the `listener` block).
 #[derive(Clone, Copy, Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub max_request_size: Option<u64>,
     pub max_request_duration: Option<Duration>,
 }
 
 /// Serves the API on `listener` until `shutdown` fires, then drains.
-pub async fn serve(node: Arc<Node>, listener: TcpListener, limits: Limits, shutdown: CancellationToken) {
+pub(crate) async fn serve(node: Arc<Node>, listener: TcpListener, limits: Limits, shutdown: CancellationToken) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -95,7 +95,7 @@ pub async fn serve(node: Arc<Node>, listener: TcpListener, limits: Limits, shutd
 }
 
 /// One HTTP request -> one HTTP response.
-pub async fn handle_http(
+pub(crate) async fn handle_http(
     node: &Node,
     req: Request<Incoming>,
     peer: Option<SocketAddr>,
@@ -220,12 +220,12 @@ fn to_http(resp: ApiResponse, head: bool) -> Response<Full<Bytes>> {
 /// marked as refused before anything ran (`x-vha-not-active`), so the proxy holds the
 /// request and sends it to the next active: the API's loop-guard answer
 /// (`api::not_active_refusal`), one definition for both.
-pub fn stopped_refusal() -> Response<Full<Bytes>> {
+pub(crate) fn stopped_refusal() -> Response<Full<Bytes>> {
     to_http(api::not_active_refusal(), false)
 }
 
 /// A plain error response, for callers outside the API (e.g. connection-level limits).
-pub fn error_response(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+pub(crate) fn error_response(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({ "errors": [msg] });
     let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
     *r.status_mut() = status;

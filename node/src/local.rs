@@ -38,7 +38,7 @@ use vha_core::pair::PairRole;
 type Body = BoxBody<Bytes, Infallible>;
 
 /// The state line for the node as it is now.
-pub async fn current_state(node: &Node) -> LocalState {
+pub(crate) async fn current_state(node: &Node) -> LocalState {
     let initialized = node.barrier().initialized().await.unwrap_or(false);
     let keyring = node.barrier().keyring().map(|k| WireKeyring::encode(&k));
     let st = node.ha().status();
@@ -76,7 +76,7 @@ const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The pair socket, bound and not yet served (see [`bind_unix`]).
 #[derive(Debug)]
-pub struct LocalListener {
+pub(crate) struct LocalListener {
     listener: UnixListener,
     path: PathBuf,
     own_uid: u32,
@@ -87,7 +87,7 @@ pub struct LocalListener {
 /// `allowed_uid` must reach it. Called before the node prints that it started and before
 /// its TCP listener serves: once anything answers, the proxy can reach the node too (a
 /// stale socket of a killed node would otherwise refuse the proxy for a moment).
-pub fn bind_unix(path: PathBuf, allowed_uid: Option<u32>) -> std::io::Result<LocalListener> {
+pub(crate) fn bind_unix(path: PathBuf, allowed_uid: Option<u32>) -> std::io::Result<LocalListener> {
     let own_uid = nix::unistd::geteuid().as_raw();
     if allowed_uid.is_some() && allowed_uid == overflow_uid() {
         tracing::warn!(
@@ -108,7 +108,7 @@ pub fn bind_unix(path: PathBuf, allowed_uid: Option<u32>) -> std::io::Result<Loc
 
 /// Serves the bound socket until `shutdown`, lingers (see [`LINGER`]), then drains
 /// (bounded). Only peers that [`node_accepts`] are served.
-pub async fn serve_unix(node: Arc<Node>, bound: LocalListener, limits: Limits, shutdown: CancellationToken) {
+pub(crate) async fn serve_unix(node: Arc<Node>, bound: LocalListener, limits: Limits, shutdown: CancellationToken) {
     let LocalListener {
         listener,
         path,

@@ -1,5 +1,5 @@
 //! The node's Prometheus metrics, with Vault's names where the meaning is the same
-//! (design.md section 5) and `vha_node_*` for our own. Served by `sys/metrics`. The node
+//! (`vault_core_*`, `vault_ha_*`, as Vault's telemetry reference names them) and `vha_node_*` for our own. Served by `sys/metrics`. The node
 //! never forwards (its proxy does), so `vault_ha_rpc_client_forward{,_errors}` are the
 //! proxy's.
 //! Histograms stand where Vault has summaries; buckets span sub-millisecond request handling
@@ -41,7 +41,7 @@ pub struct NodeMetrics {
 }
 
 /// The reasons of `vha_node_local_socket_refused_total`, all exported from the start.
-pub const LOCAL_SOCKET_REFUSED_REASONS: [&str; 2] = ["uid", "no_credentials"];
+pub(crate) const LOCAL_SOCKET_REFUSED_REASONS: [&str; 2] = ["uid", "no_credentials"];
 
 fn hist(name: &str, help: &str, buckets: &[f64]) -> Histogram {
     Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("valid histogram")

@@ -25,7 +25,7 @@ use crate::view::View;
 const CLUSTER_INFO_PATH: &str = "core/cluster/local/info";
 /// The lock every `sys/init` of an HA cluster holds while it writes (a key of its own, so
 /// taking it never looks like a leader to standbys or proxies).
-pub const INIT_LOCK_KEY: &str = "core/init-lock";
+pub(crate) const INIT_LOCK_KEY: &str = "core/init-lock";
 /// How long an init waits for another node's init to finish: an init writes a handful of
 /// entries (milliseconds), so this only runs out when the store is unreachable or another
 /// initializer hangs; its lease then frees the lock within the lock TTL.

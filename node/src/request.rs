@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 use crate::error::ApiError;
 
 /// Vault's LIST verb (also reachable as GET with `?list=true`).
-pub fn list_method() -> Method {
+pub(crate) fn list_method() -> Method {
     Method::from_bytes(b"LIST").expect("LIST is a valid method token")
 }
 
@@ -47,7 +47,7 @@ pub enum Origin {
     LocalProxy,
 }
 
-pub use vha_core::pair::CLIENT_ADDR_HEADER;
+pub(crate) use vha_core::pair::CLIENT_ADDR_HEADER;
 
 /// Header names without their values (for redacted `Debug` output).
 struct HeaderNames<'a>(&'a HeaderMap);

@@ -9,9 +9,9 @@ use serde_json::Value;
 use crate::error::ApiError;
 
 /// Longest accepted duration: 100 years. Bounds every TTL so arithmetic never overflows.
-pub const MAX_DURATION_SECS: u64 = 100 * 365 * 24 * 3600;
+pub(crate) const MAX_DURATION_SECS: u64 = 100 * 365 * 24 * 3600;
 
-pub fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -19,7 +19,7 @@ pub fn now_secs() -> u64 {
 }
 
 /// Go's `RFC3339Nano` of `t`.
-pub fn rfc3339(t: SystemTime) -> String {
+pub(crate) fn rfc3339(t: SystemTime) -> String {
     let s = humantime::format_rfc3339_nanos(t).to_string();
     // "2026-11-29T00:32:23.433452500Z" -> "...23.4334525Z"; ".000000000Z" -> "Z".
     match s.strip_suffix('Z').and_then(|b| b.rsplit_once('.')) {
@@ -35,17 +35,17 @@ pub fn rfc3339(t: SystemTime) -> String {
     }
 }
 
-pub fn now_rfc3339() -> String {
+pub(crate) fn now_rfc3339() -> String {
     rfc3339(SystemTime::now())
 }
 
 /// RFC 3339 of unix seconds.
-pub fn secs_rfc3339(secs: u64) -> String {
+pub(crate) fn secs_rfc3339(secs: u64) -> String {
     rfc3339(UNIX_EPOCH + Duration::from_secs(secs))
 }
 
 /// Parses an RFC 3339 time (as written by [`rfc3339`]).
-pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+pub(crate) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339_weak(s.trim_end_matches('Z'))
         .ok()
         .or_else(|| humantime::parse_rfc3339(s).ok())
@@ -53,7 +53,7 @@ pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
 
 /// Parses Go duration text (`1h30m`, `90s`, `1.5h`, `2d`) or plain seconds (`"3600"`), in
 /// the one grammar of [`vha_core::duration`], to whole seconds; empty is 0 (Vault's unset).
-pub fn parse_duration_str(s: &str) -> Result<u64, ApiError> {
+pub(crate) fn parse_duration_str(s: &str) -> Result<u64, ApiError> {
     if s.trim().is_empty() {
         return Ok(0);
     }
@@ -69,7 +69,7 @@ fn bound(n: u64, s: &str) -> Result<u64, ApiError> {
 }
 
 /// A duration parameter from JSON: a number of seconds or a duration string.
-pub fn parse_duration_value(v: &Value) -> Result<u64, ApiError> {
+pub(crate) fn parse_duration_value(v: &Value) -> Result<u64, ApiError> {
     match v {
         Value::Null => Ok(0),
         Value::Number(n) => match n.as_u64() {
@@ -82,7 +82,7 @@ pub fn parse_duration_value(v: &Value) -> Result<u64, ApiError> {
 }
 
 /// Go's `time.Duration.String()` for whole seconds: `0s`, `45s`, `1m30s`, `1h0m0s`.
-pub fn format_duration(secs: u64) -> String {
+pub(crate) fn format_duration(secs: u64) -> String {
     if secs == 0 {
         return "0s".into();
     }

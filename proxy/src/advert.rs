@@ -42,7 +42,7 @@ const WATCH_RETRY: Duration = Duration::from_millis(200);
 const POLL_UNWATCHABLE: Duration = Duration::from_millis(100);
 
 /// An authenticated active node, ready to forward to.
-pub struct Target {
+pub(crate) struct Target {
     /// Local sequence number of this advertisement (a new one for every new term seen);
     /// also the connection-pool group, so connections of an old term are never reused.
     pub seq: u64,
@@ -62,8 +62,6 @@ pub struct Target {
     pub cert_key: Arc<CertKey>,
     /// The advertised certificate as the only trust anchor.
     pub ca: Arc<CaType>,
-    /// SHA-less identity for tests/logs: the DER of the advertised certificate.
-    pub cert_der: Vec<u8>,
 }
 
 impl std::fmt::Debug for Target {
@@ -83,7 +81,7 @@ static SEQ: AtomicU64 = AtomicU64::new(1);
 impl Target {
     /// Builds the forwarding material from an authenticated advertisement of the lock holder
     /// `uuid` whose fencing token is `term`.
-    pub fn from_advertisement(uuid: &str, term: u64, adv: &Advertisement) -> Result<Target, ProxyError> {
+    pub(crate) fn from_advertisement(uuid: &str, term: u64, adv: &Advertisement) -> Result<Target, ProxyError> {
         let bad = |m: String| ProxyError::BadAdvertisement(m);
         let id = ClusterIdentity::from_advertisement(uuid, adv).map_err(|e| bad(e.to_string()))?;
         if x509_parser::parse_x509_certificate(&adv.cluster_cert).is_err() {
@@ -110,14 +108,13 @@ impl Target {
             sni: id.server_name(),
             cert_key,
             ca,
-            cert_der: adv.cluster_cert.clone(),
         })
     }
 }
 
 /// What every request reads.
 #[derive(Clone, Debug)]
-pub struct View {
+pub(crate) struct View {
     pub local: LocalRole,
     pub disable_clustering: bool,
     /// The authenticated active node, if one is known.
@@ -125,7 +122,7 @@ pub struct View {
 }
 
 impl View {
-    pub fn initial() -> View {
+    pub(crate) fn initial() -> View {
         View {
             local: LocalRole::Down,
             disable_clustering: false,
@@ -141,7 +138,7 @@ fn same(a: &View, b: &View) -> bool {
 }
 
 /// Runs the controller until the process ends.
-pub async fn run(stores: Stores, socket: Arc<NodeSocket>, tx: watch::Sender<Arc<View>>, metrics: Metrics) {
+pub(crate) async fn run(stores: Stores, socket: Arc<NodeSocket>, tx: watch::Sender<Arc<View>>, metrics: Metrics) {
     let (local_tx, mut local_rx) = mpsc::channel::<LocalEvent>(16);
     tokio::spawn(crate::local::run(socket, local_tx, stores.ha.clone()));
     let (dirty_tx, mut dirty_rx) = mpsc::channel::<()>(1);

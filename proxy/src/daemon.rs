@@ -21,9 +21,9 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 /// The PID file's name in the run directory.
-pub const PID_FILE: &str = "vha-proxy.pid";
+pub(crate) const PID_FILE: &str = "vha-proxy.pid";
 /// The upgrade socket's name in the run directory (Pingora's `upgrade_sock`).
-pub const UPGRADE_SOCK: &str = "vha-proxy-upgrade.sock";
+pub(crate) const UPGRADE_SOCK: &str = "vha-proxy-upgrade.sock";
 /// How long the child may take to be ready: it opens its stores (a lockd or etcd connect)
 /// before Pingora's bootstrap, and a store that is down is retried, not fatal; well under
 /// systemd's default start timeout (90 s).
@@ -38,13 +38,13 @@ const POLL: Duration = Duration::from_millis(20);
 
 /// The run directory's files.
 #[derive(Clone, Debug)]
-pub struct RunFiles {
+pub(crate) struct RunFiles {
     pub pid_file: PathBuf,
     pub upgrade_sock: PathBuf,
 }
 
 impl RunFiles {
-    pub fn in_dir(dir: &Path) -> RunFiles {
+    pub(crate) fn in_dir(dir: &Path) -> RunFiles {
         RunFiles {
             pid_file: dir.join(PID_FILE),
             upgrade_sock: dir.join(UPGRADE_SOCK),
@@ -54,13 +54,13 @@ impl RunFiles {
 
 /// The pure readiness rule (see the module header): the PID file names `child`, and for
 /// an upgrade the child also waits on the upgrade socket.
-pub fn ready(pid_in_file: Option<u32>, child: u32, upgrade: bool, upgrade_sock_exists: bool) -> bool {
+pub(crate) fn ready(pid_in_file: Option<u32>, child: u32, upgrade: bool, upgrade_sock_exists: bool) -> bool {
     pid_in_file == Some(child) && (!upgrade || upgrade_sock_exists)
 }
 
 /// Writes this process's PID to `path` atomically (a temporary file renamed over it): a
 /// reader sees the old PID or the new one, never a partial line.
-pub fn write_pid_file(path: &Path) -> std::io::Result<()> {
+pub(crate) fn write_pid_file(path: &Path) -> std::io::Result<()> {
     let tmp = path.with_extension(format!("pid.{}", std::process::id()));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -79,7 +79,7 @@ pub fn write_pid_file(path: &Path) -> std::io::Result<()> {
 /// runs `then`. Read from /proc, not by connecting: a probe connection would show in the
 /// listener's log as a failed handshake. Not listening after [`LISTEN_BOUND`], the process
 /// exits 1 (the PID file never written), rather than run on without a listener.
-pub fn when_listening(listen: std::net::SocketAddr, then: impl FnOnce() + Send + 'static) {
+pub(crate) fn when_listening(listen: std::net::SocketAddr, then: impl FnOnce() + Send + 'static) {
     let spawned = std::thread::Builder::new()
         .name("vha-proxy-ready".into())
         .spawn(move || {
@@ -133,13 +133,13 @@ fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
 }
 
 /// The PID a PID file names (`None`: absent or not a PID yet).
-pub fn read_pid_file(path: &Path) -> Option<u32> {
+pub(crate) fn read_pid_file(path: &Path) -> Option<u32> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
 /// Runs in the invoked process: starts the proxy child with `args` (the `vha proxy`
 /// arguments without `--daemon`) and waits until it is ready.
-pub fn start(args: &[String], files: &RunFiles, upgrade: bool) -> ExitCode {
+pub(crate) fn start(args: &[String], files: &RunFiles, upgrade: bool) -> ExitCode {
     if upgrade {
         // A socket left by a failed earlier upgrade must not pass for the child's.
         let _ = std::fs::remove_file(&files.upgrade_sock);

@@ -83,7 +83,7 @@ impl EndOfHead {
 }
 
 /// A downstream stream whose reads fail once the request head is overdue.
-pub struct HeadDeadline {
+pub(crate) struct HeadDeadline {
     inner: Stream,
     limit: Duration,
     phase: Phase,
@@ -103,7 +103,7 @@ impl fmt::Debug for HeadDeadline {
 
 impl HeadDeadline {
     /// Wraps a new connection's stream: its first head is due `limit` after now.
-    pub fn new(inner: Stream, limit: Duration) -> HeadDeadline {
+    pub(crate) fn new(inner: Stream, limit: Duration) -> HeadDeadline {
         HeadDeadline {
             inner,
             limit,
@@ -250,14 +250,14 @@ impl Peek for HeadDeadline {
 /// A server app that runs `A`'s HTTP/1.1 connections with a [`HeadDeadline`] on each head,
 /// and, with `tls`, the TLS handshake itself under the same deadline (Pingora's TLS
 /// listener has none, so the listener is plain TCP and the handshake happens here).
-pub struct HeadDeadlineApp<A> {
+pub(crate) struct HeadDeadlineApp<A> {
     inner: Arc<A>,
     limit: Duration,
     tls: Option<Acceptor>,
 }
 
 impl<A> HeadDeadlineApp<A> {
-    pub fn new(inner: A, limit: Duration, tls: Option<Acceptor>) -> HeadDeadlineApp<A> {
+    pub(crate) fn new(inner: A, limit: Duration, tls: Option<Acceptor>) -> HeadDeadlineApp<A> {
         HeadDeadlineApp {
             inner: Arc::new(inner),
             limit,

@@ -14,15 +14,15 @@
 //! - [`tls`]: listener TLS and upstream peers. [`xff`]: the client address a node is told.
 //!   [`reload`]: SIGHUP. [`daemon`]: `--daemon` (PID file). [`metrics`], [`error`], [`cli`].
 
-pub mod advert;
+pub(crate) mod advert;
 pub mod cli;
-pub mod daemon;
-pub mod error;
-pub mod head;
-pub mod local;
-pub mod metrics;
-pub mod reload;
+pub(crate) mod daemon;
+pub(crate) mod error;
+pub(crate) mod head;
+pub(crate) mod local;
+pub(crate) mod metrics;
+pub(crate) mod reload;
 pub mod route;
-pub mod service;
-pub mod tls;
-pub mod xff;
+pub(crate) mod service;
+pub(crate) mod tls;
+pub(crate) mod xff;

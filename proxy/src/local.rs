@@ -51,7 +51,7 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the controller learns from the node.
 #[derive(Debug)]
-pub enum LocalEvent {
+pub(crate) enum LocalEvent {
     /// A state line (sent on connect and on every change).
     State(Box<LocalState>),
     /// The stream ended or could not be opened: the node is down.
@@ -60,7 +60,7 @@ pub enum LocalEvent {
 
 /// The node's socket and who must be listening on it.
 #[derive(Debug)]
-pub struct NodeSocket {
+pub(crate) struct NodeSocket {
     pub path: PathBuf,
     /// This proxy's effective user id.
     own_uid: u32,
@@ -69,7 +69,7 @@ pub struct NodeSocket {
 }
 
 impl NodeSocket {
-    pub fn new(path: PathBuf, node_uid: Option<u32>) -> NodeSocket {
+    pub(crate) fn new(path: PathBuf, node_uid: Option<u32>) -> NodeSocket {
         NodeSocket {
             path,
             own_uid: nix::unistd::geteuid().as_raw(),
@@ -78,14 +78,14 @@ impl NodeSocket {
     }
 
     /// The user the node must run as.
-    pub fn expected_uid(&self) -> u32 {
+    pub(crate) fn expected_uid(&self) -> u32 {
         self.node_uid.unwrap_or(self.own_uid)
     }
 
     /// Connects, and keeps the connection only if the listening process runs as the
     /// node's user (by the kernel's record of it, `SO_PEERCRED`); nothing has been sent
     /// when it is refused.
-    pub async fn connect(&self) -> Result<UnixStream, ProxyError> {
+    pub(crate) async fn connect(&self) -> Result<UnixStream, ProxyError> {
         let stream = UnixStream::connect(&self.path).await.map_err(ProxyError::LocalSocket)?;
         let cred = stream.peer_cred().map_err(ProxyError::LocalSocket)?;
         if !proxy_accepts(cred.uid(), self.own_uid, self.node_uid) {
@@ -104,7 +104,7 @@ impl NodeSocket {
 /// Pingora's connector for the local node: the peer-checked [`NodeSocket::connect`] under
 /// `timeout`, so API requests (tokens, bodies) only ever go to the node.
 #[derive(Debug)]
-pub struct CheckedConnect {
+pub(crate) struct CheckedConnect {
     pub socket: Arc<NodeSocket>,
     pub timeout: Duration,
 }
@@ -128,7 +128,7 @@ impl pingora::connectors::L4Connect for CheckedConnect {
 }
 
 /// Follows the node's state stream forever (until the receiver is dropped).
-pub async fn run(socket: Arc<NodeSocket>, tx: mpsc::Sender<LocalEvent>, ha: Option<Arc<dyn HaBackend>>) {
+pub(crate) async fn run(socket: Arc<NodeSocket>, tx: mpsc::Sender<LocalEvent>, ha: Option<Arc<dyn HaBackend>>) {
     let mut delay = RECONNECT_MIN;
     let mut was_up = true;
     loop {
@@ -279,7 +279,7 @@ async fn follow(
 
 /// Whether process `pid` is provably gone: `kill(pid, 0)` fails with ESRCH, or it is a
 /// zombie (it has exited; only its exit status remains for its parent to collect).
-pub fn process_gone(pid: u32) -> bool {
+pub(crate) fn process_gone(pid: u32) -> bool {
     let Ok(raw) = i32::try_from(pid) else { return false };
     if raw <= 0 {
         return false;
@@ -310,7 +310,7 @@ pub fn process_gone(pid: u32) -> bool {
 /// - A reused PID makes `kill(pid, 0)` succeed: the proof fails and nothing is released
 ///   (safe direction). The proof assumes the proxy and node share a PID namespace, which a
 ///   pair sharing a unix socket on one host does in every supported deployment.
-pub async fn release_if_dead(ha: Arc<dyn HaBackend>, pid: u32, token: u64) {
+pub(crate) async fn release_if_dead(ha: Arc<dyn HaBackend>, pid: u32, token: u64) {
     let deadline = tokio::time::Instant::now() + DEATH_PROOF_WINDOW;
     loop {
         if process_gone(pid) {

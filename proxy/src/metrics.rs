@@ -67,7 +67,7 @@ fn role_label(role: LocalRole) -> &'static str {
 
 /// The proxy's metric handles (cheap to clone).
 #[derive(Clone)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     pub registry: Registry,
     /// `route` = local | forward | redirect | sealed | unavailable | rejected; `class` = 2xx..5xx.
     pub requests: IntCounterVec,
@@ -110,7 +110,7 @@ struct InUse {
 /// Gauges computed when scraped: the advertisement's term and age, and the upstream
 /// connections still open.
 #[derive(Clone)]
-pub struct ScrapeTime {
+pub(crate) struct ScrapeTime {
     advert: Arc<Mutex<Option<InUse>>>,
     /// fd -> (socket inode, upstream label) of upstream connections seen established.
     conns: Arc<Mutex<HashMap<i32, (u64, &'static str)>>>,
@@ -194,14 +194,14 @@ fn socket_inode(fd: i32) -> Option<u64> {
 
 /// A hold in progress: counted in `vha_proxy_holding` until dropped; [`Hold::end`] records
 /// its outcome and how long it waited.
-pub struct Hold {
+pub(crate) struct Hold {
     metrics: Metrics,
     started: Instant,
 }
 
 impl Hold {
     /// The hold ended with `outcome` (resolved | no_active | same_active | sealed).
-    pub fn end(self, outcome: &str) {
+    pub(crate) fn end(self, outcome: &str) {
         self.metrics.holds.with_label_values(&[outcome]).inc();
         self.metrics.hold_seconds.observe(self.started.elapsed().as_secs_f64());
     }
@@ -214,7 +214,7 @@ impl Drop for Hold {
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
+    pub(crate) fn new() -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new(
@@ -364,23 +364,23 @@ impl Metrics {
     }
 
     /// A forwarded request finished after `secs`.
-    pub fn observe_forward(&self, secs: f64) {
+    pub(crate) fn observe_forward(&self, secs: f64) {
         self.forward_latency.observe(secs);
         self.vault_forward.observe(secs);
     }
 
     /// A forward failed (`kind`: tls | unreachable | not_active | broken).
-    pub fn forward_error(&self, kind: &str) {
+    pub(crate) fn forward_error(&self, kind: &str) {
         self.forward_errors.with_label_values(&[kind]).inc();
         self.vault_forward_errors.inc();
     }
 
-    pub fn set_active_known(&self, known: bool) {
+    pub(crate) fn set_active_known(&self, known: bool) {
         self.active_known.set(i64::from(known));
     }
 
     /// The local node's role as the route decision now sees it.
-    pub fn set_local_role(&self, role: LocalRole) {
+    pub(crate) fn set_local_role(&self, role: LocalRole) {
         for r in LOCAL_ROLES {
             self.local_role
                 .with_label_values(&[role_label(r)])
@@ -389,7 +389,7 @@ impl Metrics {
     }
 
     /// A request starts waiting for an active node.
-    pub fn hold_started(&self) -> Hold {
+    pub(crate) fn hold_started(&self) -> Hold {
         self.holding.inc();
         Hold {
             metrics: self.clone(),
@@ -399,14 +399,14 @@ impl Metrics {
 
     /// The advertisement now in use: its term (fencing token) and when it was accepted;
     /// `None` when no active node is known.
-    pub fn set_advertisement(&self, in_use: Option<(u64, Instant)>) {
+    pub(crate) fn set_advertisement(&self, in_use: Option<(u64, Instant)>) {
         *self.scrape.advert.lock().unwrap_or_else(|e| e.into_inner()) =
             in_use.map(|(term, accepted)| InUse { term, accepted });
     }
 
     /// A request is about to be sent on an upstream connection (`upstream`: local |
     /// active); `fd` is the connection's file descriptor, remembered when it is new.
-    pub fn upstream_connection(&self, upstream: &'static str, reused: bool, fd: i32) {
+    pub(crate) fn upstream_connection(&self, upstream: &'static str, reused: bool, fd: i32) {
         self.upstream_connections
             .with_label_values(&[if reused { "true" } else { "false" }, upstream])
             .inc();
@@ -422,7 +422,7 @@ impl Metrics {
     }
 
     /// The text exposition.
-    pub fn render(&self) -> Vec<u8> {
+    pub(crate) fn render(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         out
@@ -452,7 +452,7 @@ fn hold_buckets() -> Vec<f64> {
 }
 
 /// The status class label of a status code.
-pub fn class(status: u16) -> &'static str {
+pub(crate) fn class(status: u16) -> &'static str {
     match status {
         100..=199 => "1xx",
         200..=299 => "2xx",
@@ -484,7 +484,7 @@ async fn bind_when_free(addr: SocketAddr) -> std::io::Result<tokio::net::TcpList
 }
 
 /// Serves `GET /metrics` (any path) on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
+pub(crate) async fn serve(addr: SocketAddr, metrics: Metrics) -> std::io::Result<()> {
     let listener = bind_when_free(addr).await?;
     tracing::info!(%addr, "serving proxy metrics");
     loop {

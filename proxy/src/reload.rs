@@ -16,10 +16,10 @@ use vha_core::storage::factory::Credentials;
 use crate::metrics::Metrics;
 use crate::xff::TrustedForwarders;
 
-pub use vha_core::logging::SetLevel;
+pub(crate) use vha_core::logging::SetLevel;
 
 /// What a reload changes, and where.
-pub struct Reloader {
+pub(crate) struct Reloader {
     pub path: PathBuf,
     pub running: Config,
     /// The client listener's pair (absent with `tls_disable`).
@@ -34,7 +34,7 @@ pub struct Reloader {
 
 impl Reloader {
     /// Reloads on every SIGHUP, forever.
-    pub async fn run(mut self) {
+    pub(crate) async fn run(mut self) {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = match signal(SignalKind::hangup()) {
             Ok(s) => s,
@@ -57,7 +57,7 @@ impl Reloader {
     }
 
     /// One reload; on error nothing has changed.
-    pub fn reload(&mut self) -> Result<(), String> {
+    pub(crate) fn reload(&mut self) -> Result<(), String> {
         let new = vha_core::config::load(&self.path, &ProcessEnv)
             .map_err(|e| format!("loading configuration from {}: {e}", self.path.display()))?;
         // What can fail first: an error leaves everything as it was.
@@ -100,7 +100,7 @@ impl Reloader {
 
 /// The settings the proxy uses that differ between `old` and `new` and that a reload does
 /// not apply.
-pub fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
+pub(crate) fn restart_needed(old: &Config, new: &Config) -> Vec<&'static str> {
     let (o, n) = (old.listener(), new.listener());
     let mut out = Vec::new();
     if o.address != n.address {

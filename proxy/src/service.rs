@@ -48,7 +48,7 @@ const HOP_BY_HOP: [&str; 5] = ["connection", "keep-alive", "proxy-connection", "
 
 /// Static settings of the service.
 #[derive(Clone, Debug)]
-pub struct Settings {
+pub(crate) struct Settings {
     pub local_socket: Arc<NodeSocket>,
     pub hold_timeout: Duration,
     pub max_request_size: Option<u64>,
@@ -62,14 +62,14 @@ pub struct Settings {
 }
 
 /// The proxy service.
-pub struct VhaProxy {
+pub(crate) struct VhaProxy {
     view: watch::Receiver<Arc<View>>,
     settings: Settings,
     metrics: Metrics,
 }
 
 impl VhaProxy {
-    pub fn new(view: watch::Receiver<Arc<View>>, settings: Settings, metrics: Metrics) -> VhaProxy {
+    pub(crate) fn new(view: watch::Receiver<Arc<View>>, settings: Settings, metrics: Metrics) -> VhaProxy {
         VhaProxy {
             view,
             settings,
@@ -80,7 +80,7 @@ impl VhaProxy {
 
 /// Where the request goes.
 #[derive(Clone, Debug, Default)]
-pub enum Upstream {
+pub(crate) enum Upstream {
     #[default]
     None,
     /// The local node, with the role the view gave it when the request was routed there.
@@ -89,7 +89,7 @@ pub enum Upstream {
 }
 
 /// Per-request state.
-pub struct Ctx {
+pub(crate) struct Ctx {
     upstream: Upstream,
     /// Route label for metrics.
     route: &'static str,

@@ -34,11 +34,11 @@ const _: () =
 /// Connect bound to the local node's unix socket.
 const LOCAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// h2 streams per upstream connection when forwarding over h2.
-pub const H2_STREAMS: usize = 128;
+pub(crate) const H2_STREAMS: usize = 128;
 
 /// Which protocol forwarded requests use on the cluster channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ForwardProtocol {
+pub(crate) enum ForwardProtocol {
     /// Pooled keep-alive HTTP/1.1 connections (one request in flight per connection).
     H1,
     /// HTTP/2, up to [`H2_STREAMS`] concurrent streams per connection.
@@ -49,7 +49,7 @@ pub enum ForwardProtocol {
 /// `tls_key_file`, replaceable on SIGHUP, see [`vha_core::served_cert`]): TLS 1.2 and 1.3,
 /// ALPN h2 and http/1.1, aws-lc-rs. The handshake itself runs in
 /// [`crate::head::HeadDeadlineApp`], under a deadline.
-pub fn listener_acceptor(served: Arc<ServedCert>) -> Result<Acceptor, ProxyError> {
+pub(crate) fn listener_acceptor(served: Arc<ServedCert>) -> Result<Acceptor, ProxyError> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(vha_core::cluster_tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
         .map_err(|e| ProxyError::Config(format!("listener TLS: {e}")))?
@@ -62,7 +62,7 @@ pub fn listener_acceptor(served: Arc<ServedCert>) -> Result<Acceptor, ProxyError
 /// The peer for forwarding to `t`: mTLS with the advertised certificate and key, that same
 /// certificate as the only CA, SNI `fw-<uuid>` (never empty: an empty SNI would disable
 /// verification), hostname checked, and the term as pool group.
-pub fn forward_peer(t: &Target, proto: ForwardProtocol) -> HttpPeer {
+pub(crate) fn forward_peer(t: &Target, proto: ForwardProtocol) -> HttpPeer {
     debug_assert!(!t.sni.is_empty());
     let mut p = HttpPeer::new_mtls(t.addr, t.sni.clone(), t.cert_key.clone());
     p.group_key = t.seq;
@@ -85,7 +85,7 @@ pub fn forward_peer(t: &Target, proto: ForwardProtocol) -> HttpPeer {
 
 /// The peer for the local node: plain HTTP/1.1 on the pair's unix socket, pooled, every
 /// new connection checked to be the node's ([`CheckedConnect`]).
-pub fn local_peer(socket: &Arc<NodeSocket>) -> pingora::Result<HttpPeer> {
+pub(crate) fn local_peer(socket: &Arc<NodeSocket>) -> pingora::Result<HttpPeer> {
     let mut p = HttpPeer::new_uds(&socket.path.to_string_lossy(), false, String::new())?;
     p.options.custom_l4 = Some(Arc::new(CheckedConnect {
         socket: socket.clone(),

@@ -12,21 +12,21 @@ use vha_core::config::IpNet;
 
 /// The authorized forwarders, replaceable while the proxy runs.
 #[derive(Debug, Default)]
-pub struct TrustedForwarders(RwLock<Arc<[IpNet]>>);
+pub(crate) struct TrustedForwarders(RwLock<Arc<[IpNet]>>);
 
 impl TrustedForwarders {
-    pub fn new(nets: Vec<IpNet>) -> TrustedForwarders {
+    pub(crate) fn new(nets: Vec<IpNet>) -> TrustedForwarders {
         TrustedForwarders(RwLock::new(nets.into()))
     }
 
     /// Installs `nets` for every request decided from now on.
-    pub fn set(&self, nets: Vec<IpNet>) {
+    pub(crate) fn set(&self, nets: Vec<IpNet>) {
         *self.0.write().unwrap_or_else(|e| e.into_inner()) = nets.into();
     }
 
     /// The address the node should see for a request from `peer` carrying the
     /// `X-Forwarded-For` values `xff`.
-    pub fn client_addr<'a>(&self, peer: SocketAddr, xff: impl Iterator<Item = &'a HeaderValue>) -> SocketAddr {
+    pub(crate) fn client_addr<'a>(&self, peer: SocketAddr, xff: impl Iterator<Item = &'a HeaderValue>) -> SocketAddr {
         let nets = self.0.read().unwrap_or_else(|e| e.into_inner()).clone();
         client_addr(&nets, peer, xff)
     }
@@ -34,7 +34,11 @@ impl TrustedForwarders {
 
 /// The pure decision: the last non-empty `X-Forwarded-For` hop (the one the trusted peer
 /// itself added) when `peer` is in `trusted` and that hop is an IP address; `peer` otherwise.
-pub fn client_addr<'a>(trusted: &[IpNet], peer: SocketAddr, xff: impl Iterator<Item = &'a HeaderValue>) -> SocketAddr {
+pub(crate) fn client_addr<'a>(
+    trusted: &[IpNet],
+    peer: SocketAddr,
+    xff: impl Iterator<Item = &'a HeaderValue>,
+) -> SocketAddr {
     if !trusted.iter().any(|n| n.contains(peer.ip())) {
         return peer;
     }

@@ -1,7 +1,7 @@
 //! Vault's HCL server configuration: parsed once, defaulted and validated, with errors that
 //! name the file, the key and (where the parser knows it) the line.
 //!
-//! Rules (design.md section 4): env wins (`VAULT_API_ADDR` > `VAULT_REDIRECT_ADDR` >
+//! Rules: env wins (`VAULT_API_ADDR` > `VAULT_REDIRECT_ADDR` >
 //! `VAULT_ADVERTISE_ADDR` > `api_addr`; `VAULT_CLUSTER_ADDR` > `cluster_addr`); `api_addr` is a
 //! full URL with scheme; a listener's `cluster_address` defaults to its address with port+1;
 //! the advertised `cluster_addr` defaults to the api_addr host with port+1 and is forced to

@@ -1,4 +1,4 @@
-//! Unit tests for the HCL configuration parser: one test per rule of design.md section 4 and per
+//! Unit tests for the HCL configuration parser: one test per rule listed in `mod.rs` and per
 //! error kind, plus proptests that the parser never panics.
 
 use std::net::{IpAddr, SocketAddr};

@@ -1,6 +1,6 @@
 //! The `sys/` endpoints that work while sealed: `init`, `unseal`, `seal-status`, `seal`,
 //! `health`, `leader`. Status codes, parameters and JSON fields follow Vault (checked against
-//! OpenBao 2.7.2; design.md section 3).
+//! OpenBao 2.7.2, `vha bench`'s peer).
 
 use base64::Engine;
 use http::{Method, StatusCode};

@@ -33,7 +33,7 @@ const AUDIT_TABLE_PATH: &str = "core/audit";
 /// since the log names every path and caller.
 const DEFAULT_MODE: u32 = 0o600;
 /// The prefix Vault puts on every hashed value.
-pub const HMAC_PREFIX: &str = "hmac-sha256:";
+pub(crate) const HMAC_PREFIX: &str = "hmac-sha256:";
 
 /// One enabled device, as stored. `Debug` does not show the salt (the HMAC key).
 #[derive(Clone, Serialize, Deserialize)]
@@ -175,7 +175,7 @@ fn hash_with(salt: &[u8], s: &str) -> String {
 }
 
 /// Replaces every string in `v` (at any depth) by its HMAC; other scalars stay (Vault).
-pub fn hash_strings(salt: &[u8], v: &Value) -> Value {
+pub(crate) fn hash_strings(salt: &[u8], v: &Value) -> Value {
     match v {
         Value::String(s) => Value::String(hash_with(salt, s)),
         Value::Array(a) => Value::Array(a.iter().map(|x| hash_strings(salt, x)).collect()),

@@ -29,16 +29,16 @@ const POLL_FALLBACK: Duration = Duration::from_millis(500);
 /// Pause before re-establishing a closed watch.
 const REWATCH_DELAY: Duration = Duration::from_millis(200);
 /// The cluster-channel path of the heartbeat.
-pub const ECHO_PATH: &str = "/cluster/echo";
+pub(crate) const ECHO_PATH: &str = "/cluster/echo";
 
 /// Runs the leader watcher and the heartbeat until `stop` fires.
-pub async fn standby_tasks(node: Arc<Node>, stop: CancellationToken) {
+pub(crate) async fn standby_tasks(node: Arc<Node>, stop: CancellationToken) {
     tokio::join!(watch_leader(node.clone(), stop.clone()), heartbeat(node, stop));
 }
 
 /// The active node as storage says now: the lock holder's advertisement, decrypted.
 /// `Err` when storage could not be asked (the caller keeps what it knew).
-pub async fn current_leader(node: &Node) -> Result<Option<Arc<LeaderInfo>>, StorageError> {
+pub(crate) async fn current_leader(node: &Node) -> Result<Option<Arc<LeaderInfo>>, StorageError> {
     let Some(ha) = node.stores().ha.clone() else {
         return Ok(None);
     };
@@ -180,7 +180,7 @@ async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
 }
 
 /// This machine's host name (for `sys/ha-status`).
-pub fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .ok()

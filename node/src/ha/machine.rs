@@ -27,13 +27,13 @@ use super::term::{self, EndPlan, GiveUp, Next, TermEnd};
 
 /// Pause after a failed lock attempt (storage unreachable) before trying again: short
 /// enough to take over quickly once the store is back, long enough not to hammer it.
-pub const ACQUIRE_RETRY: Duration = Duration::from_millis(250);
+pub(crate) const ACQUIRE_RETRY: Duration = Duration::from_millis(250);
 /// Pause after a failed leadership setup (listener bind or advertisement write failed).
-pub const SETUP_RETRY: Duration = Duration::from_secs(1);
+pub(crate) const SETUP_RETRY: Duration = Duration::from_secs(1);
 
 /// What the lock loop saw. `term` is the fencing token of the lock grant it belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// The barrier was unsealed.
     Unsealed,
     /// The barrier is being sealed.
@@ -62,7 +62,7 @@ pub enum Event {
 
 /// Something measured at a transition, for the loop to record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Observation {
+pub(crate) enum Observation {
     /// Contending took this long.
     LockAcquired(Duration),
     /// A term was lost after serving this long.
@@ -76,7 +76,7 @@ pub enum Observation {
 
 /// What the lock loop does, in the order given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Command {
+pub(crate) enum Command {
     /// Report standby (no fence) and follow the active: learn who it is, heartbeat to it.
     FollowActive,
     /// Stop following the active.
@@ -119,7 +119,7 @@ pub enum Command {
 
 /// Where the loop is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// Sealed (or not yet unsealed): nothing held, nothing pending.
     Sealed,
     /// A standby waiting before it contends.
@@ -143,7 +143,7 @@ pub enum Phase {
 
 /// The lock loop's state.
 #[derive(Clone, Debug)]
-pub struct Machine {
+pub(crate) struct Machine {
     phase: Phase,
     sealed: bool,
     shutdown: bool,
@@ -155,7 +155,7 @@ pub struct Machine {
 
 impl Machine {
     /// A machine for a node that starts sealed.
-    pub fn new(step_down_wait: Duration) -> Machine {
+    pub(crate) fn new(step_down_wait: Duration) -> Machine {
         Machine {
             phase: Phase::Sealed,
             sealed: true,
@@ -165,26 +165,28 @@ impl Machine {
         }
     }
 
-    pub fn phase(&self) -> Phase {
+    /// Where the machine is (the tests' view of it).
+    #[cfg(test)]
+    pub(crate) fn phase(&self) -> Phase {
         self.phase
     }
 
     /// The seal state the machine knows of (the loop reports a change as an event).
-    pub fn sealed(&self) -> bool {
+    pub(crate) fn sealed(&self) -> bool {
         self.sealed
     }
 
     /// True once the machine knows of the shutdown.
-    pub fn shutting_down(&self) -> bool {
+    pub(crate) fn shutting_down(&self) -> bool {
         self.shutdown
     }
 
-    pub fn exited(&self) -> bool {
+    pub(crate) fn exited(&self) -> bool {
         self.phase == Phase::Exited
     }
 
     /// What to do about `event`, seen at `now`.
-    pub fn on(&mut self, event: Event, now: Instant) -> Vec<Command> {
+    pub(crate) fn on(&mut self, event: Event, now: Instant) -> Vec<Command> {
         use Command as C;
         match (event, self.phase) {
             (_, Phase::Exited) => Vec::new(),

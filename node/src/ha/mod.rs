@@ -18,10 +18,10 @@
 //! the lock: stop serving at once (the role flips before anything else), close the cluster
 //! listener, best-effort delete our advertisement, record the term, re-contend.
 
-pub mod leader;
-pub mod machine;
-pub mod state;
-pub mod term;
+pub(crate) mod leader;
+pub(crate) mod machine;
+pub(crate) mod state;
+pub(crate) mod term;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -57,7 +57,7 @@ const ADVERTISEMENT_CAPACITY: usize = 4096;
 /// The cluster channel a term opens for the standbys' proxies to forward over. The server
 /// wiring names the implementation (the cluster listener), so the lock loop stays below the
 /// HTTP stack that serves forwarded requests.
-pub trait ClusterChannel: Sized + Send + 'static {
+pub(crate) trait ClusterChannel: Sized + Send + 'static {
     /// A closed channel's connections, still lingering until they are done.
     type Closed: Send + 'static;
     /// Opens the channel with the term's identity, ready before the advertisement names it.
@@ -72,7 +72,7 @@ pub trait ClusterChannel: Sized + Send + 'static {
 /// The lock loop. Runs for the life of the process when HA is enabled: it turns the seal
 /// state, the shutdown token and the outcome of its one pending operation into events for
 /// the [`Machine`], and carries out the commands the machine returns.
-pub async fn run<C: ClusterChannel>(node: Arc<Node>) {
+pub(crate) async fn run<C: ClusterChannel>(node: Arc<Node>) {
     let Some(backend) = node.stores().ha.clone() else {
         return;
     };

@@ -17,9 +17,9 @@ use vha_core::storage::Fence;
 /// Heartbeat period. `sys/health` reports 474 after two missed periods; 1 s keeps that
 /// window (2 s) well inside a client's retry budget while costing one tiny request per
 /// second per standby.
-pub const ECHO_INTERVAL: Duration = Duration::from_secs(1);
+pub(crate) const ECHO_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a standby heartbeat record stays in `sys/ha-status` without a new echo.
-pub const ECHO_RETENTION: Duration = Duration::from_secs(30);
+pub(crate) const ECHO_RETENTION: Duration = Duration::from_secs(30);
 
 /// The node's HA role.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]

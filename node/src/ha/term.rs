@@ -7,7 +7,7 @@ use std::time::Duration;
 
 /// Why an active term ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TermEnd {
+pub(crate) enum TermEnd {
     /// The lease ran out, or the store refused one of the term's writes as fenced.
     Lost,
     /// `sys/step-down`.
@@ -20,7 +20,7 @@ pub enum TermEnd {
 
 /// How the term gives up its lock.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GiveUp {
+pub(crate) enum GiveUp {
     /// Drop the guard without a release: the lease is gone (or its fence refused), so a
     /// release could only fail or, worse, free a lock another node holds now.
     Abandon,
@@ -30,7 +30,7 @@ pub enum GiveUp {
 
 /// What the lock loop does once the term is torn down.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Next {
+pub(crate) enum Next {
     /// Leave the loop: the process is exiting.
     Exit,
     /// Back to standby (or sealed, when sealing), contending again after `after`.
@@ -39,7 +39,7 @@ pub enum Next {
 
 /// The end of one term, decided.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EndPlan {
+pub(crate) struct EndPlan {
     /// Wait (bounded) for the requests already admitted to finish with the term's fence.
     /// Not for a lost term: its fence is stale, the store refuses its writes anyway.
     pub drain: bool,
@@ -53,7 +53,7 @@ pub struct EndPlan {
 
 /// The plan for a term that ended by `end`. `step_down_wait` is Vault's pause after a
 /// step-down before contending again, so another node takes the lock.
-pub fn plan(end: TermEnd, step_down_wait: Duration) -> EndPlan {
+pub(crate) fn plan(end: TermEnd, step_down_wait: Duration) -> EndPlan {
     let lost = end == TermEnd::Lost;
     EndPlan {
         drain: !lost,

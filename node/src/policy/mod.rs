@@ -9,7 +9,7 @@
 //!   [`Acl::allows_request`] also applies that rule's parameter constraints to a write.
 //! - [`store::PolicyStore`]: policies kept through the barrier at `sys/policy/<name>`.
 
-pub mod store;
+pub(crate) mod store;
 
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -143,7 +143,7 @@ impl Operation {
 /// A policy that failed to parse; the text is Vault's `failed to parse policy: ...`.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error("failed to parse policy: {0}")]
-pub struct PolicyParseError(pub String);
+pub(crate) struct PolicyParseError(pub String);
 
 /// Vault's request-parameter constraints of a `path` stanza (`allowed_parameters`,
 /// `denied_parameters`, `required_parameters`). Checked against the top-level keys of a
@@ -371,7 +371,7 @@ fn stanza(pattern: &str, body: &Value) -> Result<PathRule, PolicyParseError> {
 
 /// Parses a policy: HCL, or JSON when the text starts with `{`. Both become the same
 /// JSON shape (`{"path": {"<glob>": {...}}}`) before interpretation.
-pub fn parse(name: &str, text: &str) -> Result<Policy, PolicyParseError> {
+pub(crate) fn parse(name: &str, text: &str) -> Result<Policy, PolicyParseError> {
     let doc: Value = if text.trim_start().starts_with('{') {
         serde_json::from_str(text).map_err(|e| PolicyParseError(e.to_string()))?
     } else {
@@ -448,7 +448,7 @@ pub fn parse(name: &str, text: &str) -> Result<Policy, PolicyParseError> {
 
 /// Does `pattern` match `path`? `*` (only last) matches any suffix; `+` matches exactly one
 /// segment (any characters but `/`).
-pub fn glob_match(pattern: &str, path: &str) -> bool {
+pub(crate) fn glob_match(pattern: &str, path: &str) -> bool {
     let (pat, prefix) = match pattern.strip_suffix('*') {
         Some(p) => (p, true),
         None => (pattern, false),
@@ -494,7 +494,7 @@ pub fn glob_match(pattern: &str, path: &str) -> bool {
 /// 3. fewer `+` segments wins;
 /// 4. longer wins;
 /// 5. lexicographically greater wins.
-pub fn priority_cmp(a: &str, b: &str) -> Ordering {
+pub(crate) fn priority_cmp(a: &str, b: &str) -> Ordering {
     let first_wild = |p: &str| p.find(['+', '*']).unwrap_or(p.len());
     first_wild(a)
         .cmp(&first_wild(b))
@@ -600,7 +600,7 @@ impl Acl {
 
 /// The text of the `default` policy created at init (Vault's, minus the endpoints vha does
 /// not serve, so a token's `capabilities-self` answers stay truthful).
-pub const DEFAULT_POLICY: &str = r#"
+pub(crate) const DEFAULT_POLICY: &str = r#"
 # Allow tokens to look up their own properties
 path "auth/token/lookup-self" {
     capabilities = ["read"]

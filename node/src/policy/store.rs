@@ -38,7 +38,7 @@ pub struct PolicyStore {
 }
 
 /// Vault lowercases policy names; a name is one path segment.
-pub fn normalize_name(name: &str) -> Result<String, ApiError> {
+pub(crate) fn normalize_name(name: &str) -> Result<String, ApiError> {
     let n = name.trim().to_lowercase();
     if n.is_empty() {
         return Err(ApiError::BadRequest("policy name must be provided".into()));

@@ -32,13 +32,13 @@ const PARENT_PREFIX: &str = "sys/token/parent/";
 /// Random characters in a token after its prefix: 24 alphanumerics, ~143 bits, as Vault.
 const TOKEN_RANDOM_LEN: usize = 24;
 /// Vault's service-token prefix.
-pub const TOKEN_PREFIX: &str = "hvs.";
+pub(crate) const TOKEN_PREFIX: &str = "hvs.";
 /// Longest string accepted as a token; longer input cannot be one of ours, and bounding it
 /// bounds the HMAC work an unauthenticated client can cause.
 const MAX_TOKEN_LEN: usize = 512;
 /// Vault's system `default_lease_ttl` and `max_lease_ttl`: 768h (32 days).
-pub const DEFAULT_TTL_SECS: u64 = 768 * 3600;
-pub const MAX_TTL_SECS: u64 = 768 * 3600;
+pub(crate) const DEFAULT_TTL_SECS: u64 = 768 * 3600;
+pub(crate) const MAX_TTL_SECS: u64 = 768 * 3600;
 /// Deepest token tree accepted. The ancestry walk on every use is bounded by it.
 const MAX_DEPTH: u32 = 64;
 

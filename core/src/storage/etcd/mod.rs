@@ -56,7 +56,7 @@ pub use tokio_util::sync::CancellationToken;
 /// Why not shorter: when the etcd raft leader dies, etcd needs ~1.3 s to elect a new one
 /// (1 s election timeout plus randomisation) and the client a moment more to move its
 /// keep-alives to a live member; measured with etcd 3.4 here, leases under 5 s lost the lock
-/// in that window (design.md section 7). A new etcd leader extends every lease by its TTL, so
+/// in that window (the etcd HA tests, `tests/t51_etcd_ha.rs`, kill the etcd leader). A new etcd leader extends every lease by its TTL, so
 /// the store side survives; the limit is the *holder-side* deadline (`sent + TTL - TTL/5`),
 /// which must outlast etcd's election with room to spare. 10 s leaves 8 s for one keep-alive
 /// to get through (they are sent every 1 s). A crashed node's lock is normally freed at once
