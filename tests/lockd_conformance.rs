@@ -404,6 +404,60 @@ async fn snapshot_save_and_restore() {
     std::mem::forget(g);
 }
 
+/// A snapshot of several megabytes (many of lockd's 1 MiB stream chunks) arrives whole
+/// through `snapshot save` and restores byte for byte; a save that fails (lockd gone) leaves
+/// the previous backup as it was and no partial file beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_save_of_many_chunks_restores_whole_and_a_failed_save_keeps_the_backup() {
+    const ENTRIES: usize = 48;
+    let mut l = TestLockd::start();
+    let b = client(&l);
+    let value = |i: usize| -> Vec<u8> { (0..64 * 1024).map(|j| (i * 31 + j * 7) as u8).collect() };
+    for i in 0..ENTRIES {
+        b.put(&format!("big/{i}"), value(i), None).await.unwrap();
+    }
+    let file = l.scratch().join("big.snap");
+    let mut save = vec!["snapshot".to_string(), "save".to_string(), file.display().to_string()];
+    save.extend(l.client_args());
+    let save: Vec<&str> = save.iter().map(String::as_str).collect();
+    let (ok, out) = run_lockd_cmd(&save);
+    assert!(ok, "{out}");
+    let backup = std::fs::read(&file).unwrap();
+    assert!(backup.len() > 3 << 20, "snapshot of {} bytes", backup.len());
+
+    l.stop();
+    let (ok, out) = run_lockd_cmd(&save);
+    assert!(!ok, "save from a stopped lockd succeeded: {out}");
+    assert_eq!(
+        std::fs::read(&file).unwrap(),
+        backup,
+        "a failed save changed the backup"
+    );
+    assert!(
+        !file.with_extension("tmp").exists(),
+        "a failed save left a partial file"
+    );
+
+    let dir = l.scratch().join("restored-big");
+    let (ok, out) = run_lockd_cmd(&[
+        "snapshot",
+        "restore",
+        file.to_str().unwrap(),
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    let r = TestLockd::builder().data_dir(&dir).start();
+    let c = client(&r);
+    for i in 0..ENTRIES {
+        assert_eq!(
+            c.get(&format!("big/{i}")).await.unwrap().unwrap().value,
+            value(i),
+            "big/{i}"
+        );
+    }
+}
+
 /// Restoring an older snapshot over a data directory never lowers its fence-token marks:
 /// a token the newer state had already superseded stays fenced, a token never granted stays
 /// invalid, and the next grant comes after every token granted before the restore.

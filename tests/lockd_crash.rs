@@ -145,8 +145,8 @@ async fn compactions(http: &reqwest::Client, l: &TestLockd) -> u64 {
 /// A lock holder with a 1 s TTL (renewing every 100 ms, giving up 800 ms after its last
 /// good renewal) keeps its lock, with the same token, through 5 compactions of a 256 MiB
 /// store while 8 writers keep overwriting it: compaction never holds up renewals (no false
-/// failover). With compaction inside the state lock (`VHA_LOCKD_ENGINE=log`) this holder
-/// loses its lease at the first compaction of the full store.
+/// failover). (With the design before this one, which compacted inside the state lock, this
+/// holder lost its lease at the first compaction of the full store.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_second_lease_survives_compactions() {
     const WRITERS: u32 = 8;

@@ -253,12 +253,35 @@ fn reload(args: &Args, d: &crate::Daemon) {
     d.store.metrics().config_reloads.with_label_values(&[outcome]).inc();
 }
 
+/// Streams lockd's snapshot into `FILE.tmp`, checks it whole (magic, every frame's checksum,
+/// the end record's count) by streaming it back, and only then renames it over `FILE`: a
+/// failed or cut-off download never replaces a good backup, and the image is never whole in
+/// memory on either side.
 async fn snapshot_save(file: &std::path::Path, c: &LockdBackend) -> Result<(), String> {
-    let img = c.snapshot().await.map_err(|e| e.to_string())?;
-    crate::log::parse_snapshot(&img).map_err(|e| format!("lockd sent an invalid snapshot: {e}"))?;
-    crate::log::write_atomic(file, &img).map_err(|e| e.to_string())?;
-    println!("saved snapshot ({} bytes) to {}", img.len(), file.display());
-    Ok(())
+    let tmp = file.with_extension("tmp");
+    let io = |e: std::io::Error| format!("{}: {e}", tmp.display());
+    let res = async {
+        let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::fs::File::create(&tmp).await.map_err(io)?);
+        let size = c.snapshot_into(&mut out).await.map_err(|e| e.to_string())?;
+        let f = out.into_inner();
+        f.sync_all().await.map_err(io)?;
+        let r = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(&tmp).map_err(io)?);
+        crate::log::read_snapshot(r, |_| {}).map_err(|e| format!("lockd sent an invalid snapshot: {e}"))?;
+        std::fs::rename(&tmp, file).map_err(|e| format!("{}: {e}", file.display()))?;
+        crate::log::sync_dir(file).map_err(|e| e.to_string())?;
+        Ok::<u64, String>(size)
+    }
+    .await;
+    match res {
+        Ok(size) => {
+            println!("saved snapshot ({size} bytes) to {}", file.display());
+            Ok(())
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 fn snapshot_restore(file: &std::path::Path, data_dir: &std::path::Path) -> Result<(), String> {

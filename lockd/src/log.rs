@@ -322,8 +322,10 @@ pub fn parse_snapshot(buf: &[u8]) -> Result<(u64, Vec<Record>), String> {
     }
 }
 
-/// Builds a snapshot file image from state records.
-pub fn build_snapshot(lsn: u64, records: impl Iterator<Item = Record>) -> Vec<u8> {
+/// Builds a snapshot file image from state records, in memory (the tests' reference for
+/// [`SnapshotWriter`], which streams).
+#[cfg(test)]
+pub(crate) fn build_snapshot(lsn: u64, records: impl Iterator<Item = Record>) -> Vec<u8> {
     let mut out = SNAP_MAGIC.to_vec();
     encode(&mut out, lsn, &Record::SnapHeader { lsn });
     let mut count = 0u64;
@@ -497,19 +499,6 @@ pub fn sync_dir(path: &Path) -> Result<(), StoreError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| StoreError::io(dir.display(), e))
-}
-
-/// Reads a whole file, `None` if it does not exist.
-pub fn read_file(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
-    match File::open(path) {
-        Ok(mut f) => {
-            let mut buf = Vec::new();
-            f.read_to_end(&mut buf).map_err(|e| StoreError::io(path.display(), e))?;
-            Ok(Some(buf))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StoreError::io(path.display(), e)),
-    }
 }
 
 /// Opens the log for appending after truncating it to `len` (dropping a torn tail).

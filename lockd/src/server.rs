@@ -272,13 +272,7 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Lock
             .header("content-type", "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(store.metrics().render())).boxed())
             .map_err(|e| LockdError::Internal(e.to_string()))?),
-        paths::SNAPSHOT => {
-            let img = store.snapshot_image().await?;
-            Ok(Response::builder()
-                .header("content-type", "application/octet-stream")
-                .body(Full::new(Bytes::from(img)).boxed())
-                .map_err(|e| LockdError::Internal(e.to_string()))?)
-        }
+        paths::SNAPSHOT => snapshot(store).await,
         paths::KV_GET => {
             let r: KeyRequest = read_json(app, req).await?;
             Ok(json(
@@ -423,6 +417,70 @@ fn line(ev: &WireEvent) -> Bytes {
     let mut v = serde_json::to_vec(ev).unwrap_or_default();
     v.push(b'\n');
     Bytes::from(v)
+}
+
+/// Size of the chunks a snapshot is sent in (and what one chunk holds in memory).
+const SNAPSHOT_CHUNK: usize = 1 << 20;
+/// Chunks a snapshot may have queued for a slow client before its writer waits.
+const SNAPSHOT_QUEUE: usize = 4;
+
+/// `Write` into a response body: fills a chunk, hands it to the body's channel (waiting while
+/// the client is slow), and fails with `BrokenPipe` once the client is gone.
+struct ChunkSender {
+    tx: mpsc::Sender<Bytes>,
+    buf: Vec<u8>,
+}
+
+impl ChunkSender {
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(SNAPSHOT_CHUNK)));
+        self.tx
+            .blocking_send(chunk)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::BrokenPipe))
+    }
+}
+
+impl std::io::Write for ChunkSender {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = data.len().min(SNAPSHOT_CHUNK - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == SNAPSHOT_CHUNK {
+            self.send()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
+/// Streams a consistent snapshot of the store: the view is taken at once, then a thread
+/// serializes it into the response a chunk at a time, so the image is never whole in
+/// memory. A failure mid-stream ends the body early; the snapshot's end record (with its
+/// record count) is then missing, and `snapshot save` refuses the file.
+async fn snapshot(store: &Store) -> Result<Response<Body>, LockdError> {
+    let view = store.snapshot_view().await?;
+    let (tx, rx) = mpsc::channel(SNAPSHOT_QUEUE);
+    std::thread::Builder::new()
+        .name("lockd-snapshot-send".into())
+        .spawn(move || {
+            let out = ChunkSender {
+                tx,
+                buf: Vec::with_capacity(SNAPSHOT_CHUNK),
+            };
+            if let Err(e) = view.write_to(out) {
+                tracing::warn!(error = %e, "snapshot stream ended early");
+            }
+        })
+        .map_err(|e| LockdError::Internal(format!("snapshot thread: {e}")))?;
+    Response::builder()
+        .header("content-type", "application/octet-stream")
+        .body(ChannelBody { rx }.boxed())
+        .map_err(|e| LockdError::Internal(e.to_string()))
 }
 
 struct WatchGauge(Store);

@@ -161,11 +161,7 @@ pub async fn run(b: &BenchArgs) -> Result<(), String> {
     let mut cmd = Command::new(exe);
     cmd.args(["lockd", "--listen", &format!("127.0.0.1:{lport}"), "--data-dir"])
         .arg(root.join("lockd"))
-        .env("RUST_LOG", "warn")
-        .env(
-            vha_lockd::store::ENGINE_ENV,
-            b.scale.engines.first().map(String::as_str).unwrap_or("cow"),
-        );
+        .env("RUST_LOG", "warn");
     let _lockd = Child::spawn("lockd", cmd, None)?;
     let laddr = format!("http://127.0.0.1:{lport}");
     let probe = LockdBackend::connect(&laddr).map_err(|e| e.to_string())?;
@@ -201,10 +197,9 @@ pub async fn run(b: &BenchArgs) -> Result<(), String> {
     let value = vec![b'v'; b.value_size];
 
     println!(
-        "guarded writes, {} B values, {} s per level (lockd {}: fenced put; etcd {}: plain put via JSON gateway)",
+        "guarded writes, {} B values, {} s per level (lockd: fenced put; etcd {}: plain put via JSON gateway)",
         b.value_size,
         b.secs,
-        b.scale.engines.first().map(String::as_str).unwrap_or("cow"),
         etcd_version(&b.etcd_bin)
     );
     println!(

@@ -1,4 +1,4 @@
-//! `vha lockd bench --entries N` (hidden): lockd at scale. Fills a lockd child process with
+//! `vha lockd bench --entries N`: lockd at scale. Fills a lockd child process with
 //! `N` store entries through the real protocol and reports what a user with that much data
 //! feels: write and lease-renewal latency percentiles while compactions happen, whether a
 //! short lease (1 s) would have been lost, lockd's memory high-water against the live data,
@@ -54,11 +54,6 @@ pub struct ScaleArgs {
     /// Give up filling after this many seconds (the run still reports what it measured).
     #[arg(long, default_value = "3600")]
     pub max_secs: u64,
-    /// lockd storage designs to compare, one scale run each, in this order (`cow`: background
-    /// compaction, the default; `log`: compaction under the lock), selected through
-    /// `VHA_LOCKD_ENGINE` in the child's environment.
-    #[arg(long, value_delimiter = ',', default_value = "cow")]
-    pub engines: Vec<String>,
 }
 
 /// What a KV v2 write adds around the user's bytes in the version entry: the `{"data":{..}}`
@@ -190,29 +185,26 @@ struct Lockd {
     child: Child,
     port: u16,
     dir: PathBuf,
-    engine: String,
     compact_bytes: Option<u64>,
 }
 
 impl Lockd {
-    fn spawn(port: u16, dir: &Path, engine: &str, compact_bytes: Option<u64>) -> Result<Lockd, String> {
+    fn spawn(port: u16, dir: &Path, compact_bytes: Option<u64>) -> Result<Lockd, String> {
         Ok(Lockd {
-            child: Lockd::start(port, dir, engine, compact_bytes)?,
+            child: Lockd::start(port, dir, compact_bytes)?,
             port,
             dir: dir.to_path_buf(),
-            engine: engine.to_string(),
             compact_bytes,
         })
     }
 
-    fn start(port: u16, dir: &Path, engine: &str, compact_bytes: Option<u64>) -> Result<Child, String> {
+    fn start(port: u16, dir: &Path, compact_bytes: Option<u64>) -> Result<Child, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(exe);
         cmd.args(["lockd", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
             .arg(dir)
             .args(["--min-lease-ttl", "100ms"])
-            .env("RUST_LOG", "warn")
-            .env(vha_lockd::store::ENGINE_ENV, engine);
+            .env("RUST_LOG", "warn");
         if let Some(c) = compact_bytes {
             cmd.args(["--compact-bytes", &c.to_string()]);
         }
@@ -230,7 +222,7 @@ impl Lockd {
     /// `kill -9`, reap, start again on the same directory and port.
     fn kill_and_respawn(&mut self) -> Result<(), String> {
         self.child.kill();
-        self.child = Lockd::start(self.port, &self.dir, &self.engine, self.compact_bytes)?;
+        self.child = Lockd::start(self.port, &self.dir, self.compact_bytes)?;
         Ok(())
     }
 }
@@ -335,9 +327,8 @@ async fn renewer(
     r
 }
 
-/// One engine's scale run.
+/// What a scale run measured.
 struct Outcome {
-    engine: String,
     secrets: u64,
     fill: Duration,
     writes: Summary,
@@ -354,18 +345,12 @@ struct Outcome {
     restart_hwm: u64,
 }
 
-async fn run_engine(
-    root: &Path,
-    engine: &str,
-    args: &ScaleArgs,
-    value_size: usize,
-    port: u16,
-) -> Result<Outcome, String> {
+async fn run_once(root: &Path, args: &ScaleArgs, value_size: usize, port: u16) -> Result<Outcome, String> {
     let entries = args.entries.unwrap_or(0);
     let secrets = entries.div_ceil(2);
     let ttl = vha_core::duration::parse(&args.lease_ttl).map_err(|e| e.to_string())?;
-    let dir = root.join(format!("scale-{engine}"));
-    let mut lockd = Lockd::spawn(port, &dir, engine, args.compact_bytes)?;
+    let dir = root.join("scale");
+    let mut lockd = Lockd::spawn(port, &dir, args.compact_bytes)?;
     let url = lockd.url();
     let http: Http = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let probe = LockdBackend::connect(&url).map_err(|e| e.to_string())?;
@@ -479,7 +464,6 @@ async fn run_engine(
     drop(lockd);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(Outcome {
-        engine: engine.to_string(),
         secrets: done,
         fill,
         writes: Summary::of(lat),
@@ -505,7 +489,7 @@ fn mb(b: u64) -> String {
     format!("{:.0}", b as f64 / 1e6)
 }
 
-/// Runs the scale benchmark for each engine in turn and prints one row per engine.
+/// Runs the scale benchmark and prints its row.
 pub(crate) async fn run(root: &Path, args: &ScaleArgs, value_size: usize) -> Result<(), String> {
     let entries = args.entries.unwrap_or(0);
     println!(
@@ -517,21 +501,16 @@ pub(crate) async fn run(root: &Path, args: &ScaleArgs, value_size: usize) -> Res
         args.writers,
         args.lease_ttl
     );
-    let mut rows = Vec::new();
-    for engine in &args.engines {
-        eprintln!("engine {engine}:");
-        let port = vha_core::ports::free_port()?;
-        rows.push(run_engine(root, engine, args, value_size, port).await?);
-    }
+    let port = vha_core::ports::free_port()?;
+    let o = run_once(root, args, value_size, port).await?;
     println!(
-        "{:>6} | {:>8} {:>6} {:>6} | {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7} | {:>4} {:>5} | {:>4} | {:>6} {:>6} {:>6} {:>5} | {:>6} | {:>7} {:>6}",
-        "engine", "secrets", "fill s", "w/s", "w p50", "w p99", "w max", "r p50", "r p99", "r max", "late", "lost", "cmp",
+        "{:>8} {:>6} {:>6} | {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7} | {:>4} {:>5} | {:>4} | {:>6} {:>6} {:>6} {:>5} | {:>6} | {:>7} {:>6}",
+        "secrets", "fill s", "w/s", "w p50", "w p99", "w max", "r p50", "r p99", "r max", "late", "lost", "cmp",
         "HWM MB", "RSS MB", "live", "HWM/l", "disk", "restart", "r HWM"
     );
-    for o in &rows {
+    {
         println!(
-            "{:>6} | {:>8} {:>6.0} {:>6.0} | {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7} | {:>4} {:>5} | {:>4} | {:>6} {:>6} {:>6} {:>5.2} | {:>6} | {:>7} {:>6}{}",
-            o.engine,
+            "{:>8} {:>6.0} {:>6.0} | {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7} | {:>4} {:>5} | {:>4} | {:>6} {:>6} {:>6} {:>5.2} | {:>6} | {:>7} {:>6}{}",
             o.secrets,
             o.fill.as_secs_f64(),
             o.writes.count as f64 / o.fill.as_secs_f64().max(1e-9),

@@ -640,24 +640,40 @@ impl LockdBackend {
         })
     }
 
-    /// Downloads a consistent snapshot image of lockd's durable state (for backups:
-    /// `vha lockd snapshot save`).
-    pub async fn snapshot(&self) -> Result<Vec<u8>, StorageError> {
+    /// Streams lockd's snapshot into `out` as it arrives (never whole in memory); returns the
+    /// bytes written. Each chunk must arrive within six request timeouts (lockd serializes a
+    /// frozen view while serving writes, so a chunk is never held up by the data's size).
+    /// The caller checks what it received: an early end shows as a snapshot without its end
+    /// record.
+    pub async fn snapshot_into<W: tokio::io::AsyncWrite + Unpin>(&self, out: &mut W) -> Result<u64, StorageError> {
+        use tokio::io::AsyncWriteExt;
         let timeout = self.inner.timeout * 6;
+        let unavailable = |e: String| StorageError::Unavailable(format!("lockd snapshot: {e}"));
         let resp = self.send(paths::SNAPSHOT, b"{}", timeout).await.map_err(to_storage)?;
         let status = resp.status();
-        let bytes = tokio::time::timeout(timeout, resp.into_body().collect())
-            .await
-            .map_err(|_| StorageError::Unavailable("lockd snapshot: timed out".into()))?
-            .map_err(|e| StorageError::Unavailable(format!("lockd snapshot: {e}")))?
-            .to_bytes();
+        let mut body = resp.into_body();
         if !status.is_success() {
-            return Err(StorageError::Unavailable(format!(
-                "lockd snapshot: {status}: {}",
-                String::from_utf8_lossy(&bytes)
-            )));
+            let bytes = tokio::time::timeout(timeout, body.collect())
+                .await
+                .map_err(|_| unavailable("timed out".into()))?
+                .map_err(|e| unavailable(e.to_string()))?
+                .to_bytes();
+            return Err(unavailable(format!("{status}: {}", String::from_utf8_lossy(&bytes))));
         }
-        Ok(bytes.to_vec())
+        let mut written = 0u64;
+        loop {
+            let frame = tokio::time::timeout(timeout, body.frame())
+                .await
+                .map_err(|_| unavailable("timed out".into()))?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| unavailable(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                out.write_all(&data).await.map_err(|e| unavailable(e.to_string()))?;
+                written += data.len() as u64;
+            }
+        }
+        out.flush().await.map_err(|e| unavailable(e.to_string()))?;
+        Ok(written)
     }
 
     /// Releases the lease `(key, token)` whoever holds it (release-by-token; see lockd's
