@@ -1,6 +1,7 @@
 //! lockd through its real process: core's conformance suites with `LockdBackend` clients,
 //! watch latency, compare-and-put, bad input, metrics and snapshots.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -12,6 +13,24 @@ use vha_testkit::TestLockd;
 
 fn client(l: &TestLockd) -> LockdBackend {
     l.client()
+}
+
+/// `vha lockd snapshot save FILE` from `l` (with its credentials): `(success, output)`.
+fn snapshot_save(l: &TestLockd, file: &Path) -> (bool, String) {
+    let mut args = vec!["snapshot".to_string(), "save".to_string(), file.display().to_string()];
+    args.extend(l.client_args());
+    run_lockd_cmd(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// `vha lockd snapshot restore FILE --data-dir DIR`: `(success, output)`.
+fn snapshot_restore(file: &Path, dir: &Path) -> (bool, String) {
+    run_lockd_cmd(&[
+        "snapshot",
+        "restore",
+        file.to_str().unwrap(),
+        "--data-dir",
+        dir.to_str().unwrap(),
+    ])
 }
 
 /// The KV conformance suite (get/put/delete/list, fencing, limits, watch) passes against a
@@ -369,27 +388,13 @@ async fn snapshot_save_and_restore() {
     let g = b.acquire("s/lock", "x", Default::default()).await.unwrap().unwrap();
     assert_eq!(g.fence().token, 5, "grant exceeds the highest token seen");
     let file = l.scratch().join("backup.snap");
-    let mut save = vec!["snapshot".to_string(), "save".to_string(), file.display().to_string()];
-    save.extend(l.client_args());
-    let (ok, out) = run_lockd_cmd(&save.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, out) = snapshot_save(&l, &file);
     assert!(ok, "{out}");
     let dir = l.scratch().join("restored");
-    let (ok, out) = run_lockd_cmd(&[
-        "snapshot",
-        "restore",
-        file.to_str().unwrap(),
-        "--data-dir",
-        dir.to_str().unwrap(),
-    ]);
+    let (ok, out) = snapshot_restore(&file, &dir);
     assert!(ok, "{out}");
     // Restoring into a directory a running lockd holds is refused.
-    let (ok, out) = run_lockd_cmd(&[
-        "snapshot",
-        "restore",
-        file.to_str().unwrap(),
-        "--data-dir",
-        l.data_dir().to_str().unwrap(),
-    ]);
+    let (ok, out) = snapshot_restore(&file, l.data_dir());
     assert!(!ok && out.contains("in use"), "{out}");
     let r = TestLockd::builder().data_dir(&dir).start();
     let c = client(&r);
@@ -417,16 +422,13 @@ async fn snapshot_save_of_many_chunks_restores_whole_and_a_failed_save_keeps_the
         b.put(&format!("big/{i}"), value(i), None).await.unwrap();
     }
     let file = l.scratch().join("big.snap");
-    let mut save = vec!["snapshot".to_string(), "save".to_string(), file.display().to_string()];
-    save.extend(l.client_args());
-    let save: Vec<&str> = save.iter().map(String::as_str).collect();
-    let (ok, out) = run_lockd_cmd(&save);
+    let (ok, out) = snapshot_save(&l, &file);
     assert!(ok, "{out}");
     let backup = std::fs::read(&file).unwrap();
     assert!(backup.len() > 3 << 20, "snapshot of {} bytes", backup.len());
 
     l.stop();
-    let (ok, out) = run_lockd_cmd(&save);
+    let (ok, out) = snapshot_save(&l, &file);
     assert!(!ok, "save from a stopped lockd succeeded: {out}");
     assert_eq!(
         std::fs::read(&file).unwrap(),
@@ -439,13 +441,7 @@ async fn snapshot_save_of_many_chunks_restores_whole_and_a_failed_save_keeps_the
     );
 
     let dir = l.scratch().join("restored-big");
-    let (ok, out) = run_lockd_cmd(&[
-        "snapshot",
-        "restore",
-        file.to_str().unwrap(),
-        "--data-dir",
-        dir.to_str().unwrap(),
-    ]);
+    let (ok, out) = snapshot_restore(&file, &dir);
     assert!(ok, "{out}");
     let r = TestLockd::builder().data_dir(&dir).start();
     let c = client(&r);
@@ -473,9 +469,7 @@ async fn restore_keeps_highest_token_marks() {
     assert_eq!(g1.fence().token, 1);
     b.put("r/k", b"1".to_vec(), Some(&fence(1))).await.unwrap();
     let file = l.scratch().join("old.snap");
-    let mut save = vec!["snapshot".to_string(), "save".to_string(), file.display().to_string()];
-    save.extend(l.client_args());
-    let (ok, out) = run_lockd_cmd(&save.iter().map(String::as_str).collect::<Vec<_>>());
+    let (ok, out) = snapshot_save(&l, &file);
     assert!(ok, "{out}");
     g1.release().await.unwrap();
     let g2 = b.acquire("r/lock", "two", Default::default()).await.unwrap().unwrap();
@@ -483,13 +477,7 @@ async fn restore_keeps_highest_token_marks() {
     b.put("r/k", b"2".to_vec(), Some(&fence(2))).await.unwrap();
     std::mem::forget(g2);
     assert!(l.stop(), "lockd stops cleanly:\n{}", l.output());
-    let (ok, out) = run_lockd_cmd(&[
-        "snapshot",
-        "restore",
-        file.to_str().unwrap(),
-        "--data-dir",
-        l.data_dir().to_str().unwrap(),
-    ]);
+    let (ok, out) = snapshot_restore(&file, l.data_dir());
     assert!(ok && out.contains("kept 2 higher fence-token mark"), "{out}");
     l.start_again();
     let c = client(&l);

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Method;
-use tokio::time::Instant;
 use vha_core::ports::free_port;
 
 use vha_ops::process::Child;
@@ -317,18 +316,15 @@ impl Nginx {
         let proc = Child::spawn("nginx", cmd, Some(&dir.join("nginx.log")))?;
         let front = format!("http://127.0.0.1:{front}");
         let http = HttpClient::new("", false, 2);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if let Ok((st, _)) = http.get_json(&format!("{front}/v1/sys/seal-status"), false).await {
-                if st == 200 {
-                    break;
-                }
-            }
-            if Instant::now() >= deadline {
-                let log = std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default();
-                return Err(format!("nginx front did not forward: {log}"));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let url = format!("{front}/v1/sys/seal-status");
+        let forwards = wait_until(
+            || async { matches!(http.get_json(&url, false).await, Ok((200, _))) },
+            "the nginx front to forward",
+        )
+        .await;
+        if forwards.is_err() {
+            let log = std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default();
+            return Err(format!("nginx front did not forward: {log}"));
         }
         Ok(Nginx { front, _proc: proc })
     }
