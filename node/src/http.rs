@@ -117,7 +117,9 @@ pub(crate) async fn handle_http(
         None => fut.await,
     };
     let resp = resp.unwrap_or_else(|e| ApiResponse::error(&e));
-    tracing::info!(
+    // DEBUG, not INFO: a line per request is an access log, which Vault leaves to audit
+    // devices; at INFO it cost a log line for every request served.
+    tracing::debug!(
         target: "vha::http",
         %method, path = %raw_path, status = resp.status.as_u16(),
         elapsed_ms = start.elapsed().as_secs_f64() * 1000.0,

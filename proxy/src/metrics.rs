@@ -357,8 +357,19 @@ impl Metrics {
         };
         // Nothing heard from the local node yet.
         m.set_local_role(LocalRole::Down);
+        // Every series with a known label exists at 0 from the start, so a dashboard shows 0
+        // rather than "No data" and a rate or an alert works before the first event.
         for outcome in ["success", "failure"] {
             m.config_reloads.with_label_values(&[outcome]);
+        }
+        for kind in FORWARD_ERROR_KINDS {
+            m.forward_errors.with_label_values(&[kind]);
+        }
+        for reason in crate::route::RedirectReason::ALL {
+            m.redirects.with_label_values(&[reason.label()]);
+        }
+        for outcome in crate::route::Step::HOLD_OUTCOMES {
+            m.holds.with_label_values(&[outcome]);
         }
         m
     }
@@ -369,8 +380,9 @@ impl Metrics {
         self.vault_forward.observe(secs);
     }
 
-    /// A forward failed (`kind`: tls | unreachable | not_active | broken).
-    pub(crate) fn forward_error(&self, kind: &str) {
+    /// A forward failed (`kind`: one of [`FORWARD_ERROR_KINDS`]).
+    pub(crate) fn forward_error(&self, kind: &'static str) {
+        debug_assert!(FORWARD_ERROR_KINDS.contains(&kind), "unknown forward error kind {kind}");
         self.forward_errors.with_label_values(&[kind]).inc();
         self.vault_forward_errors.inc();
     }
@@ -451,6 +463,11 @@ fn hold_buckets() -> Vec<f64> {
     ]
 }
 
+/// The `kind` labels of `vha_proxy_forward_errors_total`: the TLS handshake with the active
+/// failed, it could not be reached, it answered that it is not active, or the connection
+/// broke mid-request.
+pub(crate) const FORWARD_ERROR_KINDS: [&str; 4] = ["tls", "unreachable", "not_active", "broken"];
+
 /// The status class label of a status code.
 pub(crate) fn class(status: u16) -> &'static str {
     match status {
@@ -525,6 +542,30 @@ mod tests {
         text.lines()
             .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
             .map(|v| v.parse().expect("number"))
+    }
+
+    /// Every forward-error kind, redirect reason and hold outcome is exported at 0 before
+    /// its first event.
+    #[test]
+    fn labelled_counters_exist_at_zero() {
+        let t = text(&Metrics::new());
+        let mut want: Vec<String> = FORWARD_ERROR_KINDS
+            .iter()
+            .map(|k| format!("vha_proxy_forward_errors_total{{kind=\"{k}\"}}"))
+            .collect();
+        want.extend(
+            crate::route::RedirectReason::ALL
+                .iter()
+                .map(|r| format!("vha_proxy_redirects_total{{reason=\"{}\"}}", r.label())),
+        );
+        want.extend(
+            crate::route::Step::HOLD_OUTCOMES
+                .iter()
+                .map(|o| format!("vha_proxy_holds_total{{outcome=\"{o}\"}}")),
+        );
+        for series in want {
+            assert_eq!(value(&t, &series), Some(0.0), "{series} in:\n{t}");
+        }
     }
 
     #[test]

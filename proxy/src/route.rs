@@ -148,6 +148,14 @@ pub enum RedirectReason {
 }
 
 impl RedirectReason {
+    /// Every reason, so each series of the counter exists at 0 from the start.
+    pub const ALL: [RedirectReason; 4] = [
+        RedirectReason::Header,
+        RedirectReason::DisableClustering,
+        RedirectReason::HoldBound,
+        RedirectReason::TlsFallback,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             RedirectReason::Header => "header",
@@ -225,6 +233,9 @@ pub enum Step {
 
 impl Step {
     /// The outcome label of `vha_proxy_holds_total` when a hold ends with this step.
+    /// Every label [`Step::hold_outcome`] answers.
+    pub const HOLD_OUTCOMES: [&'static str; 4] = ["resolved", "no_active", "same_active", "sealed"];
+
     pub fn hold_outcome(&self) -> &'static str {
         match self {
             Step::Answer(Answer::Redirect {
@@ -356,6 +367,31 @@ mod tests {
     }
 
     const A: Option<&str> = Some("http://10.0.0.1:8200");
+
+    /// Every step's hold outcome is one of `HOLD_OUTCOMES` (the series created at 0).
+    #[test]
+    fn hold_outcomes_are_listed() {
+        let steps = [
+            Step::Local,
+            Step::Forward,
+            Step::Wait,
+            Step::Answer(Answer::Redirect {
+                location: String::new(),
+                reason: RedirectReason::HoldBound,
+            }),
+            Step::Answer(Answer::Redirect {
+                location: String::new(),
+                reason: RedirectReason::Header,
+            }),
+            Step::Answer(Answer::Error(ProxyError::Sealed)),
+            Step::Answer(Answer::Error(ProxyError::NoActiveNode)),
+        ];
+        for s in &steps {
+            assert!(Step::HOLD_OUTCOMES.contains(&s.hold_outcome()), "{s:?}");
+        }
+        let seen: std::collections::BTreeSet<_> = steps.iter().map(Step::hold_outcome).collect();
+        assert_eq!(seen.len(), Step::HOLD_OUTCOMES.len());
+    }
 
     /// The keyring survives a restart of the node (a new instance reporting sealed), never a
     /// seal of the process that handed it over, and never an unknown instance.

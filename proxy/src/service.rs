@@ -586,6 +586,17 @@ impl ProxyHttp for VhaProxy {
         Ok(())
     }
 
+    /// A client that closes its connection (or sends something unreadable) is the client's
+    /// doing, not a proxy failure: Pingora's ERROR line is left out and the event goes to
+    /// DEBUG. Upstream and internal failures keep their ERROR line.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, e: &Error) -> bool {
+        let downstream = *e.esource() == ErrorSource::Downstream;
+        if downstream {
+            tracing::debug!(error = %e, "client connection ended");
+        }
+        downstream
+    }
+
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Ctx) {
         let status = session.response_written().map(|r| r.status.as_u16()).unwrap_or(0);
         if matches!(ctx.upstream, Upstream::Active(_)) && ctx.route == "forward" {
