@@ -12,7 +12,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 
-use bytes::Bytes;
+use std::sync::Arc;
 use vha_core::storage::{Fence, MAX_KEY_LEN, MAX_LOCAL_VALUE_LEN};
 
 use crate::error::StoreError;
@@ -42,7 +42,7 @@ pub enum Record {
     /// A KV write; `revision` is the LSN it was logged with.
     Put {
         key: String,
-        value: Bytes,
+        value: Arc<[u8]>,
         fence: Option<Fence>,
         revision: u64,
     },
@@ -195,7 +195,7 @@ pub fn decode_payload(payload: &[u8]) -> Result<(u64, Record), String> {
     let rec = match c.u8()? {
         TAG_PUT => Record::Put {
             key: c.string()?,
-            value: Bytes::copy_from_slice(c.bytes()?),
+            value: Arc::from(c.bytes()?),
             fence: c.fence()?,
             revision: c.u64()?,
         },
@@ -526,7 +526,7 @@ mod tests {
         vec![
             Record::Put {
                 key: "a/b".into(),
-                value: Bytes::from_static(b"\x00\x01v"),
+                value: Arc::from(&b"\x00\x01v"[..]),
                 fence: Some(Fence {
                     lock: "core/lock".into(),
                     token: 3,

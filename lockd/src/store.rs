@@ -22,7 +22,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use tokio::sync::{broadcast, watch, Notify};
 use vha_core::storage::lockd::protocol::{PutRequest, WireEntry, WireHolder};
 use vha_core::storage::{list_children, validate_key, validate_value_len, Fence, MAX_KEY_LEN, MAX_LOCAL_VALUE_LEN};
@@ -166,14 +165,7 @@ fn apply_record(st: &mut State, rec: Record) {
                     });
                 }
             }
-            st.kv.insert(
-                key,
-                Stored {
-                    value,
-                    fence_token: fence.map(|f| f.token),
-                    revision,
-                },
-            );
+            st.kv.insert(key, Stored::new(value, fence.map(|f| f.token), revision));
         }
         Record::Delete { key, fence } => {
             if let Some(f) = fence {
@@ -195,11 +187,11 @@ fn view_records<'a>(kv: &'a KvMap, leases: &'a LeaseTable) -> impl Iterator<Item
         key: k.to_string(),
         value: s.value.clone(),
         // Empty lock name: carries the entry's token without observing any lock.
-        fence: s.fence_token.map(|token| Fence {
+        fence: s.fence_token().map(|token| Fence {
             lock: String::new(),
             token,
         }),
-        revision: s.revision,
+        revision: s.revision(),
     });
     // Both marks of every lock, then the leases held.
     let marks = leases.mark_effects().into_iter().map(Record::Lease);
@@ -498,8 +490,8 @@ impl Store {
             let e = st.kv.get(key).map(|s| WireEntry {
                 key: key.to_string(),
                 value: s.value.to_vec(),
-                fence_token: s.fence_token,
-                revision: s.revision,
+                fence_token: s.fence_token(),
+                revision: s.revision(),
             });
             (e, lock(&self.inner.pending).last_lsn)
         };
@@ -537,7 +529,7 @@ impl Store {
                 st.leases.check_fence(&f.lock, f.token)?;
             }
             if let Some(expected) = req.prev_revision {
-                let actual = st.kv.get(&req.key).map(|s| s.revision).unwrap_or(0);
+                let actual = st.kv.get(&req.key).map(Stored::revision).unwrap_or(0);
                 if actual != expected {
                     return Err(LockdError::CasMismatch {
                         key: req.key,
@@ -549,7 +541,8 @@ impl Store {
             if let Some(f) = &req.fence {
                 st.leases.fence(&f.lock, f.token)?;
             }
-            let value = Bytes::from(req.value);
+            // One exact allocation shared by the map entry and the log record.
+            let value: Arc<[u8]> = Arc::from(req.value);
             let mut p = lock(&self.inner.pending);
             let note = Note {
                 lock: false,
@@ -561,11 +554,7 @@ impl Store {
             let lsn = self.append(
                 &mut p,
                 |lsn| {
-                    stored = Some(Stored {
-                        value: value.clone(),
-                        fence_token: fence.as_ref().map(|f| f.token),
-                        revision: lsn,
-                    });
+                    stored = Some(Stored::new(value.clone(), fence.as_ref().map(|f| f.token), lsn));
                     Record::Put {
                         key: key.clone(),
                         value: value.clone(),
