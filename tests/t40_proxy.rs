@@ -853,3 +853,90 @@ async fn proxy_that_cannot_listen_exits_nonzero() {
     );
     drop(held);
 }
+
+/// KV v2 value of `secret/data/{key}` read through node `i`'s proxy.
+async fn read_v(c: &TestCluster, i: usize, key: &str) -> Value {
+    let (st, v) = c.nodes[i]
+        .request("GET", &format!("secret/data/{key}"), Some(c.root_token()), None)
+        .await;
+    assert_eq!(st, StatusCode::OK, "read {key} through {i}: {v}");
+    v["data"]["data"]["v"].clone()
+}
+
+/// The active's read cache never serves a value from before a failover: node A reads a
+/// secret until its cache answers (`vault_cache_hit` moves), steps down (its cache is empty
+/// at once), B writes a new value, A (now a standby, forwarding) reads the new value, B
+/// steps down, and A, active again, still reads the new value, never its cached old one. A
+/// seal and unseal leave the cache empty too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_cache_never_serves_a_value_from_before_a_failover() {
+    let c = TestCluster::builder().nodes(2).proxies().start().await;
+    let a = c.wait_one_active(ELECTION_BOUND).await;
+    let b = 1 - a;
+    c.mount_secret(a).await;
+    let t = Some(c.root_token());
+    let write = |i: usize, v: u32| {
+        let c = &c;
+        async move {
+            let (st, body) = c.nodes[i]
+                .request("POST", "secret/data/cached", t, Some(json!({"data": {"v": v}})))
+                .await;
+            assert_eq!(st, StatusCode::OK, "write {v} through {i}: {body}");
+        }
+    };
+    // Node i's own metrics: sys/metrics is local-only, its proxy never forwards it.
+    let metric = |i: usize, name: &'static str| {
+        let c = &c;
+        async move {
+            let (st, _, v) = c.nodes[i]
+                .request_full("GET", "sys/metrics?format=prometheus", t, None, &[])
+                .await;
+            assert_eq!(st, StatusCode::OK, "metrics of {i}: {v}");
+            vha_testkit::prometheus::series_value(v.as_str().unwrap_or_default(), name, &[])
+        }
+    };
+
+    write(a, 1).await;
+    let hits = metric(a, "vault_cache_hit").await;
+    for _ in 0..3 {
+        assert_eq!(read_v(&c, a, "cached").await, json!(1));
+    }
+    assert!(
+        metric(a, "vault_cache_hit").await > hits,
+        "the active's cache never answered a read"
+    );
+    assert!(metric(a, "vha_node_cache_entries").await > 0.0);
+
+    let (st, v) = c.nodes[a].request("PUT", "sys/step-down", t, None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{v}");
+    assert_eq!(c.wait_new_active(a, ELECTION_BOUND).await, b);
+    assert_eq!(
+        metric(a, "vha_node_cache_entries").await,
+        0.0,
+        "a standby keeps no cache"
+    );
+    write(b, 2).await;
+    assert_eq!(
+        read_v(&c, a, "cached").await,
+        json!(2),
+        "through the old active, now a standby"
+    );
+
+    let (st, v) = c.nodes[b].request("PUT", "sys/step-down", t, None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{v}");
+    assert_eq!(c.wait_new_active(b, ELECTION_BOUND).await, a);
+    for _ in 0..3 {
+        assert_eq!(read_v(&c, a, "cached").await, json!(2), "the old active, active again");
+    }
+    assert!(metric(a, "vha_node_cache_entries").await > 0.0);
+
+    let (st, v) = c.nodes[a].request("PUT", "sys/seal", t, None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{v}");
+    c.unseal(a).await;
+    assert_eq!(
+        metric(a, "vha_node_cache_entries").await,
+        0.0,
+        "an unsealed node starts empty"
+    );
+    assert_eq!(read_v(&c, a, "cached").await, json!(2));
+}

@@ -38,6 +38,13 @@ pub struct NodeMetrics {
     pub local_socket_refused: IntCounterVec,
     /// `outcome` = success | failure: SIGHUP reloads.
     pub config_reloads: IntCounterVec,
+    /// The active's read cache (Vault's `vault.cache.hit` / `vault.cache.miss`), copied from
+    /// the cache's own counters at each scrape.
+    cache_hit: IntCounter,
+    cache_miss: IntCounter,
+    cache_entries: IntGauge,
+    /// One scrape copies the cache counters at a time (each adds only what it has not seen).
+    cache_copy: std::sync::Mutex<()>,
 }
 
 /// The reasons of `vha_node_local_socket_refused_total`, all exported from the start.
@@ -122,6 +129,18 @@ impl NodeMetrics {
                 &["outcome"],
             )
             .expect("counter vec"),
+            cache_hit: IntCounter::new("vault_cache_hit", "Reads the active node's cache answered").expect("counter"),
+            cache_miss: IntCounter::new(
+                "vault_cache_miss",
+                "Reads the active node's cache could not answer (read from the store)",
+            )
+            .expect("counter"),
+            cache_entries: IntGauge::new(
+                "vha_node_cache_entries",
+                "Entries in the active node's read cache (0 on a standby or sealed node)",
+            )
+            .expect("gauge"),
+            cache_copy: std::sync::Mutex::new(()),
         };
         for outcome in ["success", "failure"] {
             m.config_reloads.with_label_values(&[outcome]);
@@ -145,10 +164,21 @@ impl NodeMetrics {
             Box::new(m.cluster_handshake_failures.clone()),
             Box::new(m.local_socket_refused.clone()),
             Box::new(m.config_reloads.clone()),
+            Box::new(m.cache_hit.clone()),
+            Box::new(m.cache_miss.clone()),
+            Box::new(m.cache_entries.clone()),
         ] {
             m.registry.register(c).expect("unique metric names");
         }
         m
+    }
+
+    /// Brings the cache metrics up to the cache's own counters (called before a scrape).
+    pub fn observe_cache(&self, s: vha_core::barrier::cache::CacheStats) {
+        let _one = self.cache_copy.lock().unwrap_or_else(|e| e.into_inner());
+        self.cache_hit.inc_by(s.hits.saturating_sub(self.cache_hit.get()));
+        self.cache_miss.inc_by(s.misses.saturating_sub(self.cache_miss.get()));
+        self.cache_entries.set(i64::try_from(s.entries).unwrap_or(i64::MAX));
     }
 
     /// Prometheus text exposition of every metric.

@@ -77,7 +77,7 @@ pub struct Node {
 impl Node {
     pub fn new(config: Config, stores: Stores) -> Arc<Node> {
         let ha_enabled = stores.ha.is_some();
-        let barrier = Barrier::new(stores.data.clone());
+        let barrier = Barrier::with_cache(stores.data.clone(), config.cache_size);
         Arc::new(Node {
             config,
             stores,

@@ -16,6 +16,7 @@
 //! the store to itself (no HA). Under the claim, a keyring without a seal configuration is
 //! what an interrupted init left behind, and is replaced.
 
+pub mod cache;
 pub mod keyring;
 pub mod shamir;
 
@@ -28,6 +29,7 @@ pub use keyring::{Keyring, KEY_LEN};
 
 use crate::error::BarrierError;
 use crate::storage::{Backend, Fence};
+use cache::{Lookup, ReadCache};
 
 /// Where the seal configuration lives (plaintext, like Vault's).
 pub const SEAL_CONFIG_PATH: &str = "core/seal-config";
@@ -76,14 +78,28 @@ impl InitClaim<'_> {
 pub struct Barrier {
     backend: Arc<dyn Backend>,
     keyring: RwLock<Option<Arc<Keyring>>>,
+    /// The active node's read cache (off until the HA layer enables it for a term).
+    cache: ReadCache,
 }
 
 impl Barrier {
     pub fn new(backend: Arc<dyn Backend>) -> Barrier {
+        Barrier::with_cache(backend, 0)
+    }
+
+    /// A barrier whose read cache holds up to `cache_size` entries while enabled (0: none).
+    pub fn with_cache(backend: Arc<dyn Backend>, cache_size: usize) -> Barrier {
         Barrier {
             backend,
             keyring: RwLock::new(None),
+            cache: ReadCache::new(cache_size),
         }
+    }
+
+    /// The read cache, which the HA layer enables for each term of this node as the active
+    /// (and disables when the term ends); see [`cache`].
+    pub fn cache(&self) -> &ReadCache {
+        &self.cache
     }
 
     /// The untrusted backend underneath (for its `kind`, and for the HA layer's raw reads).
@@ -193,27 +209,53 @@ impl Barrier {
     }
 
     /// Drops the keyring from memory (zeroized when the last reference goes).
+    /// The read cache is emptied too.
     pub fn seal(&self) {
         *self.keyring.write().unwrap_or_else(|e| e.into_inner()) = None;
+        self.cache.disable();
     }
 
     pub async fn get(&self, path: &str) -> Result<Option<Vec<u8>>, BarrierError> {
         let ring = self.require_keyring()?;
-        match self.backend.get(path).await? {
-            None => Ok(None),
-            Some(e) => ring.decrypt_owned(path, e.value).map(Some),
+        let ticket = match self.cache.lookup(path) {
+            Lookup::Hit(v) => return v.map(|ct| ring.decrypt(path, &ct)).transpose(),
+            Lookup::Miss(t) => Some(t),
+            Lookup::Off => None,
+        };
+        let entry = self.backend.get(path).await?;
+        match (ticket, entry) {
+            (None, None) => Ok(None),
+            (None, Some(e)) => ring.decrypt_owned(path, e.value).map(Some),
+            (Some(t), None) => {
+                self.cache.fill(path, t, None);
+                Ok(None)
+            }
+            (Some(t), Some(e)) => {
+                let plain = ring.decrypt(path, &e.value)?;
+                self.cache.fill(path, t, Some(Arc::from(e.value)));
+                Ok(Some(plain))
+            }
         }
     }
 
     pub async fn put(&self, path: &str, value: &[u8], fence: Option<&Fence>) -> Result<(), BarrierError> {
         let ring = self.require_keyring()?;
         let ct = ring.encrypt(path, value);
-        Ok(self.backend.put(path, ct, fence).await?)
+        let cached: Option<Arc<[u8]>> = self.cache.wants_values(path).then(|| Arc::from(&ct[..]));
+        self.cache.write_begins(path);
+        let r = self.backend.put(path, ct, fence).await;
+        // Without a copy (the cache was off when the write began) the path stays uncached.
+        self.cache
+            .write_ends(path, r.is_ok().then_some(cached).flatten().map(Some));
+        Ok(r?)
     }
 
     pub async fn delete(&self, path: &str, fence: Option<&Fence>) -> Result<(), BarrierError> {
         self.require_keyring()?;
-        Ok(self.backend.delete(path, fence).await?)
+        self.cache.write_begins(path);
+        let r = self.backend.delete(path, fence).await;
+        self.cache.write_ends(path, r.is_ok().then_some(None));
+        Ok(r?)
     }
 
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>, BarrierError> {

@@ -347,6 +347,9 @@ pub struct Config {
     /// How long a node that stepped down waits before contending for the lock again
     /// (`step_down_wait`; default [`DEFAULT_STEP_DOWN_WAIT`]).
     pub step_down_wait: Duration,
+    /// Entries of the active node's read cache (`cache_size`, default
+    /// [`crate::barrier::cache::DEFAULT_CACHE_SIZE`]); 0 with `disable_cache = true`.
+    pub cache_size: usize,
     /// `proxy { ... }`: present when this node runs behind its own `vha proxy`.
     pub proxy: Option<ProxyConfig>,
 }

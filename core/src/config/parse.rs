@@ -93,6 +93,8 @@ struct Raw {
     disable_clustering: bool,
     log_level: Option<LogLevel>,
     step_down_wait: Option<Duration>,
+    cache_size: Option<usize>,
+    disable_cache: bool,
     proxy: Option<ProxyConfig>,
 }
 
@@ -387,6 +389,15 @@ impl<'a> Ctx<'a> {
                         }
                         "cluster_name" => raw.cluster_name = Some(self.string(key, attr)?),
                         "disable_clustering" => raw.disable_clustering = self.boolean(key, attr)?,
+                        "disable_cache" => raw.disable_cache = self.boolean(key, attr)?,
+                        "cache_size" => {
+                            let n = self.integer(key, attr)?;
+                            // Vault: 0 means the default size; below 0 is an error.
+                            let n = usize::try_from(n).map_err(|_| {
+                                self.invalid(line, key, format!("{n} is not a number of entries (0 or more)"))
+                            })?;
+                            raw.cache_size = Some(n);
+                        }
                         "step_down_wait" => {
                             let d = self.duration(key, attr)?;
                             raw.step_down_wait = Some(d.unwrap_or(Duration::ZERO));
@@ -436,7 +447,9 @@ impl<'a> Ctx<'a> {
                         raw.proxy = Some(self.proxy(block)?);
                     }
                     key @ ("api_addr" | "cluster_addr" | "cluster_name" | "disable_clustering" | "log_level" | "ui"
-                    | "disable_mlock" | "pid_file" | "step_down_wait") => return Err(self.wrong_shape(s, key)),
+                    | "disable_mlock" | "pid_file" | "step_down_wait" | "cache_size" | "disable_cache") => {
+                        return Err(self.wrong_shape(s, key))
+                    }
                     other => return Err(self.unknown(line, other)),
                 },
             }
@@ -840,6 +853,11 @@ impl<'a> Ctx<'a> {
             disable_clustering: raw.disable_clustering,
             log_level: raw.log_level.unwrap_or(LogLevel::Info),
             step_down_wait: raw.step_down_wait.unwrap_or(super::DEFAULT_STEP_DOWN_WAIT),
+            cache_size: match (raw.disable_cache, raw.cache_size) {
+                (true, _) => 0,
+                (false, None | Some(0)) => crate::barrier::cache::DEFAULT_CACHE_SIZE,
+                (false, Some(n)) => n,
+            },
             proxy: raw.proxy,
         })
     }

@@ -876,3 +876,26 @@ proptest! {
         }
     }
 }
+
+/// `cache_size` defaults to Vault's 131072 (0 means the default too), takes a number or a
+/// numeric string, and a negative size is an error naming the key and its line;
+/// `disable_cache = true` turns the cache off whatever the size.
+#[test]
+fn cache_size_default_forms_and_disable() {
+    assert_eq!(ok(MINIMAL).cache_size, crate::barrier::cache::DEFAULT_CACHE_SIZE);
+    assert_eq!(ok(&format!("cache_size = 0\n{MINIMAL}")).cache_size, 131_072);
+    assert_eq!(ok(&format!("cache_size = 1000\n{MINIMAL}")).cache_size, 1000);
+    assert_eq!(ok(&format!("cache_size = \"64\"\n{MINIMAL}")).cache_size, 64);
+    assert_eq!(
+        ok(&format!("cache_size = 64\ndisable_cache = true\n{MINIMAL}")).cache_size,
+        0
+    );
+    assert_eq!(ok(&format!("disable_cache = false\n{MINIMAL}")).cache_size, 131_072);
+    let e = err(&format!("\ncache_size = -1\n{MINIMAL}"));
+    assert_eq!(invalid(&e), ("cache_size", Some(2)));
+    assert!(e.to_string().contains("file.hcl"), "{e}");
+    assert_eq!(
+        invalid(&err(&format!("disable_cache = \"maybe\"\n{MINIMAL}"))).0,
+        "disable_cache"
+    );
+}

@@ -195,6 +195,7 @@ fn render_metrics(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4"),
     );
+    node.metrics().observe_cache(node.barrier().cache().stats());
     resp.raw = Some(bytes::Bytes::from(node.metrics().render()));
     Ok(resp)
 }

@@ -268,6 +268,8 @@ impl<C: ClusterChannel> Carrier<C> {
                     s.leader = None;
                 });
                 node.in_flight().set_open(false);
+                // Another node may write from now on: nothing cached may be served.
+                node.barrier().cache().disable();
                 node.metrics().core_active.set(0);
                 node.metrics().term.set(0);
             }
@@ -356,6 +358,8 @@ impl<C: ClusterChannel> Carrier<C> {
         *handle.identity.write().unwrap_or_else(|e| e.into_inner()) = Some(t.identity.clone());
         // The previous active may have changed policies, mounts, tokens: read them afresh.
         node.clear_caches();
+        // The store's read cache starts empty and serves only while this term's lock holds.
+        node.barrier().cache().enable(guard.lost());
         // Standbys heard in an earlier term of this node are not this term's standbys.
         handle.echoes.lock().unwrap_or_else(|e| e.into_inner()).clear();
         // The gate opens before the role flips, so whatever passes the role check is admitted.
