@@ -149,6 +149,14 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     f.write_all(bytes)
 }
 
+/// A fresh random lockd bearer token (32 random bytes, hex), written to `path` (0600) for
+/// lockd's `--token-file`; returned for the clients.
+pub fn new_lockd_token(path: &Path) -> Result<zeroize::Zeroizing<String>, String> {
+    let token = zeroize::Zeroizing::new(hex::encode(rand::random::<[u8; 32]>()));
+    write_private(path, format!("{}\n", token.as_str()).as_bytes()).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ use clap::Parser;
 use serde_json::{json, Value};
 
 use crate::client::{Client, Method};
-use crate::cluster::{write_private, ClusterFile, EtcdMember, LockdInfo, NodeInfo};
+use crate::cluster::{new_lockd_token, ClusterFile, EtcdMember, LockdInfo, NodeInfo};
 use crate::etcd;
 use crate::process::{wait_until, Child};
 
@@ -161,9 +161,7 @@ async fn run(args: &DevArgs, procs: &mut Vec<Child>) -> Result<(), String> {
         let token_file = dir.join("lockd.token");
         let lockd_port = port(100)?;
         let addr = format!("http://127.0.0.1:{lockd_port}");
-        let token = zeroize::Zeroizing::new(hex::encode(rand::random::<[u8; 32]>()));
-        write_private(&token_file, format!("{}\n", token.as_str()).as_bytes())
-            .map_err(|e| format!("{}: {e}", token_file.display()))?;
+        new_lockd_token(&token_file)?;
         let p = spawn_vha(
             "lockd",
             &[

@@ -17,7 +17,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use vha_core::storage::lockd::LockdBackend;
+use vha_core::storage::lockd::{LockdBackend, LockdCredentials};
 use vha_core::storage::{Backend, HaBackend};
 
 use vha_core::ports::free_port;
@@ -158,13 +158,19 @@ pub async fn run(b: &BenchArgs) -> Result<(), String> {
     }
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let lport = free_port()?;
+    // With a bearer token, as a deployment runs lockd (and as `vha dev` does).
+    let token_file = root.join("lockd.token");
+    let creds = LockdCredentials::token(crate::cluster::new_lockd_token(&token_file)?.as_str())?;
     let mut cmd = Command::new(exe);
     cmd.args(["lockd", "--listen", &format!("127.0.0.1:{lport}"), "--data-dir"])
         .arg(root.join("lockd"))
+        .arg("--token-file")
+        .arg(&token_file)
         .env("RUST_LOG", "warn");
     let _lockd = Child::spawn("lockd", cmd, None)?;
     let laddr = format!("http://127.0.0.1:{lport}");
-    let probe = LockdBackend::connect(&laddr).map_err(|e| e.to_string())?;
+    let connect = || LockdBackend::connect_with(&laddr, &creds).map_err(|e| e.to_string());
+    let probe = connect()?;
     wait_until("lockd", crate::lockd_scale::START_TIMEOUT, || async {
         probe.get("bench/ready").await.ok()
     })
@@ -187,7 +193,7 @@ pub async fn run(b: &BenchArgs) -> Result<(), String> {
     let http: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
 
     // The guard: a lock held for the whole run, its token on every lockd write.
-    let holder = LockdBackend::connect(&laddr).map_err(|e| e.to_string())?;
+    let holder = connect()?;
     let guard = holder
         .acquire("bench/lock", "bench", Default::default())
         .await
@@ -207,10 +213,7 @@ pub async fn run(b: &BenchArgs) -> Result<(), String> {
         "clients", "lockd op/s", "p50", "p99", "etcd op/s", "p50", "p99", "lockd/etcd"
     );
     for &clients in &b.clients {
-        let conns: Vec<LockdBackend> = (0..clients)
-            .map(|_| LockdBackend::connect(&laddr))
-            .collect::<Result<_, _>>()
-            .map_err(|e| e.to_string())?;
+        let conns: Vec<LockdBackend> = (0..clients).map(|_| connect()).collect::<Result<_, _>>()?;
         let conns = Arc::new(conns);
         let (f, v) = (fence.clone(), value.clone());
         let l = drive(clients, b.secs, move |c, n| {

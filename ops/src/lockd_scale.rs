@@ -26,7 +26,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
-use vha_core::storage::lockd::LockdBackend;
+use vha_core::storage::lockd::{LockdBackend, LockdCredentials};
 use vha_core::storage::{Backend, Fence};
 
 use crate::process::Child;
@@ -186,24 +186,32 @@ struct Lockd {
     port: u16,
     dir: PathBuf,
     compact_bytes: Option<u64>,
+    /// lockd's bearer token file (outside its data directory), as a deployment runs it.
+    token_file: PathBuf,
+    creds: LockdCredentials,
 }
 
 impl Lockd {
     fn spawn(port: u16, dir: &Path, compact_bytes: Option<u64>) -> Result<Lockd, String> {
+        let token_file = dir.with_extension("token");
+        let token = crate::cluster::new_lockd_token(&token_file)?;
         Ok(Lockd {
-            child: Lockd::start(port, dir, compact_bytes)?,
+            child: Lockd::start(port, dir, compact_bytes, &token_file)?,
             port,
             dir: dir.to_path_buf(),
             compact_bytes,
+            token_file,
+            creds: LockdCredentials::token(token.as_str())?,
         })
     }
 
-    fn start(port: u16, dir: &Path, compact_bytes: Option<u64>) -> Result<Child, String> {
+    fn start(port: u16, dir: &Path, compact_bytes: Option<u64>, token_file: &Path) -> Result<Child, String> {
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(exe);
         cmd.args(["lockd", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
             .arg(dir)
-            .args(["--min-lease-ttl", "100ms"])
+            .args(["--min-lease-ttl", "100ms", "--token-file"])
+            .arg(token_file)
             .env("RUST_LOG", "warn");
         if let Some(c) = compact_bytes {
             cmd.args(["--compact-bytes", &c.to_string()]);
@@ -222,27 +230,59 @@ impl Lockd {
     /// `kill -9`, reap, start again on the same directory and port.
     fn kill_and_respawn(&mut self) -> Result<(), String> {
         self.child.kill();
-        self.child = Lockd::start(self.port, &self.dir, self.compact_bytes)?;
+        self.child = Lockd::start(self.port, &self.dir, self.compact_bytes, &self.token_file)?;
         Ok(())
+    }
+
+    /// A store client with lockd's token.
+    fn client(&self) -> Result<LockdBackend, String> {
+        LockdBackend::connect_with(&self.url(), &self.creds).map_err(|e| e.to_string())
+    }
+
+    /// A raw HTTP client that sends lockd's token.
+    fn http(&self) -> Http {
+        Http {
+            client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+            creds: self.creds.clone(),
+        }
     }
 }
 
-type Http = Client<HttpConnector, Full<Bytes>>;
+/// Raw HTTP to lockd (lease calls and metrics), with its bearer token.
+#[derive(Clone)]
+struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+    creds: LockdCredentials,
+}
+
+impl Http {
+    fn request(
+        &self,
+        b: hyper::http::request::Builder,
+        body: Bytes,
+    ) -> Result<hyper_util::client::legacy::ResponseFuture, String> {
+        let token = self.creds.token.as_ref().map_or("", |t| t.as_str());
+        let req = b
+            .header("authorization", format!("Bearer {token}"))
+            .body(Full::new(body))
+            .map_err(|e| e.to_string())?;
+        Ok(self.client.request(req))
+    }
+}
 
 async fn post(http: &Http, url: &str, path: &str, body: Value) -> Result<(u16, Value), String> {
-    let req = hyper::Request::post(format!("{url}{path}"))
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body.to_string())))
+    let req = hyper::Request::post(format!("{url}{path}")).header("content-type", "application/json");
+    let r = http
+        .request(req, Bytes::from(body.to_string()))?
+        .await
         .map_err(|e| e.to_string())?;
-    let r = http.request(req).await.map_err(|e| e.to_string())?;
     let status = r.status().as_u16();
     let b = r.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
     Ok((status, serde_json::from_slice(&b).unwrap_or(Value::Null)))
 }
 
 async fn get_text(http: &Http, url: &str) -> Option<String> {
-    let req = hyper::Request::get(url).body(Full::new(Bytes::new())).ok()?;
-    let r = http.request(req).await.ok()?;
+    let r = http.request(hyper::Request::get(url), Bytes::new()).ok()?.await.ok()?;
     let b = r.into_body().collect().await.ok()?.to_bytes();
     String::from_utf8(b.to_vec()).ok()
 }
@@ -352,8 +392,8 @@ async fn run_once(root: &Path, args: &ScaleArgs, value_size: usize, port: u16) -
     let dir = root.join("scale");
     let mut lockd = Lockd::spawn(port, &dir, args.compact_bytes)?;
     let url = lockd.url();
-    let http: Http = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-    let probe = LockdBackend::connect(&url).map_err(|e| e.to_string())?;
+    let http = lockd.http();
+    let probe = lockd.client()?;
     crate::process::wait_until("lockd", START_TIMEOUT, || async { probe.get("bench/ready").await.ok() }).await?;
 
     let lock = "bench/scale-lock".to_string();
@@ -375,7 +415,7 @@ async fn run_once(root: &Path, args: &ScaleArgs, value_size: usize, port: u16) -
     let deadline = started + Duration::from_secs(args.max_secs);
     let mut tasks = Vec::new();
     for _ in 0..args.writers.max(1) {
-        let b = LockdBackend::connect(&url).map_err(|e| e.to_string())?;
+        let b = lockd.client()?;
         let (next, live, token, lock) = (next.clone(), live.clone(), token.clone(), lock.clone());
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut errors) = (Vec::new(), 0u64);
@@ -446,9 +486,7 @@ async fn run_once(root: &Path, args: &ScaleArgs, value_size: usize, port: u16) -
     drop(probe);
     let t = Instant::now();
     lockd.kill_and_respawn()?;
-    let c = LockdBackend::connect(&url)
-        .map_err(|e| e.to_string())?
-        .with_request_timeout(Duration::from_secs(1));
+    let c = lockd.client()?.with_request_timeout(Duration::from_secs(1));
     let restart = loop {
         if let Ok(Some(_)) = c.get(&last_key).await {
             break t.elapsed();
