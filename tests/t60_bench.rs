@@ -38,7 +38,7 @@ fn write_cluster_json(c: &TestCluster, dir: &Path) -> std::path::PathBuf {
     let cj = json!({
         "root_token": keys.root_token,
         "unseal_keys_b64": keys.keys_base64,
-        "lockd": { "addr": c.lockd.as_ref().map(|l| l.address()), "pid": Value::Null },
+        "lockd": { "addr": c.lockd.as_ref().map(|l| l.address()), "pid": c.lockd.as_ref().map(|l| l.pid()) },
         "nodes": nodes,
     });
     let p = dir.join("cluster.json");
@@ -93,7 +93,8 @@ fn num(v: &Value) -> f64 {
 /// timelines; the success rules hold on this cluster (`direct`, `node` and `redirect-follow`
 /// succeed, `redirect` returns the 307 itself, a proxy-less standby answers `forward` with
 /// 307); and for every round the requests the client sent (warm-up included) match the
-/// servers' own `vault_core_handle_request_count` deltas within 2 % + 5.
+/// servers' own `vault_core_handle_request_count` deltas within 2 % + 5; and the cost view
+/// reports CPU per request and memory of the nodes, the store and the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scenarios_report_and_server_counts_agree() {
     let c = TestCluster::builder().nodes(3).start().await;
@@ -179,6 +180,25 @@ async fn scenarios_report_and_server_counts_agree() {
             assert!(num(&ratio["median"]) > 0.0 || name == "forward", "{name}: {ratio}");
         }
         assert!(!sc["cdf"].as_array().unwrap().is_empty());
+        // The cost view: the nodes (all three, read from /proc) and the bench's client did
+        // work for these requests and hold memory; the store is watched too.
+        let cost = sc["cost"].as_array().expect("cost");
+        let role = |r: &str| {
+            cost.iter()
+                .find(|c| c["role"] == r)
+                .unwrap_or_else(|| panic!("{name}: no {r} in {cost:?}"))
+        };
+        assert_eq!(role("vha node")["processes"], 3, "{name}");
+        assert!(num(&role("vha node")["cpu_us_per_request"]) > 0.0, "{name}: {cost:?}");
+        assert!(num(&role("vha node")["rss_mb"]) > 1.0, "{name}: {cost:?}");
+        assert_eq!(role("vha store")["processes"], 1, "{name}");
+        assert!(
+            num(&role("bench client")["cpu_us_per_request"]) > 0.0,
+            "{name}: {cost:?}"
+        );
+        for r in sc["rounds"].as_array().unwrap() {
+            assert!(!r["cost"].as_array().unwrap().is_empty(), "{name}: {r}");
+        }
     }
     assert!(rep["http_requests_total"].as_u64().unwrap() > 0);
 }

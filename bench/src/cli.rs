@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::cost::Watched;
 use crate::failover::{self, Control};
 use crate::load::{self, Live, Mode, RunSpec};
 use crate::peers::{Nginx, OpenBao};
@@ -88,6 +89,10 @@ pub struct Args {
     /// Concurrent writers during failover trials.
     #[arg(long, default_value_t = 8)]
     pub failover_writers: usize,
+    /// Concurrency sweep after the rounds: each scenario once per level (closed loop, same
+    /// duration), e.g. `1,4,16,64,256`; req/s and p99 against connections in the reports.
+    #[arg(long, value_delimiter = ',')]
+    pub sweep: Vec<usize>,
     /// Peers to run in the same invocation: openbao, nginx (repeatable).
     #[arg(long = "peer")]
     pub peers: Vec<String>,
@@ -185,7 +190,11 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
             });
         }
     }
-    let http = HttpClient::new(&token, args.http2, args.concurrency.max(args.failover_writers));
+    let pool = args
+        .concurrency
+        .max(args.failover_writers)
+        .max(args.sweep.iter().copied().max().unwrap_or(0));
+    let http = HttpClient::new(&token, args.http2, pool);
     let direct = scenarios
         .iter()
         .find(|s| s.kind == Kind::Direct)
@@ -215,7 +224,7 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
                     args.peer_dir.join("openbao").display()
                 );
                 let ob = OpenBao::start(&args.peer_dir.join("openbao"), 3).await?;
-                let h = HttpClient::new(&ob.root_token, args.http2, args.concurrency.max(args.failover_writers));
+                let h = HttpClient::new(&ob.root_token, args.http2, pool);
                 let probe = h.clone();
                 let a = scenario::find_active(&probe, &ob.nodes)
                     .await
@@ -260,6 +269,8 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
         warmup: args.warmup,
         timeout: args.timeout,
     };
+    let watched = watch_list(cluster.as_ref(), bao.as_ref(), nginx.as_ref());
+    let ticks = crate::cost::clock_ticks();
     let mut col = Collector::default();
     for round in 0..args.rounds {
         for sc in &scenarios {
@@ -276,10 +287,12 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
             };
             let live = Arc::new(Live::default());
             let label = format!("r{}/{} {}", round + 1, args.rounds, sc.name);
+            let cpu_before = crate::cost::sample(&watched);
             let res = {
                 let _p = Progress::start(&label, args.warmup + args.duration, live.clone(), args.quiet);
                 load::run(&spec, scenario::op(&client, sc, &w), live).await
             };
+            let cpu_after = crate::cost::sample(&watched);
             let after = if counted {
                 scenario::server_request_count(&http, &node_urls).await
             } else {
@@ -298,7 +311,56 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
                     res.errors
                 );
             }
-            col.add(sc, RoundReport::from_run(round, &res, server), &res.latency);
+            let mut rr = RoundReport::from_run(round, &res, server);
+            rr.cost = crate::cost::costs(
+                &watched,
+                &cpu_before,
+                &cpu_after,
+                res.http_requests + res.warmup_http_requests,
+                ticks,
+            )
+            .into_iter()
+            .filter(|c| serves(&sc.system, &c.system))
+            .collect();
+            col.add(sc, rr, &res.latency);
+        }
+    }
+
+    // Concurrency sweep.
+    let mut sweep = Vec::new();
+    for &level in &args.sweep {
+        let spec = RunSpec {
+            mode: Mode::Closed { workers: level.max(1) },
+            ..spec.clone()
+        };
+        for sc in &scenarios {
+            let client = if sc.system == "openbao" {
+                bao_http.clone().unwrap_or_else(|| http.clone())
+            } else {
+                http.clone()
+            };
+            let live = Arc::new(Live::default());
+            let label = format!("sweep c={level} {}", sc.name);
+            let res = {
+                let _p = Progress::start(&label, args.warmup + args.duration, live.clone(), args.quiet);
+                load::run(&spec, scenario::op(&client, sc, &w), live).await
+            };
+            let l = res.latency.summary();
+            if !args.quiet {
+                eprintln!(
+                    "{label:>28}: {:>9.0} req/s  p99 {:.2} ms  errors {}",
+                    res.throughput(),
+                    l.p99_ms,
+                    res.errors
+                );
+            }
+            sweep.push(report::SweepPoint {
+                scenario: sc.name.clone(),
+                connections: level,
+                throughput: res.throughput(),
+                p99_ms: l.p99_ms,
+                errors: res.errors,
+            });
         }
     }
 
@@ -399,6 +461,7 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
             "peers": args.peers,
         }),
         scenarios: col.finish(),
+        sweep,
         http_requests_total: 0,
         failover: fo,
         notes,
@@ -420,6 +483,14 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
         }
     }
     println!("\n{}", report::table(&rep.scenarios));
+    let costs = report::cost_table(&rep.scenarios);
+    if !costs.is_empty() {
+        println!("{costs}");
+    }
+    let sweep = report::sweep_table(&rep.sweep);
+    if !sweep.is_empty() {
+        println!("{sweep}");
+    }
     for f in &rep.failover {
         println!(
             "failover {}: {} trials, first ack after kill p50 {:.0} ms p99 {:.0} ms max {:.0} ms; errors {}; held {}; acked writes {}, lost {}",
@@ -445,6 +516,55 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
         std::fs::write(p, report::html(&rep)).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     Ok(())
+}
+
+/// The processes the cost view reads: vha's proxies, nodes and store (from cluster.json),
+/// OpenBao's nodes, nginx's master and workers, and the bench itself.
+fn watch_list(cluster: Option<&ClusterFile>, bao: Option<&OpenBao>, nginx: Option<&Nginx>) -> Vec<Watched> {
+    let mut w = Vec::new();
+    if let Some(c) = cluster {
+        w.extend(
+            c.nodes
+                .iter()
+                .filter_map(|n| n.proxy_pid)
+                .map(|p| Watched::new(p, "vha", "vha proxy")),
+        );
+        w.extend(
+            c.nodes
+                .iter()
+                .filter_map(|n| n.node_pid)
+                .map(|p| Watched::new(p, "vha", "vha node")),
+        );
+        w.extend(
+            c.lockd
+                .iter()
+                .filter_map(|l| l.pid)
+                .map(|p| Watched::new(p, "vha", "vha store")),
+        );
+        w.extend(
+            c.etcd
+                .iter()
+                .filter_map(|m| m.pid)
+                .map(|p| Watched::new(p, "vha", "vha store")),
+        );
+    }
+    if let Some(b) = bao {
+        w.extend(b.pids().into_iter().map(|p| Watched::new(p, "openbao", "openbao")));
+    }
+    if let Some(n) = nginx {
+        w.push(Watched {
+            children: true,
+            ..Watched::new(n.pid(), "nginx", "nginx")
+        });
+    }
+    w.push(Watched::new(std::process::id(), "bench", "bench client"));
+    w
+}
+
+/// Whether processes of `role_system` serve requests of a `scenario_system` scenario (nginx
+/// forwards to vha's active node, so vha's roles count for it too).
+fn serves(scenario_system: &str, role_system: &str) -> bool {
+    role_system == scenario_system || role_system == "bench" || (scenario_system == "nginx" && role_system == "vha")
 }
 
 /// Writes the keys the read workloads need.

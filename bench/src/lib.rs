@@ -6,9 +6,11 @@
 //! - [`scenario`]: direct / forward / redirect / redirect-follow / node targets and the client;
 //! - [`failover`]: kill -9 trials under write load, with read-back of acknowledged writes;
 //! - [`peers`]: OpenBao raft cluster and nginx mTLS front in the same run;
+//! - [`cost`]: CPU time per request and memory of each process role, from `/proc`;
 //! - [`report`]: progress bar, table, JSON, self-contained HTML.
 
 pub mod cli;
+pub(crate) mod cost;
 pub(crate) mod failover;
 pub(crate) mod hist;
 pub(crate) mod load;

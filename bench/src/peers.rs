@@ -123,6 +123,11 @@ pub(crate) struct OpenBao {
 }
 
 impl OpenBao {
+    /// The nodes' processes.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self._procs.iter().map(Child::pid).collect()
+    }
+
     /// Config file of node `i`.
     pub(crate) fn config(&self, i: usize) -> PathBuf {
         self.dir.join(format!("bao-{i}.hcl"))
@@ -266,6 +271,11 @@ pub(crate) struct Nginx {
 }
 
 impl Nginx {
+    /// nginx's master process (its workers are its children).
+    pub(crate) fn pid(&self) -> u32 {
+        self._proc.pid()
+    }
+
     /// Starts nginx in `dir` forwarding to `upstream` (`http://127.0.0.1:PORT`) through an
     /// mTLS hop with a pinned P-521 certificate.
     pub(crate) async fn start(dir: &Path, upstream: &str) -> Result<Nginx, String> {

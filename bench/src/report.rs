@@ -25,10 +25,22 @@ pub(crate) struct Report {
     pub command: String,
     pub config: serde_json::Value,
     pub scenarios: Vec<ScenarioReport>,
+    /// `--sweep`: each scenario at each concurrency level.
+    pub sweep: Vec<SweepPoint>,
     /// Every HTTP request the bench sent (setup, warm-up, measured, metrics scrapes).
     pub http_requests_total: u64,
     pub failover: Vec<crate::failover::FailoverReport>,
     pub notes: Vec<String>,
+}
+
+/// One scenario at one concurrency level of `--sweep`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct SweepPoint {
+    pub scenario: String,
+    pub connections: usize,
+    pub throughput: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -77,6 +89,8 @@ pub(crate) struct ScenarioReport {
     pub ratio_to_vha_direct: Option<Ratio>,
     /// Latency CDF over all rounds: `[ms, fraction]`.
     pub cdf: Vec<(f64, f64)>,
+    /// What a request cost each process role: median CPU per request over rounds, memory.
+    pub cost: Vec<crate::cost::RoleCost>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -116,6 +130,8 @@ pub(crate) struct RoundReport {
     /// Send-to-answer time.
     pub service: Percentiles,
     pub timeline: Vec<Point>,
+    /// What the run (warm-up included) cost each process role, per request sent.
+    pub cost: Vec<crate::cost::RoleCost>,
 }
 
 /// One time window of a round.
@@ -159,6 +175,7 @@ impl RoundReport {
                     }
                 })
                 .collect(),
+            cost: Vec::new(),
         }
     }
 }
@@ -228,6 +245,7 @@ impl Collector {
                         ratio(&mine, "direct")
                     },
                     cdf: hist.cdf_points(200),
+                    cost: crate::cost::over_rounds(&rounds.iter().map(|r| r.cost.clone()).collect::<Vec<_>>()),
                     rounds: rounds.clone(),
                 }
             })
@@ -315,6 +333,81 @@ pub(crate) fn table(scenarios: &[ScenarioReport]) -> String {
             sc.rounds.len()
         );
     }
+    s
+}
+
+/// The cost table (plain text): per scenario, each role's CPU per request and memory.
+pub(crate) fn cost_table(scenarios: &[ScenarioReport]) -> String {
+    let mut s = String::new();
+    if scenarios.iter().all(|sc| sc.cost.is_empty()) {
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "{:<24} {:<14} {:>6} {:>14} {:>9} {:>10}",
+        "scenario", "role", "procs", "CPU us/req", "RSS MB", "peak MB"
+    );
+    for sc in scenarios {
+        for c in &sc.cost {
+            let _ = writeln!(
+                s,
+                "{:<24} {:<14} {:>6} {:>14.1} {:>9.1} {:>10.1}",
+                sc.name, c.role, c.processes, c.cpu_us_per_request, c.rss_mb, c.peak_rss_mb
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "(CPU time of the role's processes from /proc during warm-up + run, per HTTP request sent; median over rounds)"
+    );
+    s
+}
+
+/// The sweep table (plain text): req/s and p99 per scenario and level.
+pub(crate) fn sweep_table(points: &[SweepPoint]) -> String {
+    let mut s = String::new();
+    if points.is_empty() {
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "{:<24} {:>6} {:>10} {:>9} {:>8}",
+        "scenario", "conns", "req/s", "p99 ms", "errors"
+    );
+    for p in points {
+        let _ = writeln!(
+            s,
+            "{:<24} {:>6} {:>10.0} {:>9.2} {:>8}",
+            p.scenario, p.connections, p.throughput, p.p99_ms, p.errors
+        );
+    }
+    s
+}
+
+/// A horizontal bar chart (inline SVG) of `bars` (label, value).
+fn svg_bars(title: &str, unit: &str, bars: &[(String, f64)]) -> String {
+    let (w, row, left) = (900.0, 22.0, 220.0);
+    let h = 40.0 + row * bars.len() as f64;
+    let max = bars.iter().map(|b| b.1).fold(0.0, f64::max).max(1e-9);
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-size=\"12\"><text x=\"4\" y=\"16\" font-weight=\"bold\">{}</text>", esc(title));
+    for (i, (label, v)) in bars.iter().enumerate() {
+        let y = 28.0 + row * i as f64;
+        let len = (w - left - 90.0) * v / max;
+        let _ = write!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text><rect x=\"{left}\" y=\"{y}\" width=\"{len:.1}\" height=\"{}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\">{} {}</text>",
+            left - 6.0,
+            y + 14.0,
+            esc(label),
+            row - 6.0,
+            COLORS[i % COLORS.len()],
+            left + len + 4.0,
+            y + 14.0,
+            fmt_num(*v),
+            esc(unit)
+        );
+    }
+    s.push_str("</svg>");
     s
 }
 
@@ -538,6 +631,93 @@ pub(crate) fn html(r: &Report) -> String {
     }
     s.push_str("</table>");
     if !r.scenarios.is_empty() {
+        let bars: Vec<(String, f64)> = r
+            .scenarios
+            .iter()
+            .map(|sc| (sc.name.clone(), sc.total.throughput_median))
+            .collect();
+        s.push_str(&svg_bars(
+            "throughput across systems (median over rounds)",
+            "req/s",
+            &bars,
+        ));
+    }
+    if r.scenarios.iter().any(|sc| !sc.cost.is_empty()) {
+        s.push_str("<h2>Cost per request</h2><p>CPU time of each role's processes (from /proc, warm-up included) per HTTP request sent, median over rounds; resident memory after the last round and its peak.</p><table><tr><th>scenario</th><th>role</th><th>processes</th><th>CPU µs/request</th><th>RSS MB</th><th>peak RSS MB</th></tr>");
+        let mut bars = Vec::new();
+        for sc in &r.scenarios {
+            for c in &sc.cost {
+                let _ = write!(
+                    s,
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td></tr>",
+                    esc(&sc.name),
+                    esc(&c.role),
+                    c.processes,
+                    c.cpu_us_per_request,
+                    c.rss_mb,
+                    c.peak_rss_mb
+                );
+                if c.system != "bench" {
+                    bars.push((format!("{} / {}", sc.name, c.role), c.cpu_us_per_request));
+                }
+            }
+        }
+        s.push_str("</table>");
+        s.push_str(&svg_bars("CPU per request by role", "µs", &bars));
+    }
+    if !r.sweep.is_empty() {
+        s.push_str(
+            "<h2>Concurrency sweep</h2><p>Each scenario once per level (closed loop): where each system saturates.</p>",
+        );
+        let names: Vec<&str> = r.scenarios.iter().map(|sc| sc.name.as_str()).collect();
+        let series = |f: fn(&SweepPoint) -> f64| -> Vec<Series<'_>> {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| Series {
+                    name: n,
+                    color: COLORS[i % COLORS.len()],
+                    points: r
+                        .sweep
+                        .iter()
+                        .filter(|p| p.scenario == *n)
+                        .map(|p| ((p.connections.max(1) as f64).log2(), f(p)))
+                        .collect(),
+                    dots: false,
+                })
+                .collect()
+        };
+        s.push_str(&svg_chart(
+            "throughput against connections",
+            "log2(connections)",
+            "req/s",
+            &series(|p| p.throughput),
+            false,
+            &[],
+        ));
+        s.push_str(&svg_chart(
+            "p99 latency against connections",
+            "log2(connections)",
+            "p99 ms",
+            &series(|p| p.p99_ms),
+            true,
+            &[],
+        ));
+        s.push_str("<table><tr><th>scenario</th><th>connections</th><th>req/s</th><th>p99 ms</th><th>errors</th></tr>");
+        for p in &r.sweep {
+            let _ = write!(
+                s,
+                "<tr><td>{}</td><td>{}</td><td>{:.0}</td><td>{:.2}</td><td>{}</td></tr>",
+                esc(&p.scenario),
+                p.connections,
+                p.throughput,
+                p.p99_ms,
+                p.errors
+            );
+        }
+        s.push_str("</table>");
+    }
+    if !r.scenarios.is_empty() {
         s.push_str("<h2>Latency distribution</h2>");
         let series: Vec<Series<'_>> = r
             .scenarios
@@ -676,13 +856,36 @@ mod tests {
         r.scenarios.push(ScenarioReport {
             name: "direct".into(),
             cdf: vec![(1.0, 0.5), (2.0, 1.0)],
+            cost: vec![crate::cost::RoleCost {
+                role: "<proxy>".into(),
+                system: "vha".into(),
+                processes: 3,
+                cpu_us_per_request: 12.5,
+                rss_mb: 30.0,
+                peak_rss_mb: 31.0,
+            }],
             ..Default::default()
         });
+        for c in [1, 4] {
+            r.sweep.push(SweepPoint {
+                scenario: "direct".into(),
+                connections: c,
+                throughput: 100.0 * c as f64,
+                p99_ms: 2.0,
+                errors: 0,
+            });
+        }
         let h = html(&r);
         assert!(h.contains("<svg"));
         assert!(!h.contains("<script"));
         assert!(!h.contains("src=") && !h.contains("href="));
         assert!(h.contains("vha bench &lt;x&gt;"));
+        // The cost table and its bars, the sweep's charts and table, the throughput bars.
+        assert!(h.contains("Cost per request") && h.contains("&lt;proxy&gt;") && h.contains("12.5"));
+        assert!(h.contains("Concurrency sweep") && h.contains("p99 latency against connections"));
+        assert!(h.contains("throughput across systems"));
+        assert!(cost_table(&r.scenarios).contains("<proxy>"));
+        assert!(sweep_table(&r.sweep).lines().count() == 3);
     }
 
     /// Ratios are per round against the baseline's same round, with their median.
