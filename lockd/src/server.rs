@@ -26,9 +26,9 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 use vha_core::storage::lockd::protocol::{
-    paths, AcquireRequest, AcquireResponse, CancelRequest, CancelResponse, DeleteRequest, DeleteResponse, GetResponse,
-    HolderResponse, KeyRequest, LeaseRequest, ListRequest, ListResponse, PutRequest, PutResponse, RenewResponse,
-    WatchRequest, WireEvent, MAX_ACQUIRE_WAIT_MS, WATCH_PING_MS,
+    paths, AcquireRequest, AcquireResponse, BatchRequest, CancelRequest, CancelResponse, DeleteRequest, DeleteResponse,
+    GetResponse, HolderResponse, KeyRequest, LeaseRequest, ListRequest, ListResponse, PutRequest, PutResponse,
+    RenewResponse, WatchRequest, WireEvent, MAX_ACQUIRE_WAIT_MS, WATCH_PING_MS,
 };
 use vha_core::storage::validate_value_len;
 
@@ -286,6 +286,21 @@ async fn route(app: &App, req: Request<Incoming>) -> Result<Response<Body>, Lock
             let r: PutRequest = read_json(app, req).await?;
             validate_value_len(&r.value, app.limits.max_value)?;
             let revision = store.put(r).await?;
+            Ok(json(StatusCode::OK, &PutResponse { revision }))
+        }
+        paths::KV_BATCH => {
+            let r: BatchRequest = read_json(app, req).await?;
+            // The batch's values together stay within `max_value_size` (the request body's
+            // bound); a larger batch is the client's to split.
+            let total: usize = r.puts.iter().map(|p| p.value.len()).sum();
+            if total > app.limits.max_value {
+                return Err(LockdError::Invalid(format!(
+                    "the batch's values total {total} bytes, over max_value_size ({})",
+                    app.limits.max_value
+                )));
+            }
+            let puts = r.puts.into_iter().map(|p| (p.key, p.value)).collect();
+            let revision = store.put_batch(puts, r.fence).await?;
             Ok(json(StatusCode::OK, &PutResponse { revision }))
         }
         paths::KV_DELETE => {

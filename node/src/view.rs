@@ -87,6 +87,15 @@ impl<'a> View<'a> {
         self.put(k, &bytes).await
     }
 
+    /// Writes several entries in order, in one store round trip where the store takes
+    /// batches (a prefix may be written if it fails part-way).
+    pub async fn put_batch(&self, entries: &[(&str, &[u8])]) -> Result<(), ApiError> {
+        self.writable()?;
+        let keys: Vec<String> = entries.iter().map(|(k, _)| self.key(k)).collect();
+        let full: Vec<(&str, &[u8])> = keys.iter().zip(entries).map(|(k, (_, v))| (k.as_str(), *v)).collect();
+        Ok(self.barrier.put_batch(&full, self.fence.as_ref()).await?)
+    }
+
     pub async fn delete(&self, k: &str) -> Result<(), ApiError> {
         self.writable()?;
         Ok(self.barrier.delete(&self.key(k), self.fence.as_ref()).await?)

@@ -250,6 +250,27 @@ impl Barrier {
         Ok(r?)
     }
 
+    /// Writes `entries` in order, in one store request where the store takes batches (see
+    /// [`Backend::put_batch`]: a refused fence writes none, a failure may leave a prefix).
+    pub async fn put_batch(&self, entries: &[(&str, &[u8])], fence: Option<&Fence>) -> Result<(), BarrierError> {
+        let ring = self.require_keyring()?;
+        let mut puts = Vec::with_capacity(entries.len());
+        let mut cached = Vec::with_capacity(entries.len());
+        for (path, value) in entries {
+            let ct = ring.encrypt(path, value);
+            cached.push(self.cache.wants_values(path).then(|| Arc::<[u8]>::from(&ct[..])));
+            puts.push((path.to_string(), ct));
+        }
+        for (path, _) in entries {
+            self.cache.write_begins(path);
+        }
+        let r = self.backend.put_batch(puts, fence).await;
+        for ((path, _), c) in entries.iter().zip(cached) {
+            self.cache.write_ends(path, r.is_ok().then_some(c).flatten().map(Some));
+        }
+        Ok(r?)
+    }
+
     pub async fn delete(&self, path: &str, fence: Option<&Fence>) -> Result<(), BarrierError> {
         self.require_keyring()?;
         self.cache.write_begins(path);

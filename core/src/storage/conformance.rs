@@ -116,6 +116,52 @@ pub async fn exercise_backend(b: &dyn Backend) {
     if let Some(t) = e.fence_token {
         assert_eq!(t, 6, "recorded token must be the writer's");
     }
+    // A batch writes every entry in order under one fence check; a stale fence writes none;
+    // an empty or oversized batch is refused before anything is written.
+    b.put_batch(
+        vec![(k("batch/a"), b"1".to_vec()), (k("batch/b"), b"2".to_vec())],
+        Some(&f6),
+    )
+    .await
+    .expect("fenced batch with the current token");
+    assert_eq!(b.get(&k("batch/a")).await.unwrap().unwrap().value, b"1");
+    assert_eq!(b.get(&k("batch/b")).await.unwrap().unwrap().value, b"2");
+    match b
+        .put_batch(
+            vec![(k("batch/a"), b"stale".to_vec()), (k("batch/c"), b"stale".to_vec())],
+            Some(&f4),
+        )
+        .await
+    {
+        Err(StorageError::Fenced { token: 4, .. }) => {}
+        other => panic!("a stale batch must be Fenced, got {other:?}"),
+    }
+    assert_eq!(
+        b.get(&k("batch/a")).await.unwrap().unwrap().value,
+        b"1",
+        "a fenced batch writes nothing"
+    );
+    assert!(
+        b.get(&k("batch/c")).await.unwrap().is_none(),
+        "a fenced batch writes nothing"
+    );
+    b.put_batch(vec![(k("batch/c"), b"3".to_vec())], None)
+        .await
+        .expect("unfenced batch");
+    assert_eq!(b.get(&k("batch/c")).await.unwrap().unwrap().value, b"3");
+    assert!(
+        b.put_batch(Vec::new(), None).await.is_err(),
+        "an empty batch is refused"
+    );
+    let too_many: Vec<(String, Vec<u8>)> = (0..=super::MAX_BATCH)
+        .map(|i| (k(&format!("batch/many/{i}")), b"x".to_vec()))
+        .collect();
+    assert!(
+        b.put_batch(too_many, None).await.is_err(),
+        "an oversized batch is refused"
+    );
+    assert!(b.get(&k("batch/many/0")).await.unwrap().is_none(), "and writes nothing");
+
     // Another lock's tokens are independent.
     let other = Fence {
         lock: format!("{ns}other-lock"),

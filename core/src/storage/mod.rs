@@ -28,6 +28,19 @@ pub use crate::error::StorageError;
 /// Longest key a backend must accept. Vault's own paths stay far below; the bound keeps a
 /// hostile client from making the store index huge keys.
 pub const MAX_KEY_LEN: usize = 1024;
+/// Most entries one `put_batch` takes: far above what a caller batches (a KV v2 write is
+/// two), and far below etcd's default limit of 128 operations per transaction.
+pub const MAX_BATCH: usize = 64;
+
+/// Refuses an empty batch and one longer than [`MAX_BATCH`].
+pub fn check_batch_len(n: usize) -> Result<(), StorageError> {
+    if n == 0 || n > MAX_BATCH {
+        return Err(StorageError::Invalid(format!(
+            "a batch holds 1 to {MAX_BATCH} entries, not {n}"
+        )));
+    }
+    Ok(())
+}
 /// Largest value a backend must accept: 32 MiB (Vault's default `max_request_size`) plus
 /// room for the barrier's envelope. The limit of the network stores (lockd, etcd), whose
 /// protocols and logs are sized for it.
@@ -147,6 +160,9 @@ pub fn list_children<'a>(prefix: &str, keys: impl Iterator<Item = &'a str>) -> V
 /// - `create` is atomic: of any number of concurrent creates of one key (from any process)
 ///   exactly one returns `Ok(true)` and writes; the others return `Ok(false)` and write
 ///   nothing. A stale fence is refused first, as for `put`.
+/// - `put_batch` writes its entries in order: a stale fence writes none of them; a failure
+///   part-way (or a crash) may leave a prefix written, never a later entry without an
+///   earlier one, so callers order entries such that every prefix is consistent.
 #[async_trait]
 pub trait Backend: Send + Sync + 'static {
     /// Short name for banners and `sys/seal-status` (`file`, `inmem`, `lockd`, `etcd`).
@@ -157,6 +173,16 @@ pub trait Backend: Send + Sync + 'static {
     /// `Ok(false)` when the key existed (nothing written).
     async fn create(&self, key: &str, value: Vec<u8>, fence: Option<&Fence>) -> Result<bool, StorageError>;
     async fn delete(&self, key: &str, fence: Option<&Fence>) -> Result<(), StorageError>;
+    /// Writes up to [`MAX_BATCH`] entries in order under one fence check. lockd and etcd take
+    /// them in one request (one durable commit); the default writes them one by one, which
+    /// is what the local stores need (no round trip to save).
+    async fn put_batch(&self, puts: Vec<(String, Vec<u8>)>, fence: Option<&Fence>) -> Result<(), StorageError> {
+        check_batch_len(puts.len())?;
+        for (key, value) in puts {
+            self.put(&key, value, fence).await?;
+        }
+        Ok(())
+    }
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
     /// Watches every key starting with `prefix`. Events arrive in write order; after a gap the
     /// stream yields [`WatchEvent::Resync`]. Backends without watches return `Unsupported`.

@@ -137,6 +137,11 @@ pub(crate) struct Inner {
     own_locks: Mutex<HashSet<String>>,
 }
 
+/// Most value bytes one `put_batch` sends as one transaction: under etcd's default request
+/// limit (`--max-request-bytes`, 1.5 MiB), so a batch never fails where its puts one by one
+/// would pass. Larger batches are written one by one, in order.
+const BATCH_MAX_BYTES: usize = 1024 * 1024;
+
 /// A client of an etcd cluster. Cheap to clone; clones share the gRPC channel.
 #[derive(Clone)]
 pub struct EtcdBackend {
@@ -416,19 +421,19 @@ impl EtcdBackend {
 
     /// One write (`op` on the data key) under `fence`, as a single transaction.
     async fn fenced_write(&self, op: TxnOp, fence: &Fence) -> Result<(), StorageError> {
-        self.fenced_txn(op, fence).await.map(|_| ())
+        self.fenced_txn(vec![op], fence).await.map(|_| ())
     }
 
-    /// Like [`EtcdBackend::fenced_write`], returning etcd's answer when the fence passed (its
-    /// responses include `op`'s).
-    async fn fenced_txn(&self, op: TxnOp, fence: &Fence) -> Result<etcd_client::TxnResponse, StorageError> {
+    /// Like [`EtcdBackend::fenced_write`] for several ops in one transaction, returning
+    /// etcd's answer when the fence passed (its responses include the ops').
+    async fn fenced_txn(&self, ops: Vec<TxnOp>, fence: &Fence) -> Result<etcd_client::TxnResponse, StorageError> {
         let mut client = self.kv().await?;
         if self.is_own_lock(&fence.lock) {
             let lk = self.lock_key(&fence.lock);
             let token = i64::try_from(fence.token).unwrap_or(i64::MAX);
             let txn = Txn::new()
                 .when([Compare::create_revision(lk.clone(), CompareOp::Equal, token)])
-                .and_then([op])
+                .and_then(ops)
                 .or_else([TxnOp::get(lk, None)]);
             let r = self.call("fenced write", client.txn(txn)).await?;
             if r.succeeded() {
@@ -447,7 +452,11 @@ impl EtcdBackend {
         let txn = Txn::new()
             .when([Compare::value(fk.clone(), CompareOp::Greater, enc.clone())])
             .and_then([TxnOp::get(fk.clone(), None)])
-            .or_else([TxnOp::put(fk, enc, None), op]);
+            .or_else(
+                std::iter::once(TxnOp::put(fk, enc, None))
+                    .chain(ops)
+                    .collect::<Vec<_>>(),
+            );
         let r = self.call("fenced write", client.txn(txn)).await?;
         if !r.succeeded() {
             return Ok(r);
@@ -653,6 +662,32 @@ impl Backend for EtcdBackend {
         }
     }
 
+    async fn put_batch(&self, puts: Vec<(String, Vec<u8>)>, fence: Option<&Fence>) -> Result<(), StorageError> {
+        crate::storage::check_batch_len(puts.len())?;
+        if puts.iter().map(|(_, v)| v.len()).sum::<usize>() > BATCH_MAX_BYTES {
+            // Would risk etcd's request limit where the puts one by one pass it.
+            for (key, value) in puts {
+                self.put(&key, value, fence).await?;
+            }
+            return Ok(());
+        }
+        let mut ops = Vec::with_capacity(puts.len());
+        for (key, value) in puts {
+            validate_key(&key)?;
+            validate_value(&value)?;
+            ops.push(TxnOp::put(self.data_key(&key), value, None));
+        }
+        match fence {
+            Some(f) => self.fenced_txn(ops, f).await.map(|_| ()),
+            None => {
+                let mut c = self.kv().await?;
+                self.call("put batch", c.txn(Txn::new().and_then(ops)))
+                    .await
+                    .map(|_| ())
+            }
+        }
+    }
+
     async fn create(&self, key: &str, value: Vec<u8>, fence: Option<&Fence>) -> Result<bool, StorageError> {
         validate_key(key)?;
         validate_value(&value)?;
@@ -664,7 +699,7 @@ impl Backend for EtcdBackend {
         let r = match fence {
             // The fence's transaction runs the create as a nested transaction.
             Some(f) => {
-                let outer = self.fenced_txn(TxnOp::txn(create), f).await?;
+                let outer = self.fenced_txn(vec![TxnOp::txn(create)], f).await?;
                 match outer.op_responses().into_iter().find_map(|op| match op {
                     TxnOpResponse::Txn(t) => Some(t),
                     _ => None,

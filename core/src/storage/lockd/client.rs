@@ -29,9 +29,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::LockdCredentials;
 use super::protocol::{
-    codes, paths, AcquireRequest, AcquireResponse, CancelRequest, CancelResponse, DeleteRequest, DeleteResponse,
-    ErrorBody, GetResponse, HolderResponse, KeyRequest, LeaseRequest, ListRequest, ListResponse, PutRequest,
-    PutResponse, RenewResponse, WatchRequest, WireEvent, MAX_ACQUIRE_WAIT_MS, WATCH_DEAD_AFTER_MS,
+    codes, paths, AcquireRequest, AcquireResponse, BatchPut, BatchRequest, CancelRequest, CancelResponse,
+    DeleteRequest, DeleteResponse, ErrorBody, GetResponse, HolderResponse, KeyRequest, LeaseRequest, ListRequest,
+    ListResponse, PutRequest, PutResponse, RenewResponse, WatchRequest, WireEvent, MAX_ACQUIRE_WAIT_MS,
+    WATCH_DEAD_AFTER_MS,
 };
 use crate::config::{ConfigError, Stanza};
 use crate::storage::{
@@ -980,6 +981,28 @@ impl Backend for LockdBackend {
             Err(CallError::Status(_, b)) if b.code == codes::CAS_MISMATCH => Ok(false),
             Err(e) => Err(to_storage(e)),
         }
+    }
+
+    async fn put_batch(&self, puts: Vec<(String, Vec<u8>)>, fence: Option<&Fence>) -> Result<(), StorageError> {
+        crate::storage::check_batch_len(puts.len())?;
+        let total: usize = puts.iter().map(|(_, v)| v.len()).sum();
+        if total > self.inner.max_value {
+            // More than one request may carry: in order, one by one (still a valid batch).
+            for (key, value) in puts {
+                self.put(&key, value, fence).await?;
+            }
+            return Ok(());
+        }
+        let mut entries = Vec::with_capacity(puts.len());
+        for (key, value) in puts {
+            validate_key(&key)?;
+            entries.push(BatchPut { key, value });
+        }
+        let q = BatchRequest {
+            puts: entries,
+            fence: fence.cloned(),
+        };
+        self.call::<_, PutResponse>(paths::KV_BATCH, &q).await.map(|_| ())
     }
 
     async fn delete(&self, key: &str, fence: Option<&Fence>) -> Result<(), StorageError> {

@@ -14,6 +14,7 @@ use crate::storage::Fence;
 pub mod paths {
     pub const KV_GET: &str = "/v1/kv/get";
     pub const KV_PUT: &str = "/v1/kv/put";
+    pub const KV_BATCH: &str = "/v1/kv/batch";
     pub const KV_DELETE: &str = "/v1/kv/delete";
     pub const KV_LIST: &str = "/v1/kv/list";
     pub const LOCK_ACQUIRE: &str = "/v1/lock/acquire";
@@ -73,6 +74,25 @@ pub struct PutRequest {
     pub fence: Option<Fence>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prev_revision: Option<u64>,
+}
+
+/// One entry of a `kv/batch`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchPut {
+    pub key: String,
+    #[serde(with = "b64")]
+    pub value: Vec<u8>,
+}
+
+/// `kv/batch`: write every entry of `puts` in order, under one fence check and one durable
+/// commit (1 to `MAX_BATCH` entries). With a refused fence nothing is written.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub puts: Vec<BatchPut>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<Fence>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

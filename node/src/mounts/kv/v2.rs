@@ -514,10 +514,17 @@ pub async fn store_version(
         }
     }
     let (version, trimmed) = meta.add_version(&cfg, now);
-    // Data first, then the metadata that makes it current, then garbage.
-    view.put_json(&version_key(key, version), &json!({ "data": data }))
-        .await?;
-    view.put_json(&meta_key(key), &meta).await?;
+    // Data first, then the metadata that makes it current (one store round trip where the
+    // store takes batches; a failure leaves at most the data, never metadata without it),
+    // then garbage.
+    let enc = |v: Result<Vec<u8>, serde_json::Error>| v.map_err(|e| ApiError::Internal(e.to_string()));
+    let version_bytes = enc(serde_json::to_vec(&json!({ "data": data })))?;
+    let meta_bytes = enc(serde_json::to_vec(&meta))?;
+    view.put_batch(&[
+        (&version_key(key, version), &version_bytes),
+        (&meta_key(key), &meta_bytes),
+    ])
+    .await?;
     for t in trimmed {
         view.delete(&version_key(key, t)).await?;
     }
