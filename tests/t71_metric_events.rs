@@ -398,7 +398,8 @@ fn total(text: &str, name: &str) -> f64 {
 ///   forward-latency count and `vha_proxy_upstream_connections_total{upstream="active"}`
 ///   grow by one, and an upstream connection to the active is open
 ///   (`vha_proxy_upstream_open_connections{upstream="active"}`); the second forward reuses a
-///   pooled connection. A request through the active's pair counts a local connection.
+///   pooled connection. A request through the active's pair counts a local connection, and
+///   later ones reuse pooled connections to the node.
 /// - `X-Vault-No-Request-Forwarding`: a redirect by reason `header`.
 /// - every proxy reports the advertisement in use: `vha_proxy_advertisement_term` equal to
 ///   the active's `vha_node_term` (its fencing token), `vha_proxy_advertisement_age_seconds`
@@ -490,6 +491,20 @@ async fn proxy_metrics_move_with_their_events() {
     assert!(
         series_value(&l1, "vha_proxy_upstream_open_connections", &local_up) >= 1.0,
         "{l1}"
+    );
+    // The pair socket's connections are pooled: of ten more requests through the active's
+    // pair, at most one opens a new connection to the node (a pooled one may have gone idle).
+    let local_new = [("reused", "false"), ("upstream", "local")];
+    for _ in 0..10 {
+        let (st, _) = c.nodes[a].request("GET", "sys/mounts", Some(&token), None).await;
+        assert_eq!(st, StatusCode::OK);
+    }
+    let l2 = c.proxies[a].metrics_after(&l1, 10).await;
+    assert!(
+        series_value(&l2, "vha_proxy_upstream_connections_total", &local_new)
+            - series_value(&l1, "vha_proxy_upstream_connections_total", &local_new)
+            <= 1.0,
+        "the active's proxy opened a new node connection per request: {l2}"
     );
 
     // Redirect.

@@ -66,6 +66,12 @@ pub(crate) struct NodeSocket {
     own_uid: u32,
     /// `proxy { node_uid }`: the node's user when it is not the proxy's.
     node_uid: Option<u32>,
+    /// The path the node bound its socket at, as the kernel reports it for a connection
+    /// (`getpeername`): the node binds in a private directory and renames the socket into
+    /// place, so this differs from `path`. Pingora only pools a unix connection whose peer
+    /// name equals the upstream's address, so the local upstream is addressed by this name
+    /// once a connection has shown it (every connection still goes through `connect`).
+    bound: std::sync::RwLock<Option<String>>,
 }
 
 impl NodeSocket {
@@ -74,7 +80,18 @@ impl NodeSocket {
             path,
             own_uid: nix::unistd::geteuid().as_raw(),
             node_uid,
+            bound: std::sync::RwLock::new(None),
         }
+    }
+
+    /// The name the local upstream's connections are pooled under: the node's bound path
+    /// once known, else the configured path.
+    pub(crate) fn pool_address(&self) -> String {
+        self.bound
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| self.path.to_string_lossy().into_owned())
     }
 
     /// The user the node must run as.
@@ -96,6 +113,16 @@ impl NodeSocket {
             };
             tracing::warn!(socket = %self.path.display(), error = %err, "refusing to talk to the process at the node socket");
             return Err(err);
+        }
+        if let Some(name) = stream
+            .peer_addr()
+            .ok()
+            .and_then(|a| a.as_pathname().map(|p| p.to_string_lossy().into_owned()))
+        {
+            let mut bound = self.bound.write().unwrap_or_else(|e| e.into_inner());
+            if bound.as_deref() != Some(name.as_str()) {
+                *bound = Some(name);
+            }
         }
         Ok(stream)
     }

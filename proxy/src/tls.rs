@@ -86,7 +86,9 @@ pub(crate) fn forward_peer(t: &Target, proto: ForwardProtocol) -> HttpPeer {
 /// The peer for the local node: plain HTTP/1.1 on the pair's unix socket, pooled, every
 /// new connection checked to be the node's ([`CheckedConnect`]).
 pub(crate) fn local_peer(socket: &Arc<NodeSocket>) -> pingora::Result<HttpPeer> {
-    let mut p = HttpPeer::new_uds(&socket.path.to_string_lossy(), false, String::new())?;
+    // Addressed by the node's bound name so Pingora pools the connections (see
+    // `NodeSocket::pool_address`); the connector below always dials the configured path.
+    let mut p = HttpPeer::new_uds(&socket.pool_address(), false, String::new())?;
     p.options.custom_l4 = Some(Arc::new(CheckedConnect {
         socket: socket.clone(),
         timeout: LOCAL_CONNECT_TIMEOUT,
