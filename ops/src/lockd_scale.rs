@@ -248,6 +248,10 @@ impl Lockd {
     }
 }
 
+/// A write at least this slow is listed with its start time (the scale goal's bound on
+/// the slowest write).
+const SLOW_WRITE: Duration = Duration::from_millis(250);
+
 /// Raw HTTP to lockd (lease calls and metrics), with its bearer token.
 #[derive(Clone)]
 struct Http {
@@ -383,6 +387,9 @@ struct Outcome {
     disk: u64,
     restart: Duration,
     restart_hwm: u64,
+    /// Writes that took [`SLOW_WRITE`] or more: when they started (since the fill began)
+    /// and how long they took, to set beside the compactions in the progress lines.
+    slow: Vec<(Duration, Duration)>,
 }
 
 async fn run_once(root: &Path, args: &ScaleArgs, value_size: usize, port: u16) -> Result<Outcome, String> {
@@ -418,7 +425,7 @@ async fn run_once(root: &Path, args: &ScaleArgs, value_size: usize, port: u16) -
         let b = lockd.client()?;
         let (next, live, token, lock) = (next.clone(), live.clone(), token.clone(), lock.clone());
         tasks.push(tokio::spawn(async move {
-            let (mut lat, mut errors) = (Vec::new(), 0u64);
+            let (mut lat, mut errors, mut slow) = (Vec::new(), 0u64, Vec::new());
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
                 if i >= secrets || Instant::now() >= deadline {
@@ -437,14 +444,18 @@ async fn run_once(root: &Path, args: &ScaleArgs, value_size: usize, port: u16) -
                     let t = Instant::now();
                     match b.put(&k, v, Some(&f)).await {
                         Ok(()) => {
-                            lat.push(t.elapsed());
+                            let took = t.elapsed();
+                            if took >= SLOW_WRITE {
+                                slow.push((t.duration_since(started), took));
+                            }
+                            lat.push(took);
                             live.fetch_add(size, Ordering::Relaxed);
                         }
                         Err(_) => errors += 1,
                     }
                 }
             }
-            (lat, errors)
+            (lat, errors, slow)
         }));
     }
     // Progress on stderr, so a long run shows it is alive (aborted when the fill ends).
@@ -462,11 +473,12 @@ async fn run_once(root: &Path, args: &ScaleArgs, value_size: usize, port: u16) -
             }
         })
     };
-    let (mut lat, mut write_errors) = (Vec::new(), 0);
+    let (mut lat, mut write_errors, mut slow) = (Vec::new(), 0, Vec::new());
     for t in tasks {
-        let (l, e) = t.await.map_err(|e| e.to_string())?;
+        let (l, e, sl) = t.await.map_err(|e| e.to_string())?;
         lat.extend(l);
         write_errors += e;
+        slow.extend(sl);
     }
     let fill = started.elapsed();
     progress.abort();
@@ -516,6 +528,7 @@ async fn run_once(root: &Path, args: &ScaleArgs, value_size: usize, port: u16) -
         disk,
         restart,
         restart_hwm,
+        slow,
     })
 }
 
@@ -573,6 +586,22 @@ pub(crate) async fn run(root: &Path, args: &ScaleArgs, value_size: usize) -> Res
             } else {
                 String::new()
             }
+        );
+    }
+    if !o.slow.is_empty() {
+        let mut slow = o.slow.clone();
+        slow.sort();
+        let shown: Vec<String> = slow
+            .iter()
+            .take(20)
+            .map(|(at, took)| format!("{:.1}s:{}ms", at.as_secs_f64(), ms(*took)))
+            .collect();
+        println!(
+            "writes of {}ms or more: {} (start since fill began: took) {}{}",
+            ms(SLOW_WRITE),
+            slow.len(),
+            shown.join(" "),
+            if slow.len() > shown.len() { " ..." } else { "" }
         );
     }
     println!(
