@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
+use vha_ops::process::status_bytes;
 
 /// One process the bench watches, and the role it is reported under.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,13 +80,6 @@ pub(crate) fn stat_ticks(stat: &str) -> Option<u64> {
 pub(crate) fn stat_ppid(stat: &str) -> Option<u32> {
     let rest = &stat[stat.rfind(')')? + 1..];
     rest.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// A `kB` line of `/proc/PID/status` (`VmRSS`, `VmHWM`), in bytes.
-pub(crate) fn status_bytes(status: &str, key: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.split(':').next() == Some(key))?;
-    let kb: u64 = line.split(':').nth(1)?.split_whitespace().next()?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// Clock ticks per second (`sysconf(_SC_CLK_TCK)`; Linux's 100 when it cannot be read).
@@ -238,15 +232,6 @@ mod tests {
         assert_eq!(stat_ticks("no parenthesis"), None);
         let own = std::fs::read_to_string("/proc/self/stat").unwrap();
         assert!(stat_ticks(&own).is_some(), "{own}");
-    }
-
-    /// VmRSS and VmHWM are read in kB and given in bytes; a missing key is `None`.
-    #[test]
-    fn status_kb_lines() {
-        let status = "Name:\tnginx\nVmHWM:\t   2048 kB\nVmRSS:\t    1024 kB\n";
-        assert_eq!(status_bytes(status, "VmRSS"), Some(1024 * 1024));
-        assert_eq!(status_bytes(status, "VmHWM"), Some(2048 * 1024));
-        assert_eq!(status_bytes(status, "VmSwap"), None);
     }
 
     fn s(ticks: u64, rss_mb: u64) -> ProcSample {

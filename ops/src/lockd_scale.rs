@@ -29,7 +29,7 @@ use serde_json::{json, Value};
 use vha_core::storage::lockd::{LockdBackend, LockdCredentials};
 use vha_core::storage::{Backend, Fence};
 
-use crate::process::Child;
+use crate::process::{status_bytes, Child};
 
 /// How long lockd may take to answer after it starts (a debug build on a busy machine
 /// starts within a few seconds).
@@ -100,16 +100,6 @@ impl Summary {
             max: lat.last().copied().unwrap_or_default(),
         }
     }
-}
-
-/// A `kB` field of `/proc/<pid>/status` (`VmHWM`, `VmRSS`), in bytes.
-pub(crate) fn status_bytes(status: &str, field: &str) -> Option<u64> {
-    status.lines().find_map(|l| {
-        let rest = l.strip_prefix(field)?.strip_prefix(':')?;
-        let mut it = rest.split_whitespace();
-        let n: u64 = it.next()?.parse().ok()?;
-        (it.next() == Some("kB")).then_some(n * 1024)
-    })
 }
 
 /// The value of an unlabelled series in Prometheus text exposition.
@@ -636,18 +626,6 @@ mod tests {
         lat.push(ms(4500));
         let s = Summary::of(lat);
         assert_eq!((s.p99, s.max), (ms(1), ms(4500)));
-    }
-
-    /// `VmHWM`/`VmRSS` are read in bytes from a real-looking status file; a missing or
-    /// malformed field is `None`, and a field is not matched by a longer name's prefix.
-    #[test]
-    fn proc_status_fields() {
-        let status = "Name:\tvha\nVmPeak:\t 2097152 kB\nVmHWM:\t  812340 kB\nVmRSS:\t  500000 kB\nVmHWMx:\t1 kB\n";
-        assert_eq!(status_bytes(status, "VmHWM"), Some(812_340 * 1024));
-        assert_eq!(status_bytes(status, "VmRSS"), Some(500_000 * 1024));
-        assert_eq!(status_bytes(status, "VmSwap"), None);
-        assert_eq!(status_bytes("VmHWM:\tlots kB\n", "VmHWM"), None);
-        assert_eq!(status_bytes("VmHWM:\t12 MB\n", "VmHWM"), None);
     }
 
     /// Unlabelled series are found by exact name (not by a longer name sharing the prefix).

@@ -126,6 +126,16 @@ where
     }
 }
 
+/// A `kB` field of `/proc/<pid>/status` (`VmHWM`, `VmRSS`), in bytes.
+pub fn status_bytes(status: &str, field: &str) -> Option<u64> {
+    status.lines().find_map(|l| {
+        let rest = l.strip_prefix(field)?.strip_prefix(':')?;
+        let mut it = rest.split_whitespace();
+        let n: u64 = it.next()?.parse().ok()?;
+        (it.next() == Some("kB")).then_some(n * 1024)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +161,17 @@ mod tests {
             nix::sys::signal::Signal::SIGKILL,
         );
         let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid as i32), None);
+    }
+
+    /// `VmHWM`/`VmRSS` are read in bytes from a real-looking status file; a missing or
+    /// malformed field is `None`, and a field is not matched by a longer name's prefix.
+    #[test]
+    fn proc_status_fields() {
+        let status = "Name:\tvha\nVmPeak:\t 2097152 kB\nVmHWM:\t  812340 kB\nVmRSS:\t  500000 kB\nVmHWMx:\t1 kB\n";
+        assert_eq!(status_bytes(status, "VmHWM"), Some(812_340 * 1024));
+        assert_eq!(status_bytes(status, "VmRSS"), Some(500_000 * 1024));
+        assert_eq!(status_bytes(status, "VmSwap"), None);
+        assert_eq!(status_bytes("VmHWM:\tlots kB\n", "VmHWM"), None);
+        assert_eq!(status_bytes("VmHWM:\t12 MB\n", "VmHWM"), None);
     }
 }
