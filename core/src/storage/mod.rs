@@ -32,6 +32,19 @@ pub const MAX_KEY_LEN: usize = 1024;
 /// two), and far below etcd's default limit of 128 operations per transaction.
 pub const MAX_BATCH: usize = 64;
 
+/// A batch written one put at a time, in order, stopping at the first failure: the default
+/// `put_batch`, and what a batching store does with a batch too large for one request.
+pub async fn put_each<B: Backend + ?Sized>(
+    b: &B,
+    puts: Vec<(String, Vec<u8>)>,
+    fence: Option<&Fence>,
+) -> Result<(), StorageError> {
+    for (key, value) in puts {
+        b.put(&key, value, fence).await?;
+    }
+    Ok(())
+}
+
 /// Refuses an empty batch and one longer than [`MAX_BATCH`].
 pub fn check_batch_len(n: usize) -> Result<(), StorageError> {
     if n == 0 || n > MAX_BATCH {
@@ -178,10 +191,7 @@ pub trait Backend: Send + Sync + 'static {
     /// is what the local stores need (no round trip to save).
     async fn put_batch(&self, puts: Vec<(String, Vec<u8>)>, fence: Option<&Fence>) -> Result<(), StorageError> {
         check_batch_len(puts.len())?;
-        for (key, value) in puts {
-            self.put(&key, value, fence).await?;
-        }
-        Ok(())
+        put_each(self, puts, fence).await
     }
     async fn list(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
     /// Watches every key starting with `prefix`. Events arrive in write order; after a gap the

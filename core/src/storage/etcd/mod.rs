@@ -666,10 +666,7 @@ impl Backend for EtcdBackend {
         crate::storage::check_batch_len(puts.len())?;
         if puts.iter().map(|(_, v)| v.len()).sum::<usize>() > BATCH_MAX_BYTES {
             // Would risk etcd's request limit where the puts one by one pass it.
-            for (key, value) in puts {
-                self.put(&key, value, fence).await?;
-            }
-            return Ok(());
+            return crate::storage::put_each(self, puts, fence).await;
         }
         let mut ops = Vec::with_capacity(puts.len());
         for (key, value) in puts {

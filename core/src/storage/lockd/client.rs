@@ -988,10 +988,7 @@ impl Backend for LockdBackend {
         let total: usize = puts.iter().map(|(_, v)| v.len()).sum();
         if total > self.inner.max_value {
             // More than one request may carry: in order, one by one (still a valid batch).
-            for (key, value) in puts {
-                self.put(&key, value, fence).await?;
-            }
-            return Ok(());
+            return crate::storage::put_each(self, puts, fence).await;
         }
         let mut entries = Vec::with_capacity(puts.len());
         for (key, value) in puts {
