@@ -457,6 +457,25 @@ impl Store {
         lsn
     }
 
+    /// Logs one put (its record and its watch note) and returns its LSN with the map entry
+    /// it makes, which the caller inserts once the pending lock is released.
+    fn log_put(&self, p: &mut Pending, key: &str, value: Arc<[u8]>, fence: Option<Fence>) -> (u64, Stored) {
+        let token = fence.as_ref().map(|f| f.token);
+        let note = Note {
+            lock: false,
+            key: key.to_string(),
+            put: true,
+        };
+        let record = |lsn| Record::Put {
+            key: key.to_string(),
+            value: value.clone(),
+            fence,
+            revision: lsn,
+        };
+        let lsn = self.append(p, record, Some(note));
+        (lsn, Stored::new(value, token, lsn))
+    }
+
     /// Logs lease effects (renewals are skipped) and returns the last LSN.
     fn log_effects(&self, p: &mut Pending, effects: &[Effect]) -> u64 {
         let mut lsn = p.last_lsn;
@@ -575,30 +594,9 @@ impl Store {
             // One exact allocation shared by the map entry and the log record.
             let value: Arc<[u8]> = Arc::from(req.value);
             let mut p = lock(&self.inner.pending);
-            let note = Note {
-                lock: false,
-                key: req.key.clone(),
-                put: true,
-            };
-            let (key, fence) = (req.key, req.fence);
-            let mut stored = None;
-            let lsn = self.append(
-                &mut p,
-                |lsn| {
-                    stored = Some(Stored::new(value.clone(), fence.as_ref().map(|f| f.token), lsn));
-                    Record::Put {
-                        key: key.clone(),
-                        value: value.clone(),
-                        fence,
-                        revision: lsn,
-                    }
-                },
-                Some(note),
-            );
+            let (lsn, stored) = self.log_put(&mut p, &req.key, value, req.fence);
             drop(p);
-            if let Some(s) = stored {
-                st.kv.insert(key, s);
-            }
+            st.kv.insert(req.key, stored);
             lsn
         };
         self.durable(lsn).await?;
@@ -623,31 +621,13 @@ impl Store {
             if let Some(f) = &fence {
                 st.leases.fence(&f.lock, f.token)?;
             }
-            let token = fence.as_ref().map(|f| f.token);
             let mut p = lock(&self.inner.pending);
             let mut last = 0;
             let mut stored = Vec::with_capacity(puts.len());
             for (key, value) in puts {
-                let value: Arc<[u8]> = Arc::from(value);
-                let note = Note {
-                    lock: false,
-                    key: key.clone(),
-                    put: true,
-                };
-                let f = fence.clone();
-                last = self.append(
-                    &mut p,
-                    |lsn| {
-                        stored.push((key.clone(), Stored::new(value.clone(), token, lsn)));
-                        Record::Put {
-                            key,
-                            value,
-                            fence: f,
-                            revision: lsn,
-                        }
-                    },
-                    Some(note),
-                );
+                let (lsn, entry) = self.log_put(&mut p, &key, Arc::from(value), fence.clone());
+                last = lsn;
+                stored.push((key, entry));
             }
             drop(p);
             for (key, s) in stored {
