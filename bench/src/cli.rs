@@ -269,29 +269,29 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
         warmup: args.warmup,
         timeout: args.timeout,
     };
+    // OpenBao's scenarios use its own root token.
+    let client_for = |sc: &Scenario| {
+        if sc.system == "openbao" {
+            bao_http.clone().unwrap_or_else(|| http.clone())
+        } else {
+            http.clone()
+        }
+    };
     let watched = watch_list(cluster.as_ref(), bao.as_ref(), nginx.as_ref());
     let ticks = crate::cost::clock_ticks();
     let mut col = Collector::default();
     for round in 0..args.rounds {
         for sc in &scenarios {
-            let client = if sc.system == "openbao" {
-                bao_http.clone().unwrap_or_else(|| http.clone())
-            } else {
-                http.clone()
-            };
+            let client = client_for(sc);
             let counted = server_metrics && sc.system != "openbao";
             let before = if counted {
                 scenario::server_request_count(&http, &node_urls).await
             } else {
                 None
             };
-            let live = Arc::new(Live::default());
             let label = format!("r{}/{} {}", round + 1, args.rounds, sc.name);
             let cpu_before = crate::cost::sample(&watched);
-            let res = {
-                let _p = Progress::start(&label, args.warmup + args.duration, live.clone(), args.quiet);
-                load::run(&spec, scenario::op(&client, sc, &w), live).await
-            };
+            let res = measure(&spec, &client, sc, &w, &label, &args).await;
             let cpu_after = crate::cost::sample(&watched);
             let after = if counted {
                 scenario::server_request_count(&http, &node_urls).await
@@ -334,17 +334,9 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
             ..spec.clone()
         };
         for sc in &scenarios {
-            let client = if sc.system == "openbao" {
-                bao_http.clone().unwrap_or_else(|| http.clone())
-            } else {
-                http.clone()
-            };
-            let live = Arc::new(Live::default());
+            let client = client_for(sc);
             let label = format!("sweep c={level} {}", sc.name);
-            let res = {
-                let _p = Progress::start(&label, args.warmup + args.duration, live.clone(), args.quiet);
-                load::run(&spec, scenario::op(&client, sc, &w), live).await
-            };
+            let res = measure(&spec, &client, sc, &w, &label, &args).await;
             let l = res.latency.summary();
             if !args.quiet {
                 eprintln!(
@@ -516,6 +508,20 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
         std::fs::write(p, report::html(&rep)).map_err(|e| format!("{}: {e}", p.display()))?;
     }
     Ok(())
+}
+
+/// One run of `sc` under `spec` (warm-up included) with a progress bar labelled `label`.
+async fn measure(
+    spec: &RunSpec,
+    client: &HttpClient,
+    sc: &Scenario,
+    w: &Workload,
+    label: &str,
+    args: &Args,
+) -> load::RunResult {
+    let live = Arc::new(Live::default());
+    let _progress = Progress::start(label, args.warmup + args.duration, live.clone(), args.quiet);
+    load::run(spec, scenario::op(client, sc, w), live).await
 }
 
 /// The processes the cost view reads: vha's proxies, nodes and store (from cluster.json),
