@@ -106,7 +106,10 @@ pub async fn deposed_active_writes_fail(c: &TestCluster, freeze: Freeze, bound: 
         .await
         .unwrap_or(0.0);
     match freeze {
-        Freeze::Stop => c.nodes[a].signal(nix::sys::signal::Signal::SIGSTOP),
+        // Only once it is stopped: a write served before the stop took hold would be a
+        // legitimate write of the lease holder (overwritten by the new active), not a test
+        // of fencing.
+        Freeze::Stop => c.nodes[a].freeze(bound),
         Freeze::LockMoved => {
             c.store_relays[a].set(Fault::Hold);
             let ha = c
@@ -186,8 +189,14 @@ pub async fn deposed_active_writes_fail(c: &TestCluster, freeze: Freeze, bound: 
         .await
         .unwrap_or(0.0)
         - before;
+    // Read the keys back through a term that starts after the proof: the new active's read
+    // cache holds what it wrote and would hide a stale write that reached the store, so it
+    // steps down and the keys are read by the next active, whose cache starts empty.
+    let (st, v) = c.nodes[n].request("PUT", "sys/step-down", Some(&token), None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "step-down of the new active: {v}");
+    let r = c.wait_new_active(n, bound).await;
     for i in 0..QUEUED_WRITES {
-        let (st, v) = c.nodes[n].request("GET", &key(i), Some(&token), None).await;
+        let (st, v) = c.nodes[r].request("GET", &key(i), Some(&token), None).await;
         let expect = format!("new-{i}");
         if st != StatusCode::OK || v["data"]["v"] != expect.as_str() {
             out.overwritten.push(format!("{}: {st} {v}", key(i)));

@@ -449,6 +449,13 @@ impl TestNode {
         self.proc.as_mut().and_then(|p| p.terminate(grace))
     }
 
+    /// SIGSTOP, returning once every thread of the node is stopped.
+    pub fn freeze(&self, bound: Duration) {
+        if let Some(p) = &self.proc {
+            p.freeze(bound);
+        }
+    }
+
     /// Sends a signal to the process.
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         if let Some(p) = &self.proc {

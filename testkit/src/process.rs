@@ -45,6 +45,25 @@ pub fn pid_alive(pid: u64) -> bool {
             .unwrap_or(false)
 }
 
+/// Whether every thread of `pid` is in the stopped state (`T` in `/proc/<pid>/task/*/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for t in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+            return false;
+        };
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        if !stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')) {
+            return false;
+        }
+        any = true;
+    }
+    any
+}
+
 /// A running child process with its output captured to `log`.
 pub struct ChildProc {
     pub name: String,
@@ -90,6 +109,19 @@ impl ChildProc {
         if let Some(c) = &self.child {
             let _ = kill(Pid::from_raw(c.id() as i32), sig);
         }
+    }
+
+    /// SIGSTOP, then waits until every thread of the process is stopped. `kill` returns
+    /// before the stop takes hold: a thread already on a CPU runs on until the thread that
+    /// takes the signal kicks it, which on loaded cores can be long enough to serve a request.
+    pub fn freeze(&self, bound: Duration) {
+        self.signal(Signal::SIGSTOP);
+        let pid = self.pid();
+        crate::wait::wait_until(
+            || all_threads_stopped(pid).then_some(()),
+            &format!("{} stops (SIGSTOP)", self.name),
+            bound,
+        );
     }
 
     /// SIGKILL and reap.
