@@ -938,5 +938,20 @@ async fn read_cache_never_serves_a_value_from_before_a_failover() {
         0.0,
         "an unsealed node starts empty"
     );
-    assert_eq!(read_v(&c, a, "cached").await, json!(2));
+    // The seal ended a's term: b takes the lock, and a's proxy learns that its node is
+    // unsealed (until then it answers 503 sealed); the first answer it serves is the value.
+    c.wait_one_active(ELECTION_BOUND).await;
+    let v = wait_until_async(
+        || async {
+            let (st, v) = c.nodes[a]
+                .request("GET", "secret/data/cached", Some(c.root_token()), None)
+                .await;
+            (st != StatusCode::SERVICE_UNAVAILABLE).then_some((st, v))
+        },
+        "a's proxy serves again after the unseal",
+        ELECTION_BOUND,
+    )
+    .await;
+    assert_eq!(v.0, StatusCode::OK, "{}", v.1);
+    assert_eq!(v.1["data"]["data"]["v"], json!(2));
 }
