@@ -11,9 +11,10 @@
 //! the state under the lock, moves the log aside (`log` -> `log.prev`) and starts a fresh
 //! one, and a background thread streams the view into the snapshot (atomic rename), then
 //! removes `log.prev`. Writers never wait for it. Recovery streams snapshot, `log.prev` and
-//! `log` in that order; a torn or corrupt tail is truncated; held leases restart with a full
-//! TTL. (The design before this one serialized the state under the lock; PROTOCOL.md has the
-//! measurements that replaced it.)
+//! `log` in that order (one thread reads and decodes, another applies); a torn or corrupt
+//! tail is truncated; held leases restart with a full TTL; a left-over `log.prev` is folded
+//! by a background compaction once the store serves. (The design before this one
+//! serialized the state under the lock; PROTOCOL.md has the measurements that replaced it.)
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
@@ -275,17 +276,52 @@ fn open_reader(path: &Path) -> Result<Option<BufReader<File>>, StoreError> {
     }
 }
 
-/// Background-compaction recovery: streams the snapshot, then `log.prev` (a compaction that did
-/// not finish), then the log, never holding a file's whole image. With a `log.prev` left
-/// over, a snapshot of the recovered state is written before serving, so at most one
-/// background compaction is ever in flight. Returns the state, the last LSN and the log's
-/// good length (the caller truncates the log there).
-fn recover_streaming(dir: &Path) -> Result<(State, u64, u64), StoreError> {
-    let mut st = State::new();
+/// What recovery found.
+struct Recovered {
+    st: State,
+    last_lsn: u64,
+    /// The log's good length (the caller truncates the log there).
+    good_len: u64,
+    /// A `log.prev` was left over by a compaction cut short: the store folds it into a
+    /// snapshot of the recovered state in the background, as its first compaction.
+    fold_prev: bool,
+}
+
+/// Records per batch handed from recovery's reader thread to the thread applying them:
+/// large enough that the channel costs nothing per record, small enough (a few MB of
+/// values at most) that the batches in flight add nothing to the memory high-water.
+const RECOVERY_BATCH: usize = 4096;
+/// Batches that may wait between the two threads before the reader blocks.
+const RECOVERY_QUEUE: usize = 4;
+
+/// Recovery's reader side: hands records to the applier in batches, in order.
+struct Batches {
+    batch: Vec<Record>,
+    tx: std::sync::mpsc::SyncSender<Vec<Record>>,
+}
+
+impl Batches {
+    fn push(&mut self, rec: Record) {
+        self.batch.push(rec);
+        if self.batch.len() == RECOVERY_BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        let b = std::mem::replace(&mut self.batch, Vec::with_capacity(RECOVERY_BATCH));
+        // A closed channel means the applier is gone (it only stops by panicking).
+        let _ = self.tx.send(b);
+    }
+}
+
+/// What recovery's reader found besides the records: the last LSN, the log's good length,
+/// and whether a `log.prev` was left over.
+fn read_for_recovery(dir: &Path, out: &mut Batches) -> Result<(u64, u64, bool), StoreError> {
     let snap_path = dir.join(SNAPSHOT_FILE);
     let mut last_lsn = 0;
     if let Some(r) = open_reader(&snap_path)? {
-        last_lsn = log::read_snapshot(r, |rec| apply_record(&mut st, rec)).map_err(|msg| StoreError::Corrupt {
+        last_lsn = log::read_snapshot(r, |rec| out.push(rec)).map_err(|msg| StoreError::Corrupt {
             path: snap_path.display().to_string(),
             msg,
         })?;
@@ -297,7 +333,7 @@ fn recover_streaming(dir: &Path) -> Result<(State, u64, u64), StoreError> {
     let mut good_len = 0;
     for (path, r) in [(&prev_path, prev), (&log_path, open_reader(&log_path)?)] {
         let Some(r) = r else { continue };
-        let (good, last, stopped) = log::scan_reader(r, last_lsn, |_, rec| apply_record(&mut st, rec));
+        let (good, last, stopped) = log::scan_reader(r, last_lsn, |_, rec| out.push(rec));
         if let Some(why) = &stopped {
             tracing::warn!(log = %path.display(), good_bytes = good, "truncating the log's torn or corrupt tail: {why}");
         }
@@ -306,12 +342,41 @@ fn recover_streaming(dir: &Path) -> Result<(State, u64, u64), StoreError> {
             good_len = good;
         }
     }
-    if had_prev {
-        write_snapshot_file(dir, last_lsn, &st.kv, &st.leases)?;
-        remove_durably(&prev_path)?;
-        good_len = 0;
-    }
-    Ok((st, last_lsn, good_len))
+    out.flush();
+    Ok((last_lsn, good_len, had_prev))
+}
+
+/// Background-compaction recovery: streams the snapshot, then `log.prev` (a compaction that did
+/// not finish), then the log, never holding a file's whole image. Two threads share the
+/// work: one reads, checks and decodes the frames, the other applies the records to the
+/// map in the same order (restart time is the larger of the two, not their sum).
+fn recover_streaming(dir: &Path) -> Result<Recovered, StoreError> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<Record>>(RECOVERY_QUEUE);
+    std::thread::scope(|scope| {
+        let reader = std::thread::Builder::new()
+            .name("lockd-recover".into())
+            .spawn_scoped(scope, move || {
+                let mut out = Batches {
+                    batch: Vec::with_capacity(RECOVERY_BATCH),
+                    tx,
+                };
+                read_for_recovery(dir, &mut out)
+            })
+            .map_err(|e| StoreError::io("recovery thread", e))?;
+        let mut st = State::new();
+        for batch in rx {
+            batch.into_iter().for_each(|rec| apply_record(&mut st, rec));
+        }
+        let (last_lsn, good_len, fold_prev) = reader
+            .join()
+            .map_err(|_| StoreError::io("recovery thread", std::io::Error::other("panicked")))??;
+        Ok(Recovered {
+            st,
+            last_lsn,
+            good_len,
+            fold_prev,
+        })
+    })
 }
 
 /// What an offline restore did.
@@ -355,7 +420,7 @@ pub fn restore_snapshot(image: &[u8], data_dir: &Path) -> Result<Restored, Store
     })?;
     std::fs::create_dir_all(data_dir).map_err(|e| StoreError::io(data_dir.display(), e))?;
     let _guard = lock_dir(data_dir)?;
-    let (old, _, _) = recover_streaming(data_dir)?;
+    let old = recover_streaming(data_dir)?.st;
     let mut new = State::new();
     recs.into_iter().for_each(|r| apply_record(&mut new, r));
     let kept = raised_marks(&old.leases, &new.leases);
@@ -400,7 +465,12 @@ impl Store {
         std::fs::create_dir_all(&dir).map_err(|e| StoreError::io(dir.display(), e))?;
         let dir_lock = lock_dir(&dir)?;
         let log_path = dir.join(LOG_FILE);
-        let (mut st, last_lsn, good_len) = recover_streaming(&dir)?;
+        let Recovered {
+            mut st,
+            last_lsn,
+            good_len,
+            fold_prev,
+        } = recover_streaming(&dir)?;
         let file = log::open_log_at(&log_path, good_len)?;
         st.leases.recovered(Duration::ZERO);
         metrics.active_leases.set(st.leases.active_leases() as i64);
@@ -432,7 +502,7 @@ impl Store {
         let log_len = good_len;
         let handle = std::thread::Builder::new()
             .name("lockd-log".into())
-            .spawn(move || writer_loop(w, file, log_len))
+            .spawn(move || writer_loop(w, file, log_len, fold_prev))
             .map_err(|e| StoreError::io("writer thread", e))?;
         *lock(&inner.writer) = Some(handle);
         Ok(Store { inner })
@@ -882,12 +952,56 @@ fn fatal(what: &str, e: impl std::fmt::Display) -> ! {
     std::process::exit(70)
 }
 
-fn writer_loop(inner: Arc<Inner>, mut file: File, mut log_len: u64) {
+/// The state to snapshot, in O(1) under the locks: the KV view, the lease table and the LSN
+/// of the last record appended (fsynced or still pending).
+fn view_now(inner: &Inner) -> (KvMap, LeaseTable, u64) {
+    let st = lock(&inner.state);
+    let p = lock(&inner.pending);
+    (st.kv.view(), st.leases.clone(), p.last_lsn)
+}
+
+/// Starts a background compaction of a view at `lsn`: streams it into the snapshot, then
+/// removes `log.prev` (whose records the snapshot now covers). Its handle answers the
+/// snapshot's size.
+fn spawn_compaction(inner: &Arc<Inner>, (kv, leases, lsn): (KvMap, LeaseTable, u64)) -> std::thread::JoinHandle<u64> {
+    let bg = inner.clone();
+    let spawned = std::thread::Builder::new()
+        .name("lockd-snapshot".into())
+        .spawn(move || {
+            let t = Instant::now();
+            let size = match write_snapshot_file(&bg.dir, lsn, &kv, &leases) {
+                Ok(n) => n,
+                Err(e) => fatal("snapshot", e),
+            };
+            drop((kv, leases));
+            if let Err(e) = remove_durably(&bg.dir.join(PREV_LOG_FILE)) {
+                fatal("snapshot", e);
+            }
+            bg.metrics.compactions.inc();
+            tracing::info!(
+                lsn,
+                snapshot_bytes = size,
+                secs = t.elapsed().as_secs_f64(),
+                "log compacted in the background"
+            );
+            size
+        });
+    match spawned {
+        Ok(h) => h,
+        Err(e) => fatal("snapshot", e),
+    }
+}
+
+fn writer_loop(inner: Arc<Inner>, mut file: File, mut log_len: u64, fold_prev: bool) {
     let log_path = inner.dir.join(LOG_FILE);
     let snap_path = inner.dir.join(SNAPSHOT_FILE);
     let mut snapshot_len: u64 = std::fs::metadata(&snap_path).map(|m| m.len()).unwrap_or(0);
-    // The background compaction in flight, answering the snapshot's size.
-    let mut compaction: Option<std::thread::JoinHandle<u64>> = None;
+    // The background compaction in flight, answering the snapshot's size. A `log.prev` left
+    // by a compaction cut short is folded first, while the store already serves: the
+    // snapshot of the recovered state covers both logs, `log` is not rotated (recovery
+    // skips the records at its start that the snapshot covers), and no other compaction
+    // starts until this one is done, so one `log.prev` slot is enough.
+    let mut compaction = fold_prev.then(|| spawn_compaction(&inner, view_now(&inner)));
     loop {
         let (bytes, notes, records, upto, shutdown) = {
             let mut p = lock(&inner.pending);
@@ -930,12 +1044,7 @@ fn writer_loop(inner: Arc<Inner>, mut file: File, mut log_len: u64) {
         // is half the snapshot, which bounds replay at restart to 1.5x the live data.
         if compaction.is_none() && log_len > inner.compact_bytes && log_len > snapshot_len / 2 {
             let prev_path = inner.dir.join(PREV_LOG_FILE);
-            let (kv, leases, lsn) = {
-                let st = lock(&inner.state);
-                let p = lock(&inner.pending);
-                let kv = st.kv.view();
-                (kv, st.leases.clone(), p.last_lsn)
-            };
+            let view = view_now(&inner);
             // Everything written to `log` is fsynced; records still pending (some <= lsn)
             // go to the fresh log, where recovery skips those the snapshot covers.
             if let Err(e) = std::fs::rename(&log_path, &prev_path) {
@@ -947,32 +1056,7 @@ fn writer_loop(inner: Arc<Inner>, mut file: File, mut log_len: u64) {
             };
             log_len = 0;
             inner.metrics.log_bytes.set(0);
-            let bg = inner.clone();
-            let spawned = std::thread::Builder::new()
-                .name("lockd-snapshot".into())
-                .spawn(move || {
-                    let t = Instant::now();
-                    let size = match write_snapshot_file(&bg.dir, lsn, &kv, &leases) {
-                        Ok(n) => n,
-                        Err(e) => fatal("snapshot", e),
-                    };
-                    drop((kv, leases));
-                    if let Err(e) = remove_durably(&bg.dir.join(PREV_LOG_FILE)) {
-                        fatal("snapshot", e);
-                    }
-                    bg.metrics.compactions.inc();
-                    tracing::info!(
-                        lsn,
-                        snapshot_bytes = size,
-                        secs = t.elapsed().as_secs_f64(),
-                        "log compacted in the background"
-                    );
-                    size
-                });
-            compaction = match spawned {
-                Ok(h) => Some(h),
-                Err(e) => fatal("snapshot", e),
-            };
+            compaction = Some(spawn_compaction(&inner, view));
         }
     }
 }
@@ -1075,8 +1159,10 @@ mod tests {
     }
 
     /// A compaction interrupted by a crash (the log moved aside to `log.prev`, no new
-    /// snapshot yet, newer records in `log`) recovers every record of both logs, folds them
-    /// into a snapshot before serving, and removes `log.prev`.
+    /// snapshot yet, newer records in `log`) recovers every record of both logs and serves
+    /// them at once; the background fold writes a snapshot of both and removes `log.prev`,
+    /// and the store reopened after it (the log's covered records skipped) has the same
+    /// state and fence marks.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn interrupted_background_compaction_recovers() {
         let dir = tempfile::tempdir().unwrap();
@@ -1099,16 +1185,30 @@ mod tests {
         let prev = std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap();
         assert!(!dir.path().join(PREV_LOG_FILE).exists(), "log.prev folded at open");
         std::fs::rename(dir.path().join(LOG_FILE), dir.path().join(PREV_LOG_FILE)).unwrap();
-        let s = open(dir.path(), DEFAULT_COMPACT_BYTES);
-        assert_ne!(std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap(), prev);
-        for i in 0..15 {
-            let want: &[u8] = if i < 5 { b"old" } else { b"new" };
-            assert_eq!(s.get(&format!("p/{i}")).await.unwrap().unwrap().value, want, "p/{i}");
+        for round in ["served while folding", "after the fold"] {
+            let s = open(dir.path(), DEFAULT_COMPACT_BYTES);
+            for i in 0..15 {
+                let want: &[u8] = if i < 5 { b"old" } else { b"new" };
+                assert_eq!(
+                    s.get(&format!("p/{i}")).await.unwrap().unwrap().value,
+                    want,
+                    "{round}: p/{i}"
+                );
+            }
+            assert!(
+                matches!(
+                    s.put(put_req("p/0", b"stale", Some(("p/lock", 1)))).await,
+                    Err(LockdError::Fenced { highest: 2, .. })
+                ),
+                "{round}"
+            );
+            // Closing waits for the fold.
+            s.close();
+            drop(s);
+            assert!(!dir.path().join(PREV_LOG_FILE).exists(), "{round}: log.prev folded");
+            assert!(dir.path().join(LOG_FILE).exists(), "{round}: the log is kept");
         }
-        assert!(matches!(
-            s.put(put_req("p/0", b"stale", Some(("p/lock", 1)))).await,
-            Err(LockdError::Fenced { highest: 2, .. })
-        ));
+        assert_ne!(std::fs::read(dir.path().join(SNAPSHOT_FILE)).unwrap(), prev);
     }
 
     /// A fenced or compare-and-put write that fails applies nothing and logs nothing.
