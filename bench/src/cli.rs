@@ -279,6 +279,8 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
     };
     let watched = watch_list(cluster.as_ref(), bao.as_ref(), nginx.as_ref());
     let ticks = crate::cost::clock_ticks();
+    let before_load = crate::cost::sample(&watched);
+    let idle_memory = crate::cost::costs(&watched, &before_load, &before_load, 0, ticks);
     let mut col = Collector::default();
     for round in 0..args.rounds {
         for sc in &scenarios {
@@ -456,6 +458,7 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
         sweep,
         http_requests_total: 0,
         failover: fo,
+        idle_memory,
         notes,
     };
     rep.http_requests_total = http.sent();
@@ -475,7 +478,7 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
         }
     }
     println!("\n{}", report::table(&rep.scenarios));
-    let costs = report::cost_table(&rep.scenarios);
+    let costs = report::cost_table(&rep.idle_memory, &rep.scenarios);
     if !costs.is_empty() {
         println!("{costs}");
     }

@@ -30,6 +30,9 @@ pub(crate) struct Report {
     /// Every HTTP request the bench sent (setup, warm-up, measured, metrics scrapes).
     pub http_requests_total: u64,
     pub failover: Vec<crate::failover::FailoverReport>,
+    /// Each role's resident memory before the first measured run (after the bench seeded its
+    /// keys): `rss_mb` and `peak_rss_mb`; the CPU field is 0.
+    pub idle_memory: Vec<crate::cost::RoleCost>,
     pub notes: Vec<String>,
 }
 
@@ -336,8 +339,12 @@ pub(crate) fn table(scenarios: &[ScenarioReport]) -> String {
     s
 }
 
-/// The cost table (plain text): per scenario, each role's CPU per request and memory.
-pub(crate) fn cost_table(scenarios: &[ScenarioReport]) -> String {
+/// What the cost table calls the memory taken before the first run.
+const IDLE_ROW: &str = "(before load)";
+
+/// The cost table (plain text): each role's memory before load, then per scenario each
+/// role's CPU per request and memory.
+pub(crate) fn cost_table(idle: &[crate::cost::RoleCost], scenarios: &[ScenarioReport]) -> String {
     let mut s = String::new();
     if scenarios.iter().all(|sc| sc.cost.is_empty()) {
         return s;
@@ -347,6 +354,13 @@ pub(crate) fn cost_table(scenarios: &[ScenarioReport]) -> String {
         "{:<24} {:<14} {:>6} {:>14} {:>9} {:>10}",
         "scenario", "role", "procs", "CPU us/req", "RSS MB", "peak MB"
     );
+    for c in idle {
+        let _ = writeln!(
+            s,
+            "{:<24} {:<14} {:>6} {:>14} {:>9.1} {:>10.1}",
+            IDLE_ROW, c.role, c.processes, "", c.rss_mb, c.peak_rss_mb
+        );
+    }
     for sc in scenarios {
         for c in &sc.cost {
             let _ = writeln!(
@@ -643,7 +657,18 @@ pub(crate) fn html(r: &Report) -> String {
         ));
     }
     if r.scenarios.iter().any(|sc| !sc.cost.is_empty()) {
-        s.push_str("<h2>Cost per request</h2><p>CPU time of each role's processes (from /proc, warm-up included) per HTTP request sent, median over rounds; resident memory after the last round and its peak.</p><table><tr><th>scenario</th><th>role</th><th>processes</th><th>CPU µs/request</th><th>RSS MB</th><th>peak RSS MB</th></tr>");
+        s.push_str("<h2>Cost per request</h2><p>CPU time of each role's processes (from /proc, warm-up included) per HTTP request sent, median over rounds; resident memory after the last round and its peak; first, each role's memory before load.</p><table><tr><th>scenario</th><th>role</th><th>processes</th><th>CPU µs/request</th><th>RSS MB</th><th>peak RSS MB</th></tr>");
+        for c in &r.idle_memory {
+            let _ = write!(
+                s,
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td></td><td>{:.1}</td><td>{:.1}</td></tr>",
+                esc(IDLE_ROW),
+                esc(&c.role),
+                c.processes,
+                c.rss_mb,
+                c.peak_rss_mb
+            );
+        }
         let mut bars = Vec::new();
         for sc in &r.scenarios {
             for c in &sc.cost {
@@ -875,16 +900,27 @@ mod tests {
                 errors: 0,
             });
         }
+        r.idle_memory.push(crate::cost::RoleCost {
+            role: "<node>".into(),
+            system: "vha".into(),
+            processes: 3,
+            rss_mb: 17.25,
+            peak_rss_mb: 18.0,
+            ..Default::default()
+        });
         let h = html(&r);
         assert!(h.contains("<svg"));
         assert!(!h.contains("<script"));
         assert!(!h.contains("src=") && !h.contains("href="));
         assert!(h.contains("vha bench &lt;x&gt;"));
-        // The cost table and its bars, the sweep's charts and table, the throughput bars.
+        // The cost table (memory before load first) and its bars, the sweep's charts and
+        // table, the throughput bars.
         assert!(h.contains("Cost per request") && h.contains("&lt;proxy&gt;") && h.contains("12.5"));
         assert!(h.contains("Concurrency sweep") && h.contains("p99 latency against connections"));
         assert!(h.contains("throughput across systems"));
-        assert!(cost_table(&r.scenarios).contains("<proxy>"));
+        assert!(h.contains("&lt;node&gt;") && h.contains("17.2"));
+        let t = cost_table(&r.idle_memory, &r.scenarios);
+        assert!(t.contains("<proxy>") && t.contains("(before load)") && t.contains("<node>"));
         assert!(sweep_table(&r.sweep).lines().count() == 3);
     }
 
