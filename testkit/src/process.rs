@@ -35,13 +35,19 @@ pub fn free_port() -> u16 {
     vha_core::ports::free_port().expect("a free port on 127.0.0.1")
 }
 
+/// The state letter of a `/proc/.../stat` line (`R`, `S`, `T`, `Z`, ...): the field after
+/// the command name, which is in parentheses and may itself hold spaces and parentheses.
+fn stat_state(stat: &str) -> Option<char> {
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
 /// Whether process `pid` exists and is not a zombie (a zombie still accepts signal 0, so
 /// its /proc state is checked too). For processes the test did not spawn itself.
 pub fn pid_alive(pid: u64) -> bool {
     let Ok(raw) = i32::try_from(pid) else { return false };
     kill(Pid::from_raw(raw), None).is_ok()
         && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+            .map(|s| stat_state(&s) != Some('Z'))
             .unwrap_or(false)
 }
 
@@ -55,8 +61,7 @@ fn all_threads_stopped(pid: u32) -> bool {
         let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
             return false;
         };
-        // The state follows the command name, which is in parentheses and may hold spaces.
-        if !stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T')) {
+        if stat_state(&stat) != Some('T') {
             return false;
         }
         any = true;
