@@ -13,6 +13,7 @@
 #                       pairs, and run processes inside them with `ip netns exec`
 #   nftables          - the multi-host tests cut links between test hosts with `nft` rules
 #   haproxy           - the load balancer topology test puts a real HAProxy in front of the pairs
+#   nginx-light       - vha bench's nginx peer (an mTLS front and terminator), run by t60_bench
 # Fails (never skips) when something cannot be installed.
 set -euo pipefail
 
@@ -29,6 +30,7 @@ export PATH="$PATH:/usr/sbin:/sbin"
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
+command -v nginx >/dev/null 2>&1 || need+=(nginx-light)
 
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
@@ -41,9 +43,9 @@ $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 # Debian's prometheus, etcd and haproxy packages start services; tests start their own.
 if command -v systemctl >/dev/null 2>&1; then
-  $SUDO systemctl stop prometheus prometheus-node-exporter etcd haproxy >/dev/null 2>&1 || true
+  $SUDO systemctl stop prometheus prometheus-node-exporter etcd haproxy nginx >/dev/null 2>&1 || true
 fi
-for c in cmake protoc etcd prometheus promtool openssl systemd-analyze ip nft haproxy; do
+for c in cmake protoc etcd prometheus promtool openssl systemd-analyze ip nft haproxy nginx; do
   command -v "$c" >/dev/null 2>&1 || { echo "install-deps: $c still missing after install" >&2; exit 1; }
 done
 [ -f /usr/include/google/protobuf/descriptor.proto ] || { echo "install-deps: libprotobuf-dev's descriptor.proto still missing after install" >&2; exit 1; }

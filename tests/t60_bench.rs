@@ -56,7 +56,9 @@ async fn bench(dir: &Path, args: &[&str]) -> Value {
     let json_path = dir.join("report.json");
     let html_path = dir.join("report.html");
     let mut cmd = Command::new(vha_binary());
-    cmd.arg("bench")
+    // Relative paths in `args` (`--peer-dir`) are under `dir`.
+    cmd.current_dir(dir)
+        .arg("bench")
         .args(args)
         .arg("--json")
         .arg(&json_path)
@@ -201,6 +203,60 @@ async fn scenarios_report_and_server_counts_agree() {
         }
     }
     assert!(rep["http_requests_total"].as_u64().unwrap() > 0);
+}
+
+/// The nginx peer (Debian's nginx, an mTLS front and terminator) started from a relative
+/// `--peer-dir`, as the default `.vha-bench` is: nginx reads `-c` against its `-p` prefix,
+/// so a relative directory must not be joined to itself. Proves the peer starts, its
+/// `nginx:forward` scenario forwards every request to the active node (no errors), and the
+/// cost view measures nginx's processes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_peer_forwards_from_a_relative_peer_dir() {
+    let c = TestCluster::builder().nodes(1).start().await;
+    mount_kv(&c).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cj = write_cluster_json(&c, dir.path());
+    let rep = bench(
+        dir.path(),
+        &[
+            "--cluster",
+            cj.to_str().unwrap(),
+            "--scenarios",
+            "node",
+            "--peer",
+            "nginx",
+            "--peer-dir",
+            "peers",
+            "--rounds",
+            "1",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--concurrency",
+            "2",
+            "--workload",
+            "kv-read",
+            "--keys",
+            "5",
+        ],
+    )
+    .await;
+    let scs = rep["scenarios"].as_array().expect("scenarios");
+    let sc = scs
+        .iter()
+        .find(|s| s["name"] == "nginx:forward")
+        .unwrap_or_else(|| panic!("no nginx scenario in {scs:?}"));
+    let r = &sc["rounds"][0];
+    assert!(r["ok"].as_u64().unwrap() > 10, "nginx forwarded too few: {r}");
+    assert_eq!(r["errors"].as_u64(), Some(0), "{r}");
+    let cost = sc["cost"].as_array().expect("cost");
+    let nginx = cost
+        .iter()
+        .find(|c| c["system"] == "nginx")
+        .unwrap_or_else(|| panic!("nginx not in the cost view: {cost:?}"));
+    assert!(num(&nginx["cpu_us_per_request"]) > 0.0, "{cost:?}");
+    assert!(dir.path().join("peers/nginx/nginx.conf").exists());
 }
 
 /// One failover trial under write load: the bench kills the active node with SIGKILL,

@@ -280,6 +280,9 @@ impl Nginx {
     /// mTLS hop with a pinned P-521 certificate.
     pub(crate) async fn start(dir: &Path, upstream: &str) -> Result<Nginx, String> {
         let bin = nginx_binary()?;
+        // Absolute: nginx reads `-c` relative to its `-p` prefix, so a relative `dir` (the
+        // default `--peer-dir .vha-bench`) would be joined to itself.
+        let dir = &std::path::absolute(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         std::fs::create_dir_all(dir.join("tmp")).map_err(|e| e.to_string())?;
         let (cert, key) = (dir.join("fw.crt"), dir.join("fw.key"));
         let st = Command::new("openssl")
