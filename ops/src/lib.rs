@@ -19,3 +19,4 @@ pub(crate) mod etcd;
 pub mod lockd_bench;
 pub(crate) mod lockd_scale;
 pub mod process;
+pub(crate) mod scale_store;

@@ -152,7 +152,7 @@ pub async fn run(b: &BenchArgs) -> Result<(), String> {
     let root = b.dir.join(format!("lockd-bench-{}", std::process::id()));
     std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
     if b.scale.entries.is_some() {
-        let res = crate::lockd_scale::run(&root, &b.scale, b.value_size).await;
+        let res = crate::lockd_scale::run(&root, &b.scale, b.value_size, &b.etcd_bin).await;
         let _ = std::fs::remove_dir_all(&root);
         return res;
     }
@@ -171,7 +171,7 @@ pub async fn run(b: &BenchArgs) -> Result<(), String> {
     let laddr = format!("http://127.0.0.1:{lport}");
     let connect = || LockdBackend::connect_with(&laddr, &creds).map_err(|e| e.to_string());
     let probe = connect()?;
-    wait_until("lockd", crate::lockd_scale::START_TIMEOUT, || async {
+    wait_until("lockd", crate::scale_store::START_TIMEOUT, || async {
         probe.get("bench/ready").await.ok()
     })
     .await?;
