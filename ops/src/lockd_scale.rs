@@ -2,7 +2,8 @@
 //! `--stores lockd,etcd`, lockd and then one etcd member, side by side from one run; see
 //! [`crate::scale_store`]) with `N` store entries through the real protocol and reports
 //! what a user with that much data feels: write and lease-renewal latency percentiles while
-//! compactions happen, whether a short lease (1 s) would have been lost, the store's memory
+//! compactions happen, whether a short lease (`--lease-ttl`, 1 s; etcd raises it to its
+//! 2 s minimum) would have been lost, the store's memory
 //! high-water against the live data, the size on disk, and how long a `kill -9`-ed store
 //! takes to serve again.
 //!
@@ -37,7 +38,9 @@ pub struct ScaleArgs {
     /// Concurrent writers of the scale run (each its own connection, like `wrk -c32`).
     #[arg(long, default_value = "32")]
     pub writers: usize,
-    /// TTL of the renewed lease whose token fences every write.
+    /// TTL of the renewed lease (on lockd its token fences every write; on etcd the writes
+    /// are fenced by vha's etcd HA lock at that backend's default TTL, 10 s, and this lease
+    /// is renewed beside them).
     #[arg(long, default_value = "1s")]
     pub lease_ttl: String,
     /// lockd's `compact_bytes` for the run (default: lockd's own default).
@@ -69,7 +72,7 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(10);
 /// The restart measurement polls for the last key this often (the resolution of the
 /// reported restart time).
 const RESTART_POLL: Duration = Duration::from_millis(5);
-/// Longest a restarted lockd may take to serve before the run reports failure.
+/// Longest a restarted store may take to serve before the run reports failure.
 const RESTART_LIMIT: Duration = Duration::from_secs(300);
 
 /// Latency summary of one kind of operation.
@@ -172,7 +175,8 @@ struct Renewals {
     lat: Vec<Duration>,
     /// Renewals answered after the holder's own deadline (client rule).
     late: u64,
-    /// Renewals lockd refused (`lease_expired`/`unknown_lease`): the lease was gone.
+    /// Renewals the store refused (lockd `lease_expired`/`unknown_lease`, etcd a result
+    /// without TTL): the lease was gone.
     refused: u64,
 }
 
@@ -261,12 +265,18 @@ async fn run_once(
 
     let next = Arc::new(AtomicU64::new(0));
     let live = Arc::new(AtomicU64::new(0));
+    // Secrets whose two entries were both written, and the highest such index + 1 (the key
+    // the restarts wait for): a claimed index is not a written one once the deadline ends
+    // the fill or a write fails.
+    let written = Arc::new(AtomicU64::new(0));
+    let highest = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.max_secs);
     let mut tasks = Vec::new();
     for _ in 0..args.writers.max(1) {
         let b = target.writer()?;
         let (next, live, token, lock) = (next.clone(), live.clone(), token.clone(), lock.clone());
+        let (written, highest) = (written.clone(), highest.clone());
         tasks.push(tokio::spawn(async move {
             let (mut lat, mut errors, mut slow) = (Vec::new(), 0u64, Vec::new());
             loop {
@@ -275,6 +285,7 @@ async fn run_once(
                     break;
                 }
                 let (vk, mk) = secret_keys(i);
+                let mut both = true;
                 for (k, v) in [
                     (vk, noise(2 * i, value_size + VERSION_OVERHEAD)),
                     (mk, noise(2 * i + 1, METADATA_LEN)),
@@ -294,8 +305,15 @@ async fn run_once(
                             lat.push(took);
                             live.fetch_add(size, Ordering::Relaxed);
                         }
-                        Err(_) => errors += 1,
+                        Err(_) => {
+                            errors += 1;
+                            both = false;
+                        }
                     }
+                }
+                if both {
+                    written.fetch_add(1, Ordering::Relaxed);
+                    highest.fetch_max(i + 1, Ordering::Relaxed);
                 }
             }
             (lat, errors, slow)
@@ -303,11 +321,11 @@ async fn run_once(
     }
     // Progress on stderr, so a long run shows it is alive (aborted when the fill ends).
     let progress = {
-        let (next, counter) = (next.clone(), counter.clone());
+        let (written, counter) = (written.clone(), counter.clone());
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(PROGRESS_EVERY).await;
-                let n = next.load(Ordering::Relaxed).min(secrets);
+                let n = written.load(Ordering::Relaxed);
                 let c = counter.get().await - c0;
                 eprintln!(
                     "  {}: {:>5.0}s: {n} secrets, {c} compactions",
@@ -337,12 +355,14 @@ async fn run_once(
         status_bytes(&status, "VmRSS").unwrap_or(0),
     );
     let disk = dir_bytes(target.dir());
-    let done = next.load(Ordering::Relaxed).min(secrets);
+    let done = written.load(Ordering::Relaxed);
 
-    // Restarts: kill -9, start again, time until the last key written is served.
-    let (_, last_key) = secret_keys(done.saturating_sub(1));
+    // Restarts: kill -9, start again, time until the last key written is served (none when
+    // nothing was written: there is no key to wait for).
+    let (_, last_key) = secret_keys(highest.load(Ordering::Relaxed).saturating_sub(1));
+    let rounds = if done == 0 { 0 } else { args.restarts.max(1) };
     let mut restarts = Vec::new();
-    for _ in 0..args.restarts.max(1) {
+    for _ in 0..rounds {
         let t = Instant::now();
         let prev_left = target.kill_and_respawn()?;
         let c = target.probe_client()?;
@@ -405,9 +425,12 @@ pub(crate) async fn run(root: &Path, args: &ScaleArgs, value_size: usize, etcd_b
         args.writers,
         args.lease_ttl
     );
-    let mut outcomes = Vec::new();
+    let (mut outcomes, mut failures) = (Vec::new(), Vec::new());
     for &store in &args.stores {
-        outcomes.push(run_once(root, args, value_size, store, etcd_bin).await?);
+        match run_once(root, args, value_size, store, etcd_bin).await {
+            Ok(o) => outcomes.push(o),
+            Err(e) => failures.push(format!("{}: {e}", store.name())),
+        }
     }
     println!(
         "{:>5} {:>8} {:>6} {:>6} | {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7} | {:>4} {:>5} | {:>4} | {:>6} {:>6} {:>6} {:>5} | {:>6} | {:>7} {:>6}",
@@ -475,13 +498,18 @@ pub(crate) async fn run(root: &Path, args: &ScaleArgs, value_size: usize, etcd_b
         }
     }
     println!(
-        "(latencies in ms; w = fenced put, r = lease renewal (etcd: keep-alive of a lease through its JSON gateway); \
+        "(latencies in ms; w = fenced put, r = lease renewal (etcd: one keep-alive request through its JSON gateway, \
+         a new gateway stream each time; vha's etcd holder keeps one gRPC keep-alive stream instead); \
          late = renewals answered after the holder's own deadline, lost = renewals refused because the lease had ended \
-         (etcd: also the fencing lock lost); cmp = compactions crossed (etcd: raft snapshots); \
+         (etcd: also its 10 s fencing lock lost); cmp = compactions crossed (etcd: raft snapshots); \
          live = key + value bytes written; disk = data dir after the fill; restart = the slowest of the restarts, \
          kill -9 to the last key served; r HWM = memory high-water of the restarted store)"
     );
-    Ok(())
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
 }
 
 #[cfg(test)]

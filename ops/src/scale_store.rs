@@ -9,11 +9,13 @@
 //!   channel, as a node has), because a fence on etcd is checked against the lock's create
 //!   revision only by the client that took the lock (`core/src/storage/etcd/mod.rs`).
 //! - **Fence**: lockd: the token of the renewed lease itself (the lease is the lock).
-//!   etcd: the HA lock taken through the backend (kept alive by the backend, as a node's).
+//!   etcd: the HA lock taken through the backend with its default TTL (10 s; the backend
+//!   refuses less than 5 s), kept alive by the backend as a node's is.
 //! - **Renewals**: lockd: `POST /v1/lock/renew` of the fencing lease. etcd: keep-alives of
-//!   a separate lease through etcd's JSON gateway (`/v3/lease/keepalive`), with the TTL
-//!   etcd granted (etcd raises a TTL below its minimum), so the renewal column times the
-//!   same call a lease holder makes.
+//!   a separate lease through etcd's JSON gateway (`/v3/lease/keepalive`), with the TTL etcd
+//!   granted (etcd raises a TTL below its minimum). Each is one gateway request, a new
+//!   keep-alive stream inside etcd; vha's etcd holder keeps one gRPC stream open instead,
+//!   so this column is an upper bound for what a holder sees.
 //! - **Compactions**: lockd's `vha_lockd_compactions_total`; etcd's raft snapshots
 //!   (`etcd_debugging_snap_save_total_duration_seconds_count`), its counterpart that bounds
 //!   the log (etcd keeps no old revisions here: every key is written once).
@@ -126,7 +128,8 @@ impl Http {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Renewed {
     Yes,
-    /// The store says the lease is gone (lockd `lease_expired`/`unknown_lease`; etcd TTL 0).
+    /// The store says the lease is gone (lockd `lease_expired`/`unknown_lease`; etcd TTL 0,
+    /// or a `result` without a TTL).
     Refused,
 }
 
@@ -162,7 +165,8 @@ impl Lease {
                 }
             }
             ScaleStore::Etcd => {
-                let secs = ttl.as_secs().max(1);
+                // etcd TTLs are whole seconds: round up, never grant less than asked.
+                let secs = ttl.as_millis().div_ceil(1000).max(1) as u64;
                 let (status, v) = self
                     .http
                     .post(&format!("{}/v3/lease/grant", self.base), json!({"TTL": secs}))
@@ -218,26 +222,34 @@ pub(crate) fn etcd_granted(status: u16, v: &Value) -> Result<(u64, Duration), St
 
 /// What etcd's answer to `/v3/lease/keepalive` says: the gateway answers a keep-alive
 /// stream of one message with one `result`, which has no TTL (or TTL 0) when the lease
-/// had expired.
+/// had expired. Anything else (another status, an `error`, no `result` object, a body that
+/// is not JSON) is an error, not a lost lease.
 pub(crate) fn etcd_renewed(status: u16, v: &Value) -> Result<Renewed, String> {
-    let ttl = v["result"]["TTL"].as_str().and_then(|s| s.parse::<u64>().ok());
-    match (status, ttl) {
-        (200, Some(t)) if t > 0 => Ok(Renewed::Yes),
-        (200, _) => Ok(Renewed::Refused),
-        _ => Err(format!("etcd lease keepalive: {status} {v}")),
+    let result = match (status, v.get("result")) {
+        (200, Some(r)) if r.is_object() && v.get("error").is_none() => r,
+        _ => return Err(format!("etcd lease keepalive: {status} {v}")),
+    };
+    match result
+        .get("TTL")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse::<u64>().ok())
+    {
+        Some(t) if t > 0 => Ok(Renewed::Yes),
+        _ => Ok(Renewed::Refused),
     }
 }
 
 /// A running store under test (stopped when dropped, so no error path leaves it running).
 pub(crate) struct Target {
+    /// The client that took etcd's fencing lock (writers clone it) and the lock itself.
+    /// Declared first so that it drops (releasing the lock) before the process stops.
+    etcd: Option<(EtcdBackend, LockGuard)>,
     kind: ScaleStore,
     child: Child,
     dir: PathBuf,
     /// Restarts it with the same data directory and port.
     start: StartSpec,
     http: Http,
-    /// The client that took etcd's fencing lock (writers clone it) and the lock itself.
-    etcd: Option<(EtcdBackend, LockGuard)>,
 }
 
 enum StartSpec {
@@ -480,6 +492,11 @@ mod tests {
             Ok(Renewed::Refused)
         );
         assert!(etcd_renewed(500, &live).is_err());
+        // A gateway error, a non-JSON body (parsed as null) or no result is not a lost lease.
+        let err = json!({"error": {"grpc_code": 14, "message": "unavailable"}});
+        assert!(etcd_renewed(200, &err).is_err());
+        assert!(etcd_renewed(200, &Value::Null).is_err());
+        assert!(etcd_renewed(200, &json!({"header": h})).is_err());
     }
 
     /// Unlabelled series are found by exact name (not by a longer name sharing the prefix).
