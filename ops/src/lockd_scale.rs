@@ -25,8 +25,7 @@ use std::time::{Duration, Instant};
 use vha_core::storage::Fence;
 
 use crate::process::status_bytes;
-pub(crate) use crate::scale_store::ScaleStore;
-use crate::scale_store::{Lease, Renewed, Target};
+use crate::scale_store::{Lease, Renewed, ScaleStore, Target};
 
 /// Arguments of the scale run (flattened into `vha lockd bench`).
 #[derive(clap::Args, Debug, Clone)]

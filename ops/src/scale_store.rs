@@ -244,7 +244,6 @@ pub(crate) struct Target {
     /// The client that took etcd's fencing lock (writers clone it) and the lock itself.
     /// Declared first so that it drops (releasing the lock) before the process stops.
     etcd: Option<(EtcdBackend, LockGuard)>,
-    kind: ScaleStore,
     child: Child,
     dir: PathBuf,
     /// Restarts it with the same data directory and port.
@@ -296,6 +295,13 @@ impl StartSpec {
         }
     }
 
+    fn kind(&self) -> ScaleStore {
+        match self {
+            StartSpec::Lockd { .. } => ScaleStore::Lockd,
+            StartSpec::Etcd { .. } => ScaleStore::Etcd,
+        }
+    }
+
     fn url(&self) -> String {
         match self {
             StartSpec::Lockd { port, .. } => format!("http://127.0.0.1:{port}"),
@@ -339,7 +345,6 @@ impl Target {
             StartSpec::Etcd { .. } => None,
         });
         let mut t = Target {
-            kind,
             child: start.spawn(dir)?,
             dir: dir.to_path_buf(),
             start,
@@ -376,7 +381,7 @@ impl Target {
         Lease {
             http: self.http.clone(),
             base: self.start.url(),
-            kind: self.kind,
+            kind: self.start.kind(),
             ttl: Duration::ZERO,
         }
     }
@@ -428,7 +433,7 @@ impl Target {
         CompactionCounter {
             http: self.http.clone(),
             url: format!("{}/metrics", self.start.url()),
-            name: match self.kind {
+            name: match self.start.kind() {
                 ScaleStore::Lockd => "vha_lockd_compactions_total",
                 ScaleStore::Etcd => ETCD_SNAPSHOTS,
             },
@@ -440,7 +445,7 @@ impl Target {
     /// of lockd's on-disk layout, `lockd/PROTOCOL.md`); always false for etcd.
     pub(crate) fn kill_and_respawn(&mut self) -> Result<bool, String> {
         self.child.kill();
-        let prev_left = self.kind == ScaleStore::Lockd && self.dir.join("log.prev").exists();
+        let prev_left = self.start.kind() == ScaleStore::Lockd && self.dir.join("log.prev").exists();
         self.child = self.start.spawn(&self.dir)?;
         Ok(prev_left)
     }
