@@ -144,7 +144,7 @@ pub async fn authorize(
     sudo: bool,
 ) -> Result<Authorized, ApiError> {
     let view = node.view();
-    let info = crate::audit::RequestInfo::new(&uuid::Uuid::new_v4().to_string(), req, path, "system");
+    let info = crate::audit::RequestInfo::new(&crate::request::request_id(), req, path, "system");
     let entry = authenticate(node, &info, req.token(), op).await?;
     let acl = node.policies().acl(&view, &entry.policies).await?;
     let allowed = acl.allows(path, op, sudo);
@@ -226,7 +226,7 @@ impl Authorized {
 
 /// The pipeline (see the module docs).
 pub async fn serve(node: &Node, req: &ApiRequest) -> Result<ApiResponse, ApiError> {
-    let request_id = uuid::Uuid::new_v4().to_string();
+    let request_id = crate::request::request_id();
     let path = req.path.trim_start_matches('/').to_string();
     let view = node.view();
     let mut op = base_operation(req)?;

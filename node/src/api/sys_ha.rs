@@ -149,7 +149,7 @@ async fn sanitized_config(node: &Node, req: &ApiRequest) -> Result<ApiResponse, 
 /// Vault's response envelope for non-secret data.
 pub fn envelope(data: serde_json::Value) -> serde_json::Value {
     json!({
-        "request_id": uuid::Uuid::new_v4().to_string(),
+        "request_id": crate::request::request_id(),
         "lease_id": "",
         "renewable": false,
         "lease_duration": 0,
