@@ -1,8 +1,9 @@
 //! The cost view: what each request costs each process role (vha's proxies, nodes and
 //! store; OpenBao's nodes; nginx's master and workers; the bench's own client), as CPU time
-//! per request and memory, read from `/proc` before and after every measured run. On
-//! shared cores throughput mostly shows who got the CPU; CPU time per request is the
-//! steadier figure.
+//! per request (and the part of it spent in the kernel) and memory, read from `/proc`
+//! before and after every measured run. On shared cores throughput mostly shows who got the
+//! CPU; CPU time per request is the steadier figure. The kernel's part separates what a
+//! hop's syscalls and sockets cost, which any proxy pays, from its own user-space work.
 //!
 //! The parsing and the arithmetic are pure (unit-tested below); [`sample`] is the only
 //! function that reads `/proc`.
@@ -40,6 +41,8 @@ impl Watched {
 pub(crate) struct ProcSample {
     /// User + system CPU time, in clock ticks.
     pub ticks: u64,
+    /// System (kernel) CPU time alone, in clock ticks.
+    pub sys_ticks: u64,
     pub rss_bytes: u64,
     pub hwm_bytes: u64,
 }
@@ -59,21 +62,24 @@ pub(crate) struct RoleCost {
     pub processes: usize,
     /// CPU time of all the role's processes during the run, divided by the requests sent.
     pub cpu_us_per_request: f64,
+    /// The kernel's part of `cpu_us_per_request` (system time: syscalls, sockets, the
+    /// network stack, scheduling).
+    pub sys_us_per_request: f64,
     /// The role's resident memory after the run (sum over its processes).
     pub rss_mb: f64,
     /// The role's peak resident memory so far (sum of each process's high-water mark).
     pub peak_rss_mb: f64,
 }
 
-/// `utime + stime` (clock ticks) from a `/proc/PID/stat` line. The command name in
+/// `(utime, stime)` (clock ticks) from a `/proc/PID/stat` line. The command name in
 /// parentheses may contain spaces and parentheses, so fields are counted after its last `)`.
-pub(crate) fn stat_ticks(stat: &str) -> Option<u64> {
+pub(crate) fn stat_times(stat: &str) -> Option<(u64, u64)> {
     let rest = &stat[stat.rfind(')')? + 1..];
     // After the name: state(3) ppid(4) ... utime(14) stime(15); `rest` starts at field 3.
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: u64 = f.get(11)?.parse().ok()?;
     let stime: u64 = f.get(12)?.parse().ok()?;
-    Some(utime + stime)
+    Some((utime, stime))
 }
 
 /// The parent pid from a `/proc/PID/stat` line.
@@ -125,8 +131,10 @@ pub(crate) fn sample(watched: &[Watched]) -> Sample {
         }
         for pid in pids {
             if let Some((stat, status)) = read_proc(pid) {
+                let (utime, stime) = stat_times(&stat).unwrap_or((0, 0));
                 let s = ProcSample {
-                    ticks: stat_ticks(&stat).unwrap_or(0),
+                    ticks: utime + stime,
+                    sys_ticks: stime,
                     rss_bytes: status_bytes(&status, "VmRSS").unwrap_or(0),
                     hwm_bytes: status_bytes(&status, "VmHWM").unwrap_or(0),
                 };
@@ -167,8 +175,16 @@ pub(crate) fn costs(
         };
         let c = &mut out[idx];
         c.processes += 1;
-        let us = a.ticks.saturating_sub(b.ticks) as f64 * 1e6 / ticks_per_s.max(1) as f64;
-        c.cpu_us_per_request += if requests > 0 { us / requests as f64 } else { 0.0 };
+        let per_request = |ticks: u64| {
+            let us = ticks as f64 * 1e6 / ticks_per_s.max(1) as f64;
+            if requests > 0 {
+                us / requests as f64
+            } else {
+                0.0
+            }
+        };
+        c.cpu_us_per_request += per_request(a.ticks.saturating_sub(b.ticks));
+        c.sys_us_per_request += per_request(a.sys_ticks.saturating_sub(b.sys_ticks));
         c.rss_mb += a.rss_bytes as f64 / MB;
         c.peak_rss_mb += a.hwm_bytes as f64 / MB;
     }
@@ -180,14 +196,15 @@ pub(crate) fn costs(
     });
     for c in &mut out {
         c.cpu_us_per_request = (c.cpu_us_per_request * 100.0).round() / 100.0;
+        c.sys_us_per_request = (c.sys_us_per_request * 100.0).round() / 100.0;
         c.rss_mb = (c.rss_mb * 10.0).round() / 10.0;
         c.peak_rss_mb = (c.peak_rss_mb * 10.0).round() / 10.0;
     }
     out
 }
 
-/// Per role, the median CPU per request over rounds, the last round's memory and the
-/// largest peak.
+/// Per role, the median CPU per request (and the median of its kernel part) over rounds,
+/// the last round's memory and the largest peak.
 pub(crate) fn over_rounds(rounds: &[Vec<RoleCost>]) -> Vec<RoleCost> {
     let mut out: Vec<RoleCost> = Vec::new();
     for round in rounds {
@@ -208,6 +225,8 @@ pub(crate) fn over_rounds(rounds: &[Vec<RoleCost>]) -> Vec<RoleCost> {
             .collect();
         let cpu: Vec<f64> = mine.iter().map(|c| c.cpu_us_per_request).collect();
         o.cpu_us_per_request = crate::hist::median(&cpu).unwrap_or(0.0);
+        let sys: Vec<f64> = mine.iter().map(|c| c.sys_us_per_request).collect();
+        o.sys_us_per_request = crate::hist::median(&sys).unwrap_or(0.0);
         if let Some(last) = mine.last() {
             o.processes = last.processes;
             o.rss_mb = last.rss_mb;
@@ -221,22 +240,24 @@ pub(crate) fn over_rounds(rounds: &[Vec<RoleCost>]) -> Vec<RoleCost> {
 mod tests {
     use super::*;
 
-    /// utime + stime are fields 14 and 15 even when the command name holds spaces and
+    /// utime and stime are fields 14 and 15 even when the command name holds spaces and
     /// parentheses; the parent pid is field 4; a truncated line is `None`, never a panic.
     #[test]
     fn stat_fields_after_the_command_name() {
         let line = "4242 (vha (proxy) x) S 17 4242 4242 0 -1 4194560 913 0 0 0 150 37 0 0 20 0 9 0 12345 0 0";
-        assert_eq!(stat_ticks(line), Some(187));
+        assert_eq!(stat_times(line), Some((150, 37)));
         assert_eq!(stat_ppid(line), Some(17));
-        assert_eq!(stat_ticks("4242 (vha) S 1 2"), None);
-        assert_eq!(stat_ticks("no parenthesis"), None);
+        assert_eq!(stat_times("4242 (vha) S 1 2"), None);
+        assert_eq!(stat_times("no parenthesis"), None);
         let own = std::fs::read_to_string("/proc/self/stat").unwrap();
-        assert!(stat_ticks(&own).is_some(), "{own}");
+        assert!(stat_times(&own).is_some(), "{own}");
     }
 
+    /// `ticks` in all, a quarter of them in the kernel.
     fn s(ticks: u64, rss_mb: u64) -> ProcSample {
         ProcSample {
             ticks,
+            sys_ticks: ticks / 4,
             rss_bytes: rss_mb << 20,
             hwm_bytes: (rss_mb + 1) << 20,
         }
@@ -261,8 +282,10 @@ mod tests {
         after.procs.insert(10, (0, s(150, 31)));
         after.procs.insert(11, (1, s(60, 29)));
         after.procs.insert(20, (2, s(30, 25)));
-        after.procs.insert(30, (3, s(999, 5))); // started during the run: not counted
-                                                // 100 ticks/s: 60 ticks = 600 ms over 10 000 requests = 60 µs each.
+        // Started during the run: not counted.
+        after.procs.insert(30, (3, s(999, 5)));
+        // 100 ticks/s: 60 ticks = 600 ms over 10 000 requests = 60 µs each; of them in the
+        // kernel (a quarter of each sample, rounded down) 12 + 3 ticks = 15 µs.
         let c = costs(&watched, &before, &after, 10_000, 100);
         assert_eq!(c.len(), 2);
         assert_eq!(
@@ -275,17 +298,26 @@ mod tests {
             ),
             ("vha proxy", 2, 60.0, 60.0, 62.0)
         );
-        assert_eq!((c[1].role.as_str(), c[1].cpu_us_per_request), ("vha node", 30.0));
+        assert_eq!(c[0].sys_us_per_request, 15.0);
+        assert_eq!(
+            (c[1].role.as_str(), c[1].cpu_us_per_request, c[1].sys_us_per_request),
+            ("vha node", 30.0, 7.0)
+        );
         assert_eq!(costs(&watched, &before, &after, 0, 100)[0].cpu_us_per_request, 0.0);
 
         let r1 = c.clone();
         let mut r2 = c.clone();
         r2[0].cpu_us_per_request = 80.0;
+        r2[0].sys_us_per_request = 1.0;
         r2[0].peak_rss_mb = 70.0;
         let mut r3 = c;
         r3[0].cpu_us_per_request = 40.0;
+        r3[0].sys_us_per_request = 40.0;
         let m = over_rounds(&[r1, r2, r3]);
-        assert_eq!((m[0].cpu_us_per_request, m[0].peak_rss_mb), (60.0, 70.0));
+        assert_eq!(
+            (m[0].cpu_us_per_request, m[0].sys_us_per_request, m[0].peak_rss_mb),
+            (60.0, 15.0, 70.0)
+        );
     }
 
     /// A live sample of this process finds it with some memory; a pid that does not exist is

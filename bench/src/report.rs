@@ -351,28 +351,28 @@ pub(crate) fn cost_table(idle: &[crate::cost::RoleCost], scenarios: &[ScenarioRe
     }
     let _ = writeln!(
         s,
-        "{:<24} {:<14} {:>6} {:>14} {:>9} {:>10}",
-        "scenario", "role", "procs", "CPU us/req", "RSS MB", "peak MB"
+        "{:<24} {:<14} {:>6} {:>14} {:>12} {:>9} {:>10}",
+        "scenario", "role", "procs", "CPU us/req", "of it kernel", "RSS MB", "peak MB"
     );
     for c in idle {
         let _ = writeln!(
             s,
-            "{:<24} {:<14} {:>6} {:>14} {:>9.1} {:>10.1}",
-            IDLE_ROW, c.role, c.processes, "", c.rss_mb, c.peak_rss_mb
+            "{:<24} {:<14} {:>6} {:>14} {:>12} {:>9.1} {:>10.1}",
+            IDLE_ROW, c.role, c.processes, "", "", c.rss_mb, c.peak_rss_mb
         );
     }
     for sc in scenarios {
         for c in &sc.cost {
             let _ = writeln!(
                 s,
-                "{:<24} {:<14} {:>6} {:>14.1} {:>9.1} {:>10.1}",
-                sc.name, c.role, c.processes, c.cpu_us_per_request, c.rss_mb, c.peak_rss_mb
+                "{:<24} {:<14} {:>6} {:>14.1} {:>12.1} {:>9.1} {:>10.1}",
+                sc.name, c.role, c.processes, c.cpu_us_per_request, c.sys_us_per_request, c.rss_mb, c.peak_rss_mb
             );
         }
     }
     let _ = writeln!(
         s,
-        "(CPU time of the role's processes from /proc during warm-up + run, per HTTP request sent; median over rounds)"
+        "(CPU time of the role's processes from /proc during warm-up + run, per HTTP request sent, and its kernel (system) part; median over rounds)"
     );
     s
 }
@@ -657,11 +657,11 @@ pub(crate) fn html(r: &Report) -> String {
         ));
     }
     if r.scenarios.iter().any(|sc| !sc.cost.is_empty()) {
-        s.push_str("<h2>Cost per request</h2><p>CPU time of each role's processes (from /proc, warm-up included) per HTTP request sent, median over rounds; resident memory after the last round and its peak; first, each role's memory before load.</p><table><tr><th>scenario</th><th>role</th><th>processes</th><th>CPU µs/request</th><th>RSS MB</th><th>peak RSS MB</th></tr>");
+        s.push_str("<h2>Cost per request</h2><p>CPU time of each role's processes (from /proc, warm-up included) per HTTP request sent, and its kernel (system time) part, median over rounds; resident memory after the last round and its peak; first, each role's memory before load.</p><table><tr><th>scenario</th><th>role</th><th>processes</th><th>CPU µs/request</th><th>of it kernel</th><th>RSS MB</th><th>peak RSS MB</th></tr>");
         for c in &r.idle_memory {
             let _ = write!(
                 s,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td></td><td>{:.1}</td><td>{:.1}</td></tr>",
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td></td><td></td><td>{:.1}</td><td>{:.1}</td></tr>",
                 esc(IDLE_ROW),
                 esc(&c.role),
                 c.processes,
@@ -674,11 +674,12 @@ pub(crate) fn html(r: &Report) -> String {
             for c in &sc.cost {
                 let _ = write!(
                     s,
-                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td></tr>",
+                    "<tr><td>{}</td><td>{}</td><td>{}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td><td>{:.1}</td></tr>",
                     esc(&sc.name),
                     esc(&c.role),
                     c.processes,
                     c.cpu_us_per_request,
+                    c.sys_us_per_request,
                     c.rss_mb,
                     c.peak_rss_mb
                 );
@@ -886,6 +887,7 @@ mod tests {
                 system: "vha".into(),
                 processes: 3,
                 cpu_us_per_request: 12.5,
+                sys_us_per_request: 4.75,
                 rss_mb: 30.0,
                 peak_rss_mb: 31.0,
             }],
@@ -916,11 +918,13 @@ mod tests {
         // The cost table (memory before load first) and its bars, the sweep's charts and
         // table, the throughput bars.
         assert!(h.contains("Cost per request") && h.contains("&lt;proxy&gt;") && h.contains("12.5"));
+        assert!(h.contains("of it kernel") && h.contains("<td>4.8</td>"));
         assert!(h.contains("Concurrency sweep") && h.contains("p99 latency against connections"));
         assert!(h.contains("throughput across systems"));
         assert!(h.contains("&lt;node&gt;") && h.contains("17.2"));
         let t = cost_table(&r.idle_memory, &r.scenarios);
         assert!(t.contains("<proxy>") && t.contains("(before load)") && t.contains("<node>"));
+        assert!(t.contains("of it kernel") && t.contains(" 4.8 "), "{t}");
         assert!(sweep_table(&r.sweep).lines().count() == 3);
     }
 
