@@ -207,9 +207,10 @@ async fn scenarios_report_and_server_counts_agree() {
 
 /// The nginx peer (Debian's nginx, an mTLS front and terminator) started from a relative
 /// `--peer-dir`, as the default `.vha-bench` is: nginx reads `-c` against its `-p` prefix,
-/// so a relative directory must not be joined to itself. Proves the peer starts, its
-/// `nginx:forward` scenario forwards every request to the active node (no errors), and the
-/// cost view measures nginx's processes.
+/// so a relative directory must not be joined to itself. Proves the peer starts, both its
+/// scenarios (`nginx:forward` through the mTLS front and terminator, `nginx:direct` through
+/// the plain local hop) carry every request to the active node (no errors), and the cost
+/// view measures nginx's processes in each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_peer_forwards_from_a_relative_peer_dir() {
     let c = TestCluster::builder().nodes(1).start().await;
@@ -243,19 +244,21 @@ async fn nginx_peer_forwards_from_a_relative_peer_dir() {
     )
     .await;
     let scs = rep["scenarios"].as_array().expect("scenarios");
-    let sc = scs
-        .iter()
-        .find(|s| s["name"] == "nginx:forward")
-        .unwrap_or_else(|| panic!("no nginx scenario in {scs:?}"));
-    let r = &sc["rounds"][0];
-    assert!(r["ok"].as_u64().unwrap() > 10, "nginx forwarded too few: {r}");
-    assert_eq!(r["errors"].as_u64(), Some(0), "{r}");
-    let cost = sc["cost"].as_array().expect("cost");
-    let nginx = cost
-        .iter()
-        .find(|c| c["system"] == "nginx")
-        .unwrap_or_else(|| panic!("nginx not in the cost view: {cost:?}"));
-    assert!(num(&nginx["cpu_us_per_request"]) > 0.0, "{cost:?}");
+    for name in ["nginx:forward", "nginx:direct"] {
+        let sc = scs
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} scenario in {scs:?}"));
+        let r = &sc["rounds"][0];
+        assert!(r["ok"].as_u64().unwrap() > 10, "{name} served too few: {r}");
+        assert_eq!(r["errors"].as_u64(), Some(0), "{name}: {r}");
+        let cost = sc["cost"].as_array().expect("cost");
+        let nginx = cost
+            .iter()
+            .find(|c| c["system"] == "nginx")
+            .unwrap_or_else(|| panic!("nginx not in {name}'s cost view: {cost:?}"));
+        assert!(num(&nginx["cpu_us_per_request"]) > 0.0, "{name}: {cost:?}");
+    }
     assert!(dir.path().join("peers/nginx/nginx.conf").exists());
 }
 

@@ -239,8 +239,14 @@ pub async fn run(args: Args, cmdline: String) -> Result<(), String> {
                 let up = seed_target
                     .clone()
                     .ok_or("peer nginx needs the active node (cluster.json or --target direct=URL)")?;
-                eprintln!("peer nginx: mTLS (P-521, pinned) front -> {up}");
+                eprintln!("peer nginx: mTLS (P-521, pinned) front -> {up}, and a plain hop -> {up}");
                 let n = Nginx::start(&args.peer_dir.join("nginx"), &up).await?;
+                scenarios.push(Scenario {
+                    name: "nginx:direct".into(),
+                    kind: Kind::Direct,
+                    target: n.local.clone(),
+                    system: "nginx".into(),
+                });
                 scenarios.push(Scenario {
                     name: "nginx:forward".into(),
                     kind: Kind::Forward,

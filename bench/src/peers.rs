@@ -8,7 +8,10 @@
 //!   forwards over mTLS with a pinned P-521 certificate to the same active vha node:
 //!   `client -> nginx front -> TLS 1.2 mTLS (pinned) -> nginx TLS terminator -> node`, both
 //!   hops with keep-alive pools. That is the path a vha standby pair implements, built from
-//!   the tool operators would otherwise use.
+//!   the tool operators would otherwise use. The same nginx also runs the active pair's
+//!   local hop, `client -> nginx -> node` in plain HTTP with a keep-alive pool (the
+//!   `nginx:direct` scenario): what one nginx hop costs against the active's proxy passing
+//!   a request to its node.
 //!
 //! Every process started here is stopped (SIGTERM, then SIGKILL) by pid on drop.
 
@@ -262,10 +265,12 @@ where
     .await
 }
 
-/// A running nginx mTLS forwarding front.
+/// A running nginx: an mTLS forwarding front and a plain local hop.
 pub(crate) struct Nginx {
     /// The front's URL (what clients call, like a standby pair's api_addr).
     pub front: String,
+    /// The plain hop's URL (like the active pair's api_addr: one hop to the node).
+    pub local: String,
     /// nginx's master process, held so that it stops when the front is dropped.
     _proc: Child,
 }
@@ -277,7 +282,7 @@ impl Nginx {
     }
 
     /// Starts nginx in `dir` forwarding to `upstream` (`http://127.0.0.1:PORT`) through an
-    /// mTLS hop with a pinned P-521 certificate.
+    /// mTLS hop with a pinned P-521 certificate, and straight to it on a second listener.
     pub(crate) async fn start(dir: &Path, upstream: &str) -> Result<Nginx, String> {
         let bin = nginx_binary()?;
         // Absolute: nginx reads `-c` relative to its `-p` prefix, so a relative `dir` (the
@@ -316,11 +321,11 @@ impl Nginx {
         if !st.success() {
             return Err("openssl could not make the P-521 certificate".into());
         }
-        let (front, term) = (free_port()?, free_port()?);
+        let (front, term, local) = (free_port()?, free_port()?, free_port()?);
         let up = upstream.trim_start_matches("http://").trim_end_matches('/');
         let (c, k, d) = (cert.display(), key.display(), dir.display());
         let conf = format!(
-            "daemon off;\nmaster_process on;\nuser root;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  fastcgi_temp_path {d}/tmp/fcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n  keepalive_requests 1000000;\n  upstream term {{ server 127.0.0.1:{term}; keepalive 128; }}\n  upstream active {{ server {up}; keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{front};\n    location / {{\n      proxy_pass https://term;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_ssl_certificate {c};\n      proxy_ssl_certificate_key {k};\n      proxy_ssl_trusted_certificate {c};\n      proxy_ssl_verify on;\n      proxy_ssl_name fw-bench;\n      proxy_ssl_server_name on;\n      proxy_ssl_session_reuse on;\n      proxy_ssl_protocols TLSv1.2;\n    }}\n  }}\n  server {{\n    listen 127.0.0.1:{term} ssl;\n    ssl_certificate {c};\n    ssl_certificate_key {k};\n    ssl_client_certificate {c};\n    ssl_verify_client on;\n    ssl_protocols TLSv1.2;\n    location / {{\n      proxy_pass http://active;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
+            "daemon off;\nmaster_process on;\nuser root;\nworker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/nginx-error.log warn;\nevents {{ worker_connections 4096; }}\nhttp {{\n  access_log off;\n  client_body_temp_path {d}/tmp/body;\n  proxy_temp_path {d}/tmp/proxy;\n  fastcgi_temp_path {d}/tmp/fcgi;\n  uwsgi_temp_path {d}/tmp/uwsgi;\n  scgi_temp_path {d}/tmp/scgi;\n  keepalive_requests 1000000;\n  upstream term {{ server 127.0.0.1:{term}; keepalive 128; }}\n  upstream active {{ server {up}; keepalive 128; }}\n  server {{\n    listen 127.0.0.1:{front};\n    location / {{\n      proxy_pass https://term;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n      proxy_ssl_certificate {c};\n      proxy_ssl_certificate_key {k};\n      proxy_ssl_trusted_certificate {c};\n      proxy_ssl_verify on;\n      proxy_ssl_name fw-bench;\n      proxy_ssl_server_name on;\n      proxy_ssl_session_reuse on;\n      proxy_ssl_protocols TLSv1.2;\n    }}\n  }}\n  server {{\n    listen 127.0.0.1:{term} ssl;\n    ssl_certificate {c};\n    ssl_certificate_key {k};\n    ssl_client_certificate {c};\n    ssl_verify_client on;\n    ssl_protocols TLSv1.2;\n    location / {{\n      proxy_pass http://active;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n  server {{\n    listen 127.0.0.1:{local};\n    location / {{\n      proxy_pass http://active;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}\n}}\n"
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).map_err(|e| e.to_string())?;
@@ -328,17 +333,29 @@ impl Nginx {
         cmd.arg("-c").arg(&conf_path).arg("-p").arg(dir);
         let proc = Child::spawn("nginx", cmd, Some(&dir.join("nginx.log")))?;
         let front = format!("http://127.0.0.1:{front}");
+        let local = format!("http://127.0.0.1:{local}");
         let http = HttpClient::new("", false, 2);
-        let url = format!("{front}/v1/sys/seal-status");
+        let urls = [front.as_str(), local.as_str()].map(|u| format!("{u}/v1/sys/seal-status"));
         let forwards = wait_until(
-            || async { matches!(http.get_json(&url, false).await, Ok((200, _))) },
-            "the nginx front to forward",
+            || async {
+                for url in &urls {
+                    if !matches!(http.get_json(url, false).await, Ok((200, _))) {
+                        return false;
+                    }
+                }
+                true
+            },
+            "the nginx front and local hop to forward",
         )
         .await;
         if forwards.is_err() {
             let log = std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default();
             return Err(format!("nginx front did not forward: {log}"));
         }
-        Ok(Nginx { front, _proc: proc })
+        Ok(Nginx {
+            front,
+            local,
+            _proc: proc,
+        })
     }
 }
