@@ -156,17 +156,11 @@ pub async fn run(b: &BenchArgs) -> Result<(), String> {
         let _ = std::fs::remove_dir_all(&root);
         return res;
     }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let lport = free_port()?;
     // With a bearer token, as a deployment runs lockd (and as `vha dev` does).
     let token_file = root.join("lockd.token");
     let creds = LockdCredentials::token(crate::cluster::new_lockd_token(&token_file)?.as_str())?;
-    let mut cmd = Command::new(exe);
-    cmd.args(["lockd", "--listen", &format!("127.0.0.1:{lport}"), "--data-dir"])
-        .arg(root.join("lockd"))
-        .arg("--token-file")
-        .arg(&token_file)
-        .env("RUST_LOG", "warn");
+    let cmd = crate::scale_store::lockd_command(lport, &root.join("lockd"), &token_file)?;
     let _lockd = Child::spawn("lockd", cmd, None)?;
     let laddr = format!("http://127.0.0.1:{lport}");
     let connect = || LockdBackend::connect_with(&laddr, &creds).map_err(|e| e.to_string());

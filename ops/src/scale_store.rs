@@ -273,13 +273,8 @@ impl StartSpec {
                 token_file,
                 ..
             } => {
-                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-                let mut cmd = Command::new(exe);
-                cmd.args(["lockd", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-                    .arg(dir)
-                    .args(["--min-lease-ttl", "100ms", "--token-file"])
-                    .arg(token_file)
-                    .env("RUST_LOG", "warn");
+                let mut cmd = lockd_command(*port, dir, token_file)?;
+                cmd.args(["--min-lease-ttl", "100ms"]);
                 if let Some(c) = compact_bytes {
                     cmd.args(["--compact-bytes", &c.to_string()]);
                 }
@@ -308,6 +303,20 @@ impl StartSpec {
             StartSpec::Etcd { member, .. } => member.client_url(),
         }
     }
+}
+
+/// `vha lockd` (this executable) serving `dir` on loopback `port` behind the bearer token
+/// in `token_file`, as a deployment runs it, logging warnings only: the command both lockd
+/// benches start.
+pub(crate) fn lockd_command(port: u16, dir: &Path, token_file: &Path) -> Result<Command, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["lockd", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir)
+        .arg("--token-file")
+        .arg(token_file)
+        .env("RUST_LOG", "warn");
+    Ok(cmd)
 }
 
 impl Target {
