@@ -19,14 +19,14 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args[2..].to_vec();
     match cmd.as_str() {
         "server" => {
-            without_huge_pages();
+            vha_core::huge_pages::run_without();
             vha_node::cli::server(rest)
         }
         "lockd" if rest.first().map(String::as_str) == Some("bench") => vha_ops::lockd_bench::main(rest[1..].to_vec()),
         "lockd" => vha_lockd::cli::main(rest),
         "dev" => vha_ops::dev::main(rest),
         "proxy" => {
-            without_huge_pages();
+            vha_core::huge_pages::run_without();
             vha_proxy::cli::main(rest)
         }
         "bench" => vha_bench::cli::main(rest),
@@ -44,35 +44,6 @@ fn main() -> ExitCode {
             eprintln!("vha: unknown command {other:?}\n\n{USAGE}");
             ExitCode::from(2)
         }
-    }
-}
-
-/// The node and the proxy run without transparent huge pages. mimalloc asks the kernel for
-/// them on its heap (`MADV_HUGEPAGE`, honoured even where the system's THP mode is
-/// `madvise`), so every 2 MiB region of a small heap that is touched at all becomes
-/// resident: an idle node measured 20 MB of heap with them and 2 MB without (README,
-/// "Cost per request"). lockd keeps huge pages: its heap holds the whole data set.
-///
-/// The kernel's flag applies to pages touched after it is set, and the allocator has
-/// touched some before `main`; so with the flag newly set the program starts again in the
-/// same process (`execv` keeps the PID, arguments, environment and descriptors), where the
-/// flag is already set and nothing more happens. Where the flag or the re-exec is not
-/// available (an old kernel, a binary replaced on disk), it runs on as it is.
-fn without_huge_pages() {
-    use nix::sys::prctl;
-    use std::os::unix::ffi::OsStringExt;
-    if prctl::get_thp_disable().unwrap_or(true) || prctl::set_thp_disable(true).is_err() {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else { return };
-    let Ok(path) = std::ffi::CString::new(exe.into_os_string().into_vec()) else {
-        return;
-    };
-    let args: Result<Vec<std::ffi::CString>, _> = std::env::args_os()
-        .map(|a| std::ffi::CString::new(a.into_vec()))
-        .collect();
-    if let Ok(args) = args {
-        let _ = nix::unistd::execv(&path, &args);
     }
 }
 

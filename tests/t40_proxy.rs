@@ -955,3 +955,33 @@ async fn read_cache_never_serves_a_value_from_before_a_failover() {
     assert_eq!(v.0, StatusCode::OK, "{}", v.1);
     assert_eq!(v.1["data"]["data"]["v"], json!(2));
 }
+
+/// `THP_enabled` of a running process (`/proc/PID/status`: 0 once `PR_SET_THP_DISABLE` is
+/// set for it).
+fn thp_enabled(pid: u32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("process status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .unwrap_or_else(|| panic!("no THP_enabled line for {pid}: {status}"))
+        .trim()
+        .to_string()
+}
+
+/// Property: `vha server` and `vha proxy` run with transparent huge pages off (the kernel's
+/// per-process flag, `vha_core::huge_pages`), so an idle pair stays small; lockd keeps them
+/// (its heap holds the whole data set), which also shows the flag is not simply off for
+/// every process on this machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_and_proxy_run_without_huge_pages() {
+    let (c, _) = cluster().await;
+    for n in &c.nodes {
+        assert_eq!(thp_enabled(n.pid()), "0", "vha server {}", n.pid());
+    }
+    assert!(!c.proxies.is_empty());
+    for p in &c.proxies {
+        assert_eq!(thp_enabled(p.pid()), "0", "vha proxy {}", p.pid());
+    }
+    let lockd = c.lockd.as_ref().expect("the cluster's lockd");
+    assert_eq!(thp_enabled(lockd.pid()), "1", "vha lockd {}", lockd.pid());
+}

@@ -13,6 +13,7 @@ pub mod cluster_tls;
 pub mod config;
 pub mod duration;
 pub mod error;
+pub mod huge_pages;
 pub mod local;
 pub mod logging;
 pub mod pair;

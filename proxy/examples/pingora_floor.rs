@@ -1,7 +1,8 @@
 //! Pingora's own floor for the active pair's local hop: a proxy with none of vha's logic
 //! (no view, no routing decision, no header rewriting, no metrics, no head deadline), only
 //! Pingora's HTTP proxy passing every request to a node's unix socket, with the same
-//! allocator (mimalloc), thread count and upstream keep-alive pool as `vha proxy`.
+//! allocator (mimalloc), transparent huge pages off, thread count, upstream keep-alive pool
+//! and pool idle bound as `vha proxy`.
 //!
 //! What it is for: measuring how much of the proxy's CPU per request is Pingora's request
 //! path itself and how much is vha's work around it. Run it beside a `vha dev` cluster,
@@ -22,9 +23,6 @@ use pingora::server::configuration::ServerConf;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-/// `vha proxy`'s upstream keep-alive pool (`proxy/src/cli.rs`), so that both pool alike.
-const UPSTREAM_POOL: usize = 256;
 
 struct Floor {
     /// The node's bound socket name: the pool key.
@@ -57,13 +55,13 @@ impl ProxyHttp for Floor {
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
         let mut p = HttpPeer::new_uds(&self.bound, false, String::new())?;
         p.options.custom_l4 = Some(self.dial.clone());
-        // `vha proxy`'s idle bound for pooled node connections (`proxy/src/tls.rs`).
-        p.options.idle_timeout = Some(vha_core::HEADER_READ_TIMEOUT / 2);
+        p.options.idle_timeout = Some(vha_proxy::POOL_IDLE_TIMEOUT);
         Ok(Box::new(p))
     }
 }
 
 fn main() {
+    vha_core::huge_pages::run_without();
     let args: Vec<String> = std::env::args().collect();
     let (Some(addr), Some(socket)) = (args.get(1), args.get(2)) else {
         eprintln!("usage: pingora_floor ADDR NODE_SOCKET [THREADS]");
@@ -79,7 +77,7 @@ fn main() {
     };
     let conf = ServerConf {
         threads,
-        upstream_keepalive_pool_size: UPSTREAM_POOL,
+        upstream_keepalive_pool_size: vha_proxy::cli::UPSTREAM_POOL,
         ..ServerConf::default()
     };
     // The node binds its socket under a private name and renames it into place

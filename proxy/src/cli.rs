@@ -32,8 +32,9 @@ use crate::xff::TrustedForwarders;
 /// flapping, not the wait.
 const MAX_RETRIES: usize = 8;
 /// Idle upstream connections kept per process (across the local node and the active).
-/// Covers `wrk -c64`-style concurrency on h1 without reconnecting.
-const UPSTREAM_POOL: usize = 256;
+/// Covers `wrk -c64`-style concurrency on h1 without reconnecting. Public for
+/// `examples/pingora_floor.rs`, which measures Pingora with the same pool.
+pub const UPSTREAM_POOL: usize = 256;
 /// Seconds to finish in-flight requests after SIGTERM.
 const SHUTDOWN_TIMEOUT_SECS: u64 = 5;
 

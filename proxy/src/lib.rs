@@ -26,3 +26,7 @@ pub mod route;
 pub(crate) mod service;
 pub(crate) mod tls;
 pub(crate) mod xff;
+
+/// The upstream pool's idle bound, for `examples/pingora_floor.rs` (it measures Pingora
+/// with the proxy's own pool settings).
+pub use tls::POOL_IDLE_TIMEOUT;

@@ -28,7 +28,7 @@ const FORWARD_TOTAL_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// fires. The side that sends requests must give up an idle connection first, or a request
 /// written at the moment the node closes it fails, and a write cannot be sent again (it may
 /// have run).
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(vha_core::HEADER_READ_TIMEOUT.as_secs() / 2);
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(vha_core::HEADER_READ_TIMEOUT.as_secs() / 2);
 const _: () =
     assert!(POOL_IDLE_TIMEOUT.as_secs() > 0 && POOL_IDLE_TIMEOUT.as_secs() < vha_core::HEADER_READ_TIMEOUT.as_secs());
 /// Connect bound to the local node's unix socket.
