@@ -198,6 +198,11 @@ async fn scenarios_report_and_server_counts_agree() {
             num(&role("bench client")["cpu_us_per_request"]) > 0.0,
             "{name}: {cost:?}"
         );
+        // Each role's kernel part is a part: present, never negative, never above the total.
+        for c in cost {
+            let (all, sys) = (num(&c["cpu_us_per_request"]), num(&c["sys_us_per_request"]));
+            assert!((0.0..=all).contains(&sys), "{name}: kernel part {sys} of {all}: {c}");
+        }
         for r in sc["rounds"].as_array().unwrap() {
             assert!(!r["cost"].as_array().unwrap().is_empty(), "{name}: {r}");
         }

@@ -93,7 +93,9 @@ pub struct Args {
     /// duration), e.g. `1,4,16,64,256`; req/s and p99 against connections in the reports.
     #[arg(long, value_delimiter = ',')]
     pub sweep: Vec<usize>,
-    /// Peers to run in the same invocation: openbao, nginx (repeatable).
+    /// Peers to run in the same invocation: openbao, nginx (repeatable). OpenBao runs the
+    /// chosen scenarios but `node`; nginx always runs both of its own, `nginx:direct` and
+    /// `nginx:forward`.
     #[arg(long = "peer")]
     pub peers: Vec<String>,
     /// Working directory for peers (configs, data, logs).

@@ -264,8 +264,10 @@ mod tests {
     }
 
     /// CPU per request is the ticks a role's processes used between the samples, in µs,
-    /// divided by the requests; memory sums over the role; a process missing from either
-    /// sample is not counted; roles keep the watch list's order.
+    /// divided by the requests, and its kernel part the system ticks alike; memory sums over
+    /// the role; a process missing from either sample is not counted; roles keep the watch
+    /// list's order. Over rounds, the CPU and its kernel part are each their own median (not
+    /// the kernel part of the median round) and the peak is the largest.
     #[test]
     fn cost_arithmetic() {
         let watched = vec![
@@ -308,7 +310,7 @@ mod tests {
         let r1 = c.clone();
         let mut r2 = c.clone();
         r2[0].cpu_us_per_request = 80.0;
-        r2[0].sys_us_per_request = 1.0;
+        r2[0].sys_us_per_request = 20.0;
         r2[0].peak_rss_mb = 70.0;
         let mut r3 = c;
         r3[0].cpu_us_per_request = 40.0;
@@ -316,7 +318,7 @@ mod tests {
         let m = over_rounds(&[r1, r2, r3]);
         assert_eq!(
             (m[0].cpu_us_per_request, m[0].sys_us_per_request, m[0].peak_rss_mb),
-            (60.0, 15.0, 70.0)
+            (60.0, 20.0, 70.0)
         );
     }
 

@@ -271,7 +271,7 @@ pub(crate) struct Nginx {
     pub front: String,
     /// The plain hop's URL (like the active pair's api_addr: one hop to the node).
     pub local: String,
-    /// nginx's master process, held so that it stops when the front is dropped.
+    /// nginx's master process, held so that it stops when this `Nginx` is dropped.
     _proc: Child,
 }
 
@@ -350,7 +350,7 @@ impl Nginx {
         .await;
         if forwards.is_err() {
             let log = std::fs::read_to_string(dir.join("nginx-error.log")).unwrap_or_default();
-            return Err(format!("nginx front did not forward: {log}"));
+            return Err(format!("nginx front or local hop did not forward: {log}"));
         }
         Ok(Nginx {
             front,

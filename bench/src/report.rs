@@ -872,7 +872,8 @@ mod tests {
     use super::*;
 
     /// The HTML is self-contained: inline SVG, no scripts and no external URL in any `src`
-    /// or `href`, and user-provided text is escaped.
+    /// or `href`, and user-provided text is escaped; the cost table (HTML and plain text)
+    /// shows memory before load and each role's CPU per request with its kernel part.
     #[test]
     fn html_is_self_contained_and_escaped() {
         let mut r = Report {

@@ -247,10 +247,11 @@ impl TokenStore {
         let salt = self.salt(view).await?;
         let mut mac = Hmac::<Sha256>::new_from_slice(&salt).map_err(|e| ApiError::Internal(e.to_string()))?;
         mac.update(token.as_bytes());
+        // Once per request: a table lookup per byte instead of `hex::encode`'s string built a
+        // char at a time. 32 bytes fill the 64 digits exactly and hex digits are ASCII, so
+        // neither error below can happen; they are mapped rather than unwrapped.
         let mut hex = [0u8; 64];
         hex::encode_to_slice(mac.finalize().into_bytes(), &mut hex).map_err(|e| ApiError::Internal(e.to_string()))?;
-        // Once per request: a table lookup per byte instead of `hex::encode`'s string built a
-        // char at a time. Hex digits are ASCII, so the conversion never fails.
         String::from_utf8(hex.to_vec()).map_err(|e| ApiError::Internal(e.to_string()))
     }
 
